@@ -1,0 +1,162 @@
+"""``Engine``: batched top-k search over a ``CodeIndex``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, NamedTuple, Protocol
+
+import numpy as np
+import torch
+
+from .arrays import from_torch, to_torch
+from .exclude import normalize_exclude
+from .index import CodeIndex
+from .torch_backend import Exclusion, TorchBackend
+
+DEFAULT_WORKSPACE_BYTES = 256 * 2**20
+BACKENDS = ("auto", "torch", "triton")
+
+
+class SearchResult(NamedTuple):
+    """Top-k per query, best first: ``scores`` (B, k) float32, ``ids`` (B, k) int64.
+    Missing results are id -1 with score -inf."""
+
+    scores: Any
+    ids: Any
+
+
+class Backend(Protocol):
+    name: str
+    bytes_per_posting: int
+
+    def search(self, index: CodeIndex, codes: torch.Tensor, k: int, exclude: Exclusion) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class Engine:
+    """Search an index with query codes (B x T) or, with an encoder, raw query features.
+
+    ``encoder`` maps a float (B, F) tensor on the index's device to (B, T) integer codes.
+    ``workspace_bytes`` bounds the scratch memory of one step; bigger batches are split.
+    """
+
+    def __init__(
+        self,
+        index: CodeIndex,
+        encoder: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        *,
+        backend: str = "auto",
+        workspace_bytes: int | None = None,
+    ) -> None:
+        if not isinstance(index, CodeIndex):
+            raise TypeError(f"index: expected a CodeIndex, got {type(index).__name__}")
+        if encoder is not None and not callable(encoder):
+            raise TypeError(f"encoder: expected a callable, got {type(encoder).__name__}")
+        if workspace_bytes is not None and (not isinstance(workspace_bytes, int) or workspace_bytes < 1):
+            raise ValueError(f"workspace_bytes: expected a positive int, got {workspace_bytes!r}")
+        self.index = index
+        self.encoder = encoder
+        self.workspace_bytes = workspace_bytes or DEFAULT_WORKSPACE_BYTES
+        self.backend: Backend = _make_backend(backend, index.device)
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        device: torch.device | str | None = None,
+        backend: str = "auto",
+        workspace_bytes: int | None = None,
+    ) -> Engine:
+        """Load an index directory onto ``device`` (CUDA when available, else CPU)."""
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        return cls(CodeIndex.load(path, device=device), backend=backend, workspace_bytes=workspace_bytes)
+
+    def search(self, batch: Any, k: int = 100, exclude: Any = None) -> SearchResult:
+        """Top-k items per query. ``batch``: (B, T) integer codes or, with an encoder,
+        (B, F) float features; torch, numpy or cupy, and the result comes back as the
+        same kind. ``exclude``: CSR ``(offsets, items)`` or a list of B per-query arrays
+        of (external) item ids to leave out."""
+        if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
+            raise ValueError(f"k: expected an integer >= 1, got {k!r}")
+        k = int(k)
+        codes, kind = self._codes(batch)
+        n_queries = codes.shape[0]
+        device = self.index.device
+        excl = normalize_exclude(exclude, n_queries, self.index.n_items, device, self.index.item_ids)
+        scores = torch.empty((n_queries, k), dtype=torch.float32, device=device)
+        ids = torch.empty((n_queries, k), dtype=torch.int64, device=device)
+        for start, stop in self._chunks(codes, k):
+            sub = None if excl is None else _slice_csr(excl, start, stop)
+            scores[start:stop], ids[start:stop] = self.backend.search(self.index, codes[start:stop], k, sub)
+        if self.index.item_ids is not None:
+            ids = torch.where(ids >= 0, self.index.item_ids[ids.clamp(min=0)], ids)
+        return SearchResult(from_torch(scores, kind), from_torch(ids, kind))
+
+    def encode(self, features: Any) -> torch.Tensor:
+        """Query features -> (B, T) int64 codes through the engine's encoder."""
+        t, _ = to_torch(features, "batch")
+        return self._encode(t)
+
+    def _codes(self, batch: Any) -> tuple[torch.Tensor, str]:
+        t, kind = to_torch(batch, "batch")
+        device = self.index.device
+        if kind == "numpy":
+            t = t.to(device)
+        elif t.device != device:
+            raise ValueError(f"batch: is on {t.device} but the index is on {device}; move one of them")
+        if t.dim() != 2:
+            raise ValueError(f"batch: expected shape (B, T) or (B, F), got {tuple(t.shape)}")
+        if t.dtype.is_floating_point:
+            return self._encode(t), kind
+        if t.dtype == torch.bool or t.dtype.is_complex:
+            raise TypeError(f"batch: expected integer codes, got {t.dtype}")
+        n_tokens = self.index.n_tokens
+        if n_tokens is not None and t.shape[1] != n_tokens:
+            raise ValueError(f"batch: expected T = {n_tokens} codes per query, got {t.shape[1]}")
+        if t.shape[1] < 1:
+            raise ValueError("batch: needs at least one code per query")
+        codes = t.to(torch.int64)
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.index.n_codes):
+            bad = int(codes.min()) if int(codes.min()) < 0 else int(codes.max())
+            raise ValueError(f"batch: code {bad} is outside [0, {self.index.n_codes})")
+        return codes, kind
+
+    def _encode(self, features: torch.Tensor) -> torch.Tensor:
+        if self.encoder is None:
+            raise TypeError(f"batch: got {features.dtype} features but this engine has no encoder; pass integer codes (B, T)")
+        if not bool(torch.isfinite(features).all()):
+            raise ValueError("batch: features contain NaN or infinite values")
+        codes = self.encoder(features.to(self.index.device))
+        return self._codes(codes)[0]
+
+    def _chunks(self, codes: torch.Tensor, k: int) -> Iterator[tuple[int, int]]:
+        """Split the batch so that each step's scratch fits ``workspace_bytes``: the
+        backend's bytes per gathered posting, plus the per-query top-k keys."""
+        n_queries = codes.shape[0]
+        if n_queries == 0:
+            return
+        per_query = self.backend.bytes_per_posting * self.index.lengths[codes].sum(1).cpu().numpy() + 16 * k
+        start = 0
+        while start < n_queries:
+            window = per_query[start : start + max(1, self.workspace_bytes // (16 * k))]
+            need = np.cumsum(window)
+            stop = start + max(1, int(np.searchsorted(need, self.workspace_bytes, side="right")))
+            yield start, stop
+            start = stop
+
+
+def _slice_csr(csr: tuple[torch.Tensor, torch.Tensor], start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+    offsets, items = csr
+    part = offsets[start : stop + 1]
+    return part - part[0], items[int(part[0]) : int(part[-1])]
+
+
+def _make_backend(name: str, device: torch.device) -> Backend:
+    if name not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {name!r}")
+    if name == "torch" or (name == "auto" and device.type != "cuda"):
+        return TorchBackend()
+    from .triton_backend import TritonBackend
+
+    return TritonBackend()

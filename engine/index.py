@@ -1,0 +1,168 @@
+"""``CodeIndex``: code-keyed posting lists (CSR) with their scores, on one device."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .validate import check_codebooks, check_item_ids, check_postings, fail
+
+
+class CodeIndex:
+    """Posting lists keyed by code: for code v, ``items[indptr[v]:indptr[v+1]]`` (strictly
+    increasing item ids in [0, N)) with their precomputed ``scores``.
+
+    Build one with :meth:`from_postings`, :meth:`load`, or ``sparcode.engine.synthetic``.
+    Layouts that a search backend derives from the CSR (a float32 sparse matrix, block
+    offsets, ...) are cached per index with :meth:`derived` and counted in :attr:`nbytes`.
+    """
+
+    def __init__(
+        self,
+        indptr: torch.Tensor,
+        items: torch.Tensor,
+        scores: torch.Tensor,
+        n_items: int,
+        codebooks: torch.Tensor | None,
+        item_ids: torch.Tensor | None,
+        n_tokens: int | None,
+    ) -> None:
+        self.indptr = indptr
+        self.items = items
+        self.scores = scores
+        self.n_items = n_items
+        self.codebooks = codebooks
+        self.item_ids = item_ids
+        self.n_tokens = n_tokens
+        self._derived: dict[str, object] = {}
+
+    @classmethod
+    def from_postings(
+        cls,
+        indptr: torch.Tensor,
+        items: torch.Tensor,
+        scores: torch.Tensor,
+        n_items: int,
+        *,
+        codebooks: torch.Tensor | None = None,
+        item_ids: torch.Tensor | None = None,
+        n_tokens: int | None = None,
+    ) -> CodeIndex:
+        """Validate and wrap a CSR of posting lists (nothing is sorted or repaired).
+
+        ``indptr`` (V + 1) int64, ``items`` (nnz) int32, ``scores`` (nnz) float16,
+        bfloat16 or float32, all on one device; ``codebooks`` (P, C, d_sub) with
+        C**P == V; ``item_ids`` (N) unique int64 external ids; ``n_tokens`` the T that
+        queries must have.
+        """
+        names = {f: f for f in ("indptr", "items", "scores", "n_items")}
+        check_postings(indptr, items, scores, n_items, names)
+        devices = {t.device for t in (indptr, items, scores)}
+        if codebooks is not None:
+            check_codebooks(codebooks, indptr.numel() - 1, "codebooks")
+            devices.add(codebooks.device)
+        if item_ids is not None:
+            check_item_ids(item_ids, n_items, "item_ids")
+            devices.add(item_ids.device)
+        if len(devices) > 1:
+            fail("indptr", f"all tensors must be on one device, got {sorted(map(str, devices))}")
+        if n_tokens is not None and (not isinstance(n_tokens, int) or isinstance(n_tokens, bool) or n_tokens < 1):
+            fail("n_tokens", f"expected a positive int or None, got {n_tokens!r}")
+        return cls(indptr, items, scores, n_items, codebooks, item_ids, n_tokens)
+
+    @property
+    def n_codes(self) -> int:
+        """V, the number of codes (posting lists)."""
+        return self.indptr.numel() - 1
+
+    @property
+    def nnz(self) -> int:
+        return self.items.numel()
+
+    @property
+    def device(self) -> torch.device:
+        return self.indptr.device
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """Posting length of every code, (V,) int64."""
+        return self.indptr[1:] - self.indptr[:-1]
+
+    def derived(self, name: str, build: Callable[[CodeIndex], object]) -> object:
+        """A layout derived from the CSR, built once per index and device."""
+        if name not in self._derived:
+            self._derived[name] = build(self)
+        return self._derived[name]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held on the device: the CSR, codebooks, external ids and derived layouts."""
+        tensors = [self.indptr, self.items, self.scores, self.codebooks, self.item_ids]
+        total = sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        for value in self._derived.values():
+            parts = value if isinstance(value, tuple) else (value,)
+            total += sum(_tensor_bytes(p) for p in parts)
+        return total
+
+    def to(self, device: torch.device | str) -> CodeIndex:
+        """A copy on ``device`` (self if already there); derived layouts are rebuilt lazily."""
+        device = torch.device(device)
+        if device == self.device:
+            return self
+
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        return CodeIndex(
+            move(self.indptr), move(self.items), move(self.scores), self.n_items,
+            move(self.codebooks), move(self.item_ids), self.n_tokens,
+        )
+
+    def stats(self) -> dict[str, object]:
+        """Sizes and shape of the posting lists (V, N, nnz, density, lengths, bytes)."""
+        lengths = self.lengths
+        return {
+            "n_codes": self.n_codes,
+            "n_items": self.n_items,
+            "nnz": self.nnz,
+            "density": self.nnz / (self.n_codes * self.n_items),
+            "mean_posting_length": self.nnz / self.n_codes,
+            "max_posting_length": int(lengths.max()),
+            "empty_posting_lists": int((lengths == 0).sum()),
+            "n_tokens": self.n_tokens,
+            "score_dtype": str(self.scores.dtype).replace("torch.", ""),
+            "has_codebooks": self.codebooks is not None,
+            "has_item_ids": self.item_ids is not None,
+            "nbytes": self.nbytes,
+            "device": str(self.device),
+        }
+
+    def save(self, path: str | Path, *, overwrite: bool = False) -> None:
+        """Write the index directory (manifest.json + index.safetensors) atomically."""
+        from .storage import save_index
+
+        save_index(self, Path(path), overwrite=overwrite)
+
+    @classmethod
+    def load(cls, path: str | Path, device: torch.device | str | None = None, mmap: bool = True) -> CodeIndex:
+        """Read and fully validate an index directory; never runs code from it."""
+        from .storage import load_index
+
+        return load_index(Path(path), device=device, mmap=mmap)
+
+    def __repr__(self) -> str:
+        return (
+            f"CodeIndex(V={self.n_codes}, N={self.n_items}, nnz={self.nnz}, "
+            f"scores={str(self.scores.dtype).replace('torch.', '')}, device={self.device})"
+        )
+
+
+def _tensor_bytes(value: object) -> int:
+    if isinstance(value, torch.Tensor):
+        if value.layout == torch.sparse_csr:
+            parts = (value.crow_indices(), value.col_indices(), value.values())
+            return sum(p.numel() * p.element_size() for p in parts)
+        return value.numel() * value.element_size()
+    return 0

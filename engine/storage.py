@@ -1,0 +1,242 @@
+"""Index directories on disk: ``manifest.json`` + ``index.safetensors``, no pickle.
+
+Saving writes a sibling temporary directory and renames it into place, so a crash leaves
+either the old index or the new one, never a mixture. Loading parses the safetensors
+header itself (a JSON table of dtype, shape and byte range per tensor), checks every
+byte range against the file size before touching data, memory-maps the tensors when
+asked, and then validates the CSR as ``CodeIndex.from_postings`` does. Every failure is a
+``ValueError`` that names the file and the field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import struct
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from .index import CodeIndex
+from .validate import check_codebooks, check_item_ids, check_postings, fail
+
+FORMAT_NAME = "sparcode-index"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+TENSORS = "index.safetensors"
+MAX_HEADER_BYTES = 100 * 2**20
+
+# safetensors dtype tag -> (torch dtype, numpy dtype used to map the bytes)
+_DTYPES: dict[str, tuple[torch.dtype, np.dtype]] = {
+    "I64": (torch.int64, np.dtype("<i8")),
+    "I32": (torch.int32, np.dtype("<i4")),
+    "F32": (torch.float32, np.dtype("<f4")),
+    "F16": (torch.float16, np.dtype("<f2")),
+    "BF16": (torch.bfloat16, np.dtype("<u2")),
+}
+_TAGS = {t: tag for tag, (t, _) in _DTYPES.items()}
+
+
+def library_version() -> str:
+    try:
+        return metadata.version("sparcode")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def save_index(index: CodeIndex, path: Path, *, overwrite: bool = False) -> None:
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path}: already exists (pass overwrite=True to replace it)")
+    tensors = {"indptr": index.indptr, "items": index.items, "scores": index.scores}
+    if index.codebooks is not None:
+        tensors["codebooks"] = index.codebooks
+    if index.item_ids is not None:
+        tensors["item_ids"] = index.item_ids
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        save_file(tensors, str(tmp / TENSORS))
+        manifest = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "library_version": library_version(),
+            "n_codes": index.n_codes,
+            "n_items": index.n_items,
+            "nnz": index.nnz,
+            "n_tokens": index.n_tokens,
+            "codebooks": None if index.codebooks is None else list(index.codebooks.shape),
+            "dtypes": {name: _TAGS[t.dtype] for name, t in tensors.items()},
+            "files": {TENSORS: {"bytes": (tmp / TENSORS).stat().st_size, "sha256": _sha256(tmp / TENSORS)}},
+        }
+        _write_synced(tmp / MANIFEST, json.dumps(manifest, indent=2).encode())
+        _fsync_file(tmp / TENSORS)
+        _replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_index(path: Path, device: torch.device | str | None = None, mmap: bool = True) -> CodeIndex:
+    if not path.is_dir():
+        raise ValueError(f"{path}: not an index directory")
+    manifest = read_manifest(path)
+    tensor_file = path / TENSORS
+    expected = manifest["files"][TENSORS]
+    if not tensor_file.is_file():
+        fail(str(tensor_file), "missing")
+    if tensor_file.stat().st_size != expected["bytes"]:
+        fail(str(tensor_file), f"has {tensor_file.stat().st_size} bytes, manifest says {expected['bytes']} (truncated or replaced)")
+    if _sha256(tensor_file) != expected["sha256"]:
+        fail(str(tensor_file), "sha256 differs from the manifest (the file was edited or damaged)")
+
+    tensors = read_safetensors(tensor_file, mmap=mmap)
+    where = {f: f"{tensor_file}: {f}" for f in ("indptr", "items", "scores", "codebooks", "item_ids")}
+    where["n_items"] = f"{path / MANIFEST}: n_items"
+    wanted = {"indptr", "items", "scores"} | {n for n in ("codebooks", "item_ids") if n in manifest["dtypes"]}
+    if set(tensors) != wanted:
+        fail(str(tensor_file), f"holds tensors {sorted(tensors)}, expected {sorted(wanted)}")
+    for name, t in tensors.items():
+        if _TAGS[t.dtype] != manifest["dtypes"][name]:
+            fail(where[name], f"dtype {_TAGS[t.dtype]} differs from the manifest's {manifest['dtypes'][name]}")
+    shapes = {"indptr": [manifest["n_codes"] + 1], "items": [manifest["nnz"]], "scores": [manifest["nnz"]],
+              "item_ids": [manifest["n_items"]], "codebooks": manifest["codebooks"]}
+    for name, t in tensors.items():
+        if list(t.shape) != shapes[name]:
+            fail(where[name], f"shape {list(t.shape)} differs from the manifest's {shapes[name]}")
+
+    check_postings(tensors["indptr"], tensors["items"], tensors["scores"], manifest["n_items"], where)
+    if "codebooks" in tensors:
+        check_codebooks(tensors["codebooks"], manifest["n_codes"], where["codebooks"])
+    if "item_ids" in tensors:
+        check_item_ids(tensors["item_ids"], manifest["n_items"], where["item_ids"])
+    index = CodeIndex(
+        tensors["indptr"], tensors["items"], tensors["scores"], manifest["n_items"],
+        tensors.get("codebooks"), tensors.get("item_ids"), manifest["n_tokens"],
+    )
+    return index if device is None else index.to(device)
+
+
+def read_manifest(path: Path) -> dict:
+    """Parse and type-check ``manifest.json`` of an index directory."""
+    file = path / MANIFEST
+    where = str(file)
+    try:
+        manifest = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        fail(where, "missing (not a SparCode index directory?)")
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        fail(where, f"not valid JSON ({exc})")
+    if not isinstance(manifest, dict):
+        fail(where, "must be a JSON object")
+    if manifest.get("format") != FORMAT_NAME:
+        fail(f"{where}: format", f"expected {FORMAT_NAME!r}, got {manifest.get('format')!r}")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        fail(f"{where}: format_version", f"this library reads version {FORMAT_VERSION}, got {manifest.get('format_version')!r}")
+    for field in ("n_codes", "n_items", "nnz"):
+        value = manifest.get(field)
+        if not isinstance(value, int) or isinstance(value, bool) or value < (0 if field == "nnz" else 1):
+            fail(f"{where}: {field}", f"expected a positive integer, got {value!r}")
+    tokens = manifest.get("n_tokens")
+    if tokens is not None and (not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 1):
+        fail(f"{where}: n_tokens", f"expected a positive integer or null, got {tokens!r}")
+    books = manifest.get("codebooks")
+    if books is not None and not (isinstance(books, list) and len(books) == 3 and all(isinstance(x, int) and x > 0 for x in books)):
+        fail(f"{where}: codebooks", f"expected null or [P, C, d_sub], got {books!r}")
+    dtypes = manifest.get("dtypes")
+    if not isinstance(dtypes, dict) or not {"indptr", "items", "scores"} <= set(dtypes):
+        fail(f"{where}: dtypes", "expected an object with at least indptr, items, scores")
+    if set(dtypes) - {"indptr", "items", "scores", "codebooks", "item_ids"}:
+        fail(f"{where}: dtypes", f"unknown tensors {sorted(set(dtypes) - {'indptr', 'items', 'scores', 'codebooks', 'item_ids'})}")
+    if ("codebooks" in dtypes) != (books is not None):
+        fail(f"{where}: codebooks", "shape and dtype entries disagree")
+    files = manifest.get("files")
+    entry = files.get(TENSORS) if isinstance(files, dict) else None
+    if not (isinstance(entry, dict) and isinstance(entry.get("bytes"), int) and isinstance(entry.get("sha256"), str)):
+        fail(f"{where}: files", f"expected {{{TENSORS!r}: {{bytes, sha256}}}}")
+    return manifest
+
+
+def read_safetensors(file: Path, *, mmap: bool) -> dict[str, torch.Tensor]:
+    """Read a safetensors file with every header entry checked against the file size."""
+    where = str(file)
+    size = file.stat().st_size
+    with open(file, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            fail(where, "too short to be a safetensors file")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > min(MAX_HEADER_BYTES, size - 8):
+            fail(where, f"header length {header_len} does not fit in a {size}-byte file")
+        try:
+            header = json.loads(fh.read(header_len).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            fail(where, f"header is not valid JSON ({exc})")
+    if not isinstance(header, dict):
+        fail(where, "header must be a JSON object")
+    header.pop("__metadata__", None)
+    start = 8 + header_len
+    data_bytes = size - start
+    base = np.memmap(file, dtype=np.uint8, mode="c") if mmap else np.fromfile(file, dtype=np.uint8)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, info in header.items():
+        field = f"{where}: {name}"
+        if not isinstance(info, dict) or info.get("dtype") not in _DTYPES:
+            fail(field, f"unsupported or missing dtype in header entry {info!r}")
+        shape, offsets = info.get("shape"), info.get("data_offsets")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+            fail(field, f"bad shape {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            fail(field, f"bad data_offsets {offsets!r}")
+        torch_dtype, np_dtype = _DTYPES[info["dtype"]]
+        begin, end = offsets
+        if not 0 <= begin <= end <= data_bytes:
+            fail(field, f"byte range [{begin}, {end}) lies outside the {data_bytes} data bytes (truncated file?)")
+        if end - begin != math.prod(shape) * np_dtype.itemsize:
+            fail(field, f"byte range holds {end - begin} bytes, shape {shape} needs {math.prod(shape) * np_dtype.itemsize}")
+        if begin % np_dtype.itemsize:
+            fail(field, "data is not aligned to its dtype")
+        array = base[start + begin : start + end].view(np_dtype).reshape(shape)
+        tensor = torch.from_numpy(array)
+        tensors[name] = tensor.view(torch_dtype) if torch_dtype == torch.bfloat16 else tensor
+    return tensors
+
+
+def _sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_synced(file: Path, data: bytes) -> None:
+    with open(file, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _fsync_file(file: Path) -> None:
+    with open(file, "rb+") as fh:
+        os.fsync(fh.fileno())
+
+
+def _replace_dir(tmp: Path, path: Path) -> None:
+    """Move ``tmp`` to ``path``; an existing ``path`` is swapped out, then removed."""
+    if not path.exists():
+        os.replace(tmp, path)
+        return
+    old = path.parent / f".{path.name}.old-{os.getpid()}"
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)

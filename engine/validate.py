@@ -1,0 +1,104 @@
+"""Checks shared by ``CodeIndex.from_postings`` and ``CodeIndex.load``.
+
+Every failure is a ``ValueError`` whose message starts with the place (an argument name,
+or ``file: field``) so that a user knows what to fix. Nothing is sorted or repaired.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SCORE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def fail(where: str, message: str) -> None:
+    raise ValueError(f"{where}: {message}")
+
+
+def check_tensor(t: object, where: str, *, ndim: int, dtypes: tuple[torch.dtype, ...]) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{where}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        fail(where, f"expected {ndim} dimension(s), got shape {tuple(t.shape)}")
+    if t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        fail(where, f"expected dtype {names}, got {str(t.dtype).replace('torch.', '')}")
+    return t
+
+
+def check_postings(
+    indptr: torch.Tensor,
+    items: torch.Tensor,
+    scores: torch.Tensor,
+    n_items: int,
+    where: dict[str, str],
+) -> None:
+    """Validate a CSR of posting lists; ``where`` names each field for messages."""
+    check_tensor(indptr, where["indptr"], ndim=1, dtypes=(torch.int64,))
+    check_tensor(items, where["items"], ndim=1, dtypes=(torch.int32,))
+    check_tensor(scores, where["scores"], ndim=1, dtypes=SCORE_DTYPES)
+    if not isinstance(n_items, int) or isinstance(n_items, bool) or n_items < 1:
+        fail(where["n_items"], f"expected a positive int, got {n_items!r}")
+    if n_items >= 2**31:
+        fail(where["n_items"], f"at most 2**31 - 1 items per index, got {n_items}")
+    if indptr.numel() < 2:
+        fail(where["indptr"], "needs at least 2 entries (one code)")
+    nnz = items.numel()
+    if scores.numel() != nnz:
+        fail(where["scores"], f"has {scores.numel()} entries but items has {nnz}")
+    if int(indptr[0]) != 0:
+        fail(where["indptr"], f"must start at 0, starts at {int(indptr[0])}")
+    if int(indptr[-1]) != nnz:
+        fail(where["indptr"], f"must end at nnz = {nnz}, ends at {int(indptr[-1])}")
+    lengths = indptr[1:] - indptr[:-1]
+    if bool((lengths < 0).any()):
+        code = int(torch.nonzero(lengths < 0)[0])
+        fail(where["indptr"], f"must be non-decreasing; decreases at code {code}")
+    if nnz == 0:
+        return
+    lo, hi = int(items.min()), int(items.max())
+    if lo < 0 or hi >= n_items:
+        bad = lo if lo < 0 else hi
+        pos = int(torch.nonzero(items == bad)[0])
+        code = _code_of(indptr, pos)
+        fail(where["items"], f"item {bad} of code {code} is outside [0, {n_items})")
+    if not bool(torch.isfinite(scores).all()):
+        pos = int(torch.nonzero(~torch.isfinite(scores))[0])
+        fail(where["scores"], f"non-finite score {float(scores[pos])} in the posting list of code {_code_of(indptr, pos)}")
+    if nnz > 1:
+        starts = torch.zeros(nnz, dtype=torch.bool, device=items.device)
+        nonempty = lengths > 0
+        starts[indptr[:-1][nonempty]] = True
+        step = items[1:].to(torch.int64) - items[:-1].to(torch.int64)
+        bad = (step <= 0) & ~starts[1:]
+        if bool(bad.any()):
+            pos = int(torch.nonzero(bad)[0]) + 1
+            code = _code_of(indptr, pos)
+            kind = "a duplicate item" if int(step[pos - 1]) == 0 else "items out of order"
+            fail(
+                where["items"],
+                f"posting list of code {code} must be strictly increasing: {kind} "
+                f"({int(items[pos - 1])} then {int(items[pos])})",
+            )
+
+
+def check_item_ids(item_ids: torch.Tensor, n_items: int, where: str) -> None:
+    check_tensor(item_ids, where, ndim=1, dtypes=(torch.int64,))
+    if item_ids.numel() != n_items:
+        fail(where, f"expected {n_items} external ids (one per item), got {item_ids.numel()}")
+    if n_items > 1 and bool((item_ids.sort().values.diff() == 0).any()):
+        fail(where, "external item ids must be unique")
+
+
+def check_codebooks(codebooks: torch.Tensor, n_codes: int, where: str) -> None:
+    check_tensor(codebooks, where, ndim=3, dtypes=(torch.float16, torch.bfloat16, torch.float32))
+    n_sub, n_words, _ = codebooks.shape
+    if n_words**n_sub != n_codes:
+        fail(where, f"shape {tuple(codebooks.shape)} gives C**P = {n_words**n_sub} codes, the index has {n_codes}")
+    if not bool(torch.isfinite(codebooks).all()):
+        fail(where, "contains non-finite values")
+
+
+def _code_of(indptr: torch.Tensor, pos: int) -> int:
+    """The code whose posting list holds flat position ``pos``."""
+    return int(torch.searchsorted(indptr, torch.tensor([pos], device=indptr.device), right=True)[0]) - 1

@@ -1,0 +1,1 @@
+"""Kernels for the SparCode search hot path and their plain torch references."""

@@ -1,0 +1,58 @@
+"""Packed selection keys: one int64 per (score, item) that orders results exactly.
+
+The high 32 bits hold the float32 score mapped to an order-preserving int32, the low 32
+bits hold ``2**31 - 1 - item``. A larger key therefore means a higher score, and among
+equal scores the lower item id. Keys of distinct items are distinct, so any top-k over
+keys (``torch.topk``, a sort, a Triton bitonic sort) gives one deterministic answer.
+``EMPTY_KEY`` (int64 min) marks "no candidate" and decodes to id -1, score -inf.
+"""
+
+from __future__ import annotations
+
+import torch
+
+EMPTY_KEY = -(2**63)
+ITEM_MASK = 2**32 - 1
+ITEM_BIAS = 2**31 - 1
+
+
+def score_to_ordered(scores: torch.Tensor) -> torch.Tensor:
+    """float32 -> int32 with the same order (-0.0 is folded onto +0.0)."""
+    bits = (scores.to(torch.float32) + 0.0).view(torch.int32)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+def ordered_to_score(ordered: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`score_to_ordered`."""
+    ordered = ordered.to(torch.int32)
+    return (ordered ^ ((ordered >> 31) & 0x7FFFFFFF)).view(torch.float32)
+
+
+def pack_keys(scores: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    """Pack float scores and item ids (< 2**31) into int64 selection keys."""
+    high = score_to_ordered(scores).to(torch.int64) << 32
+    return high | (ITEM_BIAS - items.to(torch.int64))
+
+
+def unpack_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys -> (scores float32, ids int64); ``EMPTY_KEY`` gives (-inf, -1)."""
+    empty = keys == EMPTY_KEY
+    scores = ordered_to_score((keys >> 32).to(torch.int32))
+    ids = ITEM_BIAS - (keys & ITEM_MASK)
+    scores = scores.masked_fill(empty, float("-inf"))
+    ids = ids.masked_fill(empty, -1)
+    return scores, ids
+
+
+def select_keys(keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of each row of a (B, W) key matrix, padded to k columns: (scores, ids)."""
+    rows, width = keys.shape
+    take = min(k, width)
+    if take > 0:
+        top = torch.topk(keys, take, dim=1, largest=True, sorted=True).values
+    else:
+        top = keys.new_empty((rows, 0))
+    if take < k:
+        pad = keys.new_full((rows, k - take), EMPTY_KEY)
+        top = torch.cat([top, pad], dim=1)
+    return unpack_keys(top)
