@@ -1,0 +1,83 @@
+"""CodeIndex construction, validation, stats and device moves."""
+
+import pytest
+import torch
+
+from helpers import csr_index
+from sparcode.engine import CodeIndex
+from sparcode.engine.synthetic import random_codes, random_index
+
+
+def postings(indptr, items, scores=None):
+    indptr = torch.tensor(indptr, dtype=torch.int64)
+    items = torch.tensor(items, dtype=torch.int32)
+    scores = torch.ones(items.numel()) if scores is None else torch.tensor(scores, dtype=torch.float32)
+    return indptr, items, scores
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (postings([0, 2, 3], [1, 1, 0]), "items: posting list of code 0 must be strictly increasing: a duplicate item (1 then 1)"),
+        (postings([0, 1, 3], [1, 3, 2]), "items: posting list of code 1 must be strictly increasing: items out of order (3 then 2)"),
+        (postings([0, 1, 2], [1, 9]), "items: item 9 of code 1 is outside [0, 5)"),
+        (postings([0, 1, 2], [1, -2]), "items: item -2 of code 1 is outside [0, 5)"),
+        (postings([0, 1, 2], [1, 2], [1.0, float("nan")]), "scores: non-finite score nan in the posting list of code 1"),
+        (postings([1, 1, 2], [1, 2]), "indptr: must start at 0"),
+        (postings([0, 1, 3], [1, 2]), "indptr: must end at nnz = 2"),
+        (postings([0, 2, 1, 2], [1, 2]), "indptr: must be non-decreasing; decreases at code 1"),
+        ((torch.tensor([0, 1]), torch.tensor([1], dtype=torch.int64), torch.ones(1)), "items: expected dtype int32, got int64"),
+        ((torch.tensor([0, 1]), torch.tensor([1], dtype=torch.int32), torch.ones(1, dtype=torch.float64)), "scores: expected dtype float16"),
+        ((torch.tensor([0, 1]), torch.tensor([1], dtype=torch.int32), torch.ones(2)), "scores: has 2 entries but items has 1"),
+    ],
+)
+def test_from_postings_rejects_bad_csr(args, message):
+    with pytest.raises(ValueError) as info:
+        CodeIndex.from_postings(*args, 5)
+    assert message in str(info.value)
+
+
+def test_from_postings_checks_options():
+    indptr, items, scores = postings([0, 1, 2], [1, 2])
+    with pytest.raises(ValueError, match="n_items: expected a positive int"):
+        CodeIndex.from_postings(indptr, items, scores, 0)
+    with pytest.raises(ValueError, match="item_ids: external item ids must be unique"):
+        CodeIndex.from_postings(indptr, items, scores, 3, item_ids=torch.tensor([4, 4, 5]))
+    with pytest.raises(ValueError, match="item_ids: expected 3 external ids"):
+        CodeIndex.from_postings(indptr, items, scores, 3, item_ids=torch.tensor([4, 5]))
+    with pytest.raises(ValueError, match=r"codebooks: shape \(2, 3, 4\) gives C\*\*P = 9 codes, the index has 2"):
+        CodeIndex.from_postings(indptr, items, scores, 3, codebooks=torch.zeros(2, 3, 4))
+    with pytest.raises(ValueError, match="n_tokens: expected a positive int"):
+        CodeIndex.from_postings(indptr, items, scores, 3, n_tokens=0)
+    with pytest.raises(TypeError, match="indptr: expected a torch.Tensor"):
+        CodeIndex.from_postings([0, 1, 2], items, scores, 3)
+
+
+def test_stats_and_nbytes():
+    index = csr_index([[(0, 1.0), (2, 1.0)], [], [(1, 1.0)]], n_items=4)
+    stats = index.stats()
+    assert stats["n_codes"] == 3 and stats["n_items"] == 4 and stats["nnz"] == 3
+    assert stats["density"] == pytest.approx(3 / 12)
+    assert stats["mean_posting_length"] == 1.0 and stats["max_posting_length"] == 2
+    assert stats["empty_posting_lists"] == 1
+    assert index.nbytes == 4 * 8 + 3 * 4 + 3 * 4
+    index.derived("extra", lambda ix: torch.zeros(10, dtype=torch.float32))
+    assert index.nbytes == 4 * 8 + 3 * 4 + 3 * 4 + 40
+
+
+def test_to_same_device_is_identity_and_synthetic_is_deterministic():
+    index = random_index(64, 100, 8, seed=7)
+    assert index.to("cpu") is index
+    again = random_index(64, 100, 8, seed=7)
+    assert torch.equal(index.items, again.items) and torch.equal(index.scores, again.scores)
+    assert not torch.equal(index.items, random_index(64, 100, 8, seed=8).items)
+    assert torch.equal(random_codes(5, 3, 64, seed=1), random_codes(5, 3, 64, seed=1))
+
+
+def test_synthetic_skew_makes_popular_codes_long_and_frequent():
+    index = random_index(1024, 5000, 20, skew=0.8, seed=0)
+    codes = random_codes(20000, 1, 1024, skew=0.8, seed=0).squeeze(1)
+    counts = torch.bincount(codes, minlength=1024)
+    longest = torch.argsort(index.lengths, descending=True)[:10]
+    assert counts[longest].float().mean() > 5 * counts.float().mean()
+    assert abs(index.nnz / 1024 - 20) < 3
