@@ -32,7 +32,8 @@ def to_torch(x: Any, name: str) -> tuple[torch.Tensor, Kind]:
     if kind == "numpy":
         if x.dtype == object:
             raise TypeError(f"{name}: object arrays are not supported; pass a numeric array")
-        return torch.from_numpy(np.ascontiguousarray(x)), kind
+        x = np.ascontiguousarray(x)
+        return torch.from_numpy(x if x.flags.writeable else x.copy()), kind
     if kind == "cupy":
         return torch.from_dlpack(x), kind
     raise TypeError(f"{name}: expected a torch tensor, numpy array or cupy array, got {type(x).__name__}")
