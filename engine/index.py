@@ -102,8 +102,7 @@ class CodeIndex:
         tensors = [self.indptr, self.items, self.scores, self.codebooks, self.item_ids]
         total = sum(t.numel() * t.element_size() for t in tensors if t is not None)
         for value in self._derived.values():
-            parts = value if isinstance(value, tuple) else (value,)
-            total += sum(_tensor_bytes(p) for p in parts)
+            total += _layout_bytes(value)
         return total
 
     def to(self, device: torch.device | str) -> CodeIndex:
@@ -159,10 +158,15 @@ class CodeIndex:
         )
 
 
-def _tensor_bytes(value: object) -> int:
+def _layout_bytes(value: object) -> int:
+    """Bytes of a derived layout: a tensor (dense or sparse CSR), a scipy sparse matrix
+    or a tuple of them; anything else (a flag) counts 0."""
+    if isinstance(value, tuple):
+        return sum(_layout_bytes(v) for v in value)
     if isinstance(value, torch.Tensor):
         if value.layout == torch.sparse_csr:
-            parts = (value.crow_indices(), value.col_indices(), value.values())
-            return sum(p.numel() * p.element_size() for p in parts)
+            return _layout_bytes((value.crow_indices(), value.col_indices(), value.values()))
         return value.numel() * value.element_size()
+    if all(hasattr(value, a) for a in ("data", "indices", "indptr")):  # scipy sparse
+        return sum(getattr(value, a).nbytes for a in ("data", "indices", "indptr"))
     return 0

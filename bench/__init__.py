@@ -1,0 +1,1 @@
+"""Benchmarks for the SparCode engine: scripts apart from the tests."""
