@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+import os
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
@@ -12,6 +13,7 @@ import torch
 from .arrays import from_torch, to_torch
 from .exclude import normalize_exclude
 from .index import CodeIndex
+from .plan import Plan, chunks
 from .torch_backend import Exclusion, TorchBackend
 
 DEFAULT_WORKSPACE_BYTES = 256 * 2**20
@@ -28,9 +30,12 @@ class SearchResult(NamedTuple):
 
 class Backend(Protocol):
     name: str
-    bytes_per_posting: int
 
-    def search(self, index: CodeIndex, codes: torch.Tensor, k: int, exclude: Exclusion) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def plan(self, index: CodeIndex, codes: torch.Tensor, k: int) -> Plan: ...
+
+    def search(
+        self, index: CodeIndex, codes: torch.Tensor, k: int, exclude: Exclusion, regime: str
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 class Engine:
@@ -86,9 +91,10 @@ class Engine:
         excl = normalize_exclude(exclude, n_queries, self.index.n_items, device, self.index.item_ids)
         scores = torch.empty((n_queries, k), dtype=torch.float32, device=device)
         ids = torch.empty((n_queries, k), dtype=torch.int64, device=device)
-        for start, stop in self._chunks(codes, k):
+        plan = self.backend.plan(self.index, codes, k)
+        for start, stop in chunks(plan, self.workspace_bytes):
             sub = None if excl is None else _slice_csr(excl, start, stop)
-            scores[start:stop], ids[start:stop] = self.backend.search(self.index, codes[start:stop], k, sub)
+            scores[start:stop], ids[start:stop] = self.backend.search(self.index, codes[start:stop], k, sub, plan.regime)
         if self.index.item_ids is not None:
             ids = torch.where(ids >= 0, self.index.item_ids[ids.clamp(min=0)], ids)
         return SearchResult(from_torch(scores, kind), from_torch(ids, kind))
@@ -130,21 +136,6 @@ class Engine:
         codes = self.encoder(features.to(self.index.device))
         return self._codes(codes)[0]
 
-    def _chunks(self, codes: torch.Tensor, k: int) -> Iterator[tuple[int, int]]:
-        """Split the batch so that each step's scratch fits ``workspace_bytes``: the
-        backend's bytes per gathered posting, plus the per-query top-k keys."""
-        n_queries = codes.shape[0]
-        if n_queries == 0:
-            return
-        per_query = self.backend.bytes_per_posting * self.index.lengths[codes].sum(1).cpu().numpy() + 16 * k
-        start = 0
-        while start < n_queries:
-            window = per_query[start : start + max(1, self.workspace_bytes // (16 * k))]
-            need = np.cumsum(window)
-            stop = start + max(1, int(np.searchsorted(need, self.workspace_bytes, side="right")))
-            yield start, stop
-            start = stop
-
 
 def _slice_csr(csr: tuple[torch.Tensor, torch.Tensor], start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
     offsets, items = csr
@@ -153,10 +144,13 @@ def _slice_csr(csr: tuple[torch.Tensor, torch.Tensor], start: int, stop: int) ->
 
 
 def _make_backend(name: str, device: torch.device) -> Backend:
+    """``auto``: Triton on CUDA, the torch backend (the fastest correct CPU path) elsewhere."""
     if name not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {name!r}")
     if name == "torch" or (name == "auto" and device.type != "cuda"):
         return TorchBackend()
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("backend: 'triton' needs a CUDA index (or TRITON_INTERPRET=1 for the CPU interpreter)")
     from .triton_backend import TritonBackend
 
     return TritonBackend()

@@ -21,6 +21,7 @@ import torch
 from sparcode.kernels.keys import EMPTY_KEY, ITEM_BIAS, ITEM_MASK, ordered_to_score, pack_keys, score_to_ordered, unpack_keys
 
 from .index import CodeIndex
+from .plan import Plan
 
 Exclusion = tuple[torch.Tensor, torch.Tensor] | None
 
@@ -90,7 +91,13 @@ class TorchBackend:
     # (at most twice the candidates), with headroom for the sparse product's temporaries.
     bytes_per_posting = 96
 
-    def search(self, index: CodeIndex, codes: torch.Tensor, k: int, exclude: Exclusion) -> tuple[torch.Tensor, torch.Tensor]:
+    def plan(self, index: CodeIndex, codes: torch.Tensor, k: int) -> Plan:
+        postings = index.lengths[codes].sum(1).cpu().numpy()
+        return Plan(self.bytes_per_posting * postings + 16 * k, padded=False, regime="sparse-product")
+
+    def search(
+        self, index: CodeIndex, codes: torch.Tensor, k: int, exclude: Exclusion, regime: str = "sparse-product"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         crow, items, sums = candidates(index, codes)
         n_queries = codes.shape[0]
         lengths = crow.diff()

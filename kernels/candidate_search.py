@@ -1,0 +1,103 @@
+"""Candidate regime: per query, every posting of its T lists becomes at most one candidate.
+
+One program handles BLOCK consecutive positions of one query's concatenated T posting
+lists. For each position (item i of list t) it binary-searches i in all T lists,
+summing the scores it finds in token order (float32), and keeps the position only if t
+is the first list holding i (so each item is counted once; a repeated code adds its
+score twice). Excluded items are binary-searched in the query's sorted exclusion list.
+The output is a (B, width) matrix of packed keys (``keys.py``), width = the largest
+posting count of a query in the batch; ``torch.topk`` over it gives the exact top k.
+Nothing of size B x N exists: the work and memory are B x T x L.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import empty_keys, lower_bound, pack_keys, search_steps
+from .keys import select_keys
+
+
+@triton.jit
+def _candidate_keys_kernel(
+    indptr_ptr, items_ptr, scores_ptr, codes_ptr, ex_offsets_ptr, ex_items_ptr, out_ptr,
+    n_tokens, width,
+    STEPS: tl.constexpr, EX_STEPS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    query = tl.program_id(0).to(tl.int64)
+    pos = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+
+    # which list (token) and which posting each position is
+    start = tl.zeros([BLOCK], dtype=tl.int64)
+    src = tl.zeros([BLOCK], dtype=tl.int64)
+    token = tl.zeros([BLOCK], dtype=tl.int32)
+    for t in range(n_tokens):
+        code = tl.load(codes_ptr + query * n_tokens + t)
+        lo = tl.load(indptr_ptr + code)
+        length = tl.load(indptr_ptr + code + 1) - lo
+        here = (pos >= start) & (pos < start + length)
+        src = tl.where(here, lo + pos - start, src)
+        token = tl.where(here, t, token)
+        start += length
+    valid = pos < start
+    item = tl.load(items_ptr + src, mask=valid, other=0)
+
+    # sum over all T lists in token order; the first list holding the item owns it
+    total = tl.zeros([BLOCK], dtype=tl.float32)
+    owner = tl.full([BLOCK], 2147483647, dtype=tl.int32)
+    for t in range(n_tokens):
+        code = tl.load(codes_ptr + query * n_tokens + t)
+        lo = tl.load(indptr_ptr + code)
+        hi = tl.load(indptr_ptr + code + 1)
+        at = lower_bound(items_ptr, tl.zeros([BLOCK], dtype=tl.int64) + lo, tl.zeros([BLOCK], dtype=tl.int64) + hi, item, STEPS)
+        inside = valid & (at < hi)
+        found = inside & (tl.load(items_ptr + at, mask=inside, other=-1) == item)
+        total += tl.where(found, tl.load(scores_ptr + at, mask=found, other=0.0).to(tl.float32), 0.0)
+        owner = tl.where(found & (owner > t), t, owner)
+    keep = valid & (owner == token)
+
+    ex_lo = tl.load(ex_offsets_ptr + query)
+    ex_hi = tl.load(ex_offsets_ptr + query + 1)
+    at = lower_bound(ex_items_ptr, tl.zeros([BLOCK], dtype=tl.int64) + ex_lo, tl.zeros([BLOCK], dtype=tl.int64) + ex_hi,
+                     item.to(tl.int64), EX_STEPS)
+    inside = keep & (at < ex_hi)
+    excluded = inside & (tl.load(ex_items_ptr + at, mask=inside, other=-1) == item.to(tl.int64))
+    keep = keep & ~excluded
+
+    keys = tl.where(keep, pack_keys(total, item), empty_keys(pos))
+    tl.store(out_ptr + query * width + pos, keys, mask=pos < width)
+
+
+def candidate_keys(
+    indptr: torch.Tensor, items: torch.Tensor, scores: torch.Tensor, codes: torch.Tensor,
+    ex_offsets: torch.Tensor, ex_items: torch.Tensor, width: int, *, block: int = 128,
+) -> torch.Tensor:
+    """(B, width) packed keys: at position p of query q, the key of the p-th posting of
+    its concatenated lists if that posting owns its item, else ``EMPTY_KEY``.
+
+    ``codes`` (B, T) int64; ``ex_offsets`` (B+1) int64 and ``ex_items`` int64 hold each
+    query's excluded items, sorted; ``width`` >= every query's posting count.
+    """
+    n_queries, n_tokens = codes.shape
+    out = torch.empty((n_queries, width), dtype=torch.int64, device=codes.device)
+    if n_queries == 0 or width == 0:
+        return out
+    longest = int((indptr[1:] - indptr[:-1]).max())
+    most_excluded = int((ex_offsets[1:] - ex_offsets[:-1]).max())
+    grid = (n_queries, triton.cdiv(width, block))
+    _candidate_keys_kernel[grid](
+        indptr, items, scores, codes.contiguous(), ex_offsets, ex_items, out, n_tokens, width,
+        STEPS=search_steps(longest), EX_STEPS=search_steps(most_excluded), BLOCK=block,
+    )
+    return out
+
+
+def candidate_search(
+    indptr: torch.Tensor, items: torch.Tensor, scores: torch.Tensor, codes: torch.Tensor,
+    ex_offsets: torch.Tensor, ex_items: torch.Tensor, k: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k (scores float32, internal ids int64) per query, candidate regime."""
+    width = int((indptr[codes + 1] - indptr[codes]).sum(1).max()) if codes.shape[0] else 0
+    return select_keys(candidate_keys(indptr, items, scores, codes, ex_offsets, ex_items, width), k)

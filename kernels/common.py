@@ -1,0 +1,42 @@
+"""Triton helpers shared by the search kernels: key packing and binary search.
+
+The packing matches ``keys.pack_keys`` bit for bit, so kernel output can be compared
+with the torch references with ``torch.equal``.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def empty_keys(like):
+    """int64 min (``keys.EMPTY_KEY``) shaped like ``like``."""
+    return (tl.zeros_like(like).to(tl.int64) + 1) << 63
+
+
+@triton.jit
+def pack_keys(scores, items):
+    """float32 scores, int ids -> int64 keys: higher score first, then lower id."""
+    bits = (scores + 0.0).to(tl.int32, bitcast=True)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return (ordered.to(tl.int64) << 32) | (2147483647 - items.to(tl.int64))
+
+
+@triton.jit
+def lower_bound(items_ptr, lo, hi, target, STEPS: tl.constexpr):
+    """First position in [lo, hi) of a sorted int array whose value is >= target, for
+    vectors (or scalars) of ranges; STEPS >= ceil(log2(longest range + 1))."""
+    for _ in range(STEPS):
+        active = lo < hi
+        mid = (lo + hi) // 2
+        value = tl.load(items_ptr + mid, mask=active, other=0)
+        right = active & (value < target)
+        left = active & (value >= target)
+        lo = tl.where(right, mid + 1, lo)
+        hi = tl.where(left, mid, hi)
+    return lo
+
+
+def search_steps(longest: int) -> int:
+    """Binary-search iterations that settle any range of ``longest`` elements."""
+    return max(1, int(longest).bit_length())

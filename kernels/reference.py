@@ -1,0 +1,76 @@
+"""Plain torch references for every kernel op, with the same signatures.
+
+They build a dense float32 accumulator per query (fine for a reference, never for the
+kernels) in token order, so sums are bit-identical to the kernels' and the key
+matrices can be compared with ``torch.equal``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .keys import EMPTY_KEY, pack_keys, select_keys
+
+
+def _query_sums(indptr, items, scores, codes_row, n_items):
+    """Dense sums in token order, presence, and the first token holding each item."""
+    total = torch.zeros(n_items, dtype=torch.float32, device=items.device)
+    present = torch.zeros(n_items, dtype=torch.bool, device=items.device)
+    first = torch.full((n_items,), -1, dtype=torch.int64, device=items.device)
+    lists = []
+    for t, code in enumerate(codes_row.tolist()):
+        lo, hi = int(indptr[code]), int(indptr[code + 1])
+        its = items[lo:hi].to(torch.int64)
+        total[its] += scores[lo:hi].to(torch.float32)
+        fresh = its[first[its] < 0]
+        first[fresh] = t
+        present[its] = True
+        lists.append((t, its))
+    return total, present, first, lists
+
+
+def candidate_keys(indptr, items, scores, codes, ex_offsets, ex_items, width, *, block=128):
+    """Reference for ``candidate_search.candidate_keys``."""
+    n_queries = codes.shape[0]
+    n_items = int(items.max()) + 1 if items.numel() else 1
+    out = torch.full((n_queries, width), EMPTY_KEY, dtype=torch.int64, device=codes.device)
+    for q in range(n_queries):
+        total, _, first, lists = _query_sums(indptr, items, scores, codes[q], n_items)
+        excluded = set(ex_items[int(ex_offsets[q]) : int(ex_offsets[q + 1])].tolist())
+        pos = 0
+        for t, its in lists:
+            keep = first[its] == t
+            if excluded:
+                keep &= torch.tensor([i not in excluded for i in its.tolist()], dtype=torch.bool, device=its.device)
+            keys = torch.where(keep, pack_keys(total[its], its), EMPTY_KEY)
+            out[q, pos : pos + its.numel()] = keys[: max(0, width - pos)]
+            pos += its.numel()
+    return out
+
+
+def candidate_search(indptr, items, scores, codes, ex_offsets, ex_items, k):
+    """Reference for ``candidate_search.candidate_search``."""
+    width = int((indptr[codes + 1] - indptr[codes]).sum(1).max()) if codes.shape[0] else 0
+    return select_keys(candidate_keys(indptr, items, scores, codes, ex_offsets, ex_items, width), k)
+
+
+def tiled_keys(indptr, items, scores, codes, ex_offsets, ex_items, n_items, kb, *, block_n=1024, chunk=128, n_programs=None):
+    """Reference for ``tiled_search.tiled_keys``."""
+    n_queries = codes.shape[0]
+    n_blocks = -(-n_items // block_n)
+    kb = min(kb, block_n)
+    out = torch.empty((n_queries, n_blocks * kb), dtype=torch.int64, device=codes.device)
+    for q in range(n_queries):
+        total, present, _, _ = _query_sums(indptr, items, scores, codes[q], n_items)
+        present[ex_items[int(ex_offsets[q]) : int(ex_offsets[q + 1])]] = False
+        keys = torch.full((n_blocks * block_n,), EMPTY_KEY, dtype=torch.int64, device=codes.device)
+        ids = torch.arange(n_items, device=codes.device)
+        keys[:n_items] = torch.where(present, pack_keys(total, ids), EMPTY_KEY)
+        best = torch.sort(keys.view(n_blocks, block_n), dim=1, descending=True).values[:, :kb]
+        out[q] = best.reshape(-1)
+    return out
+
+
+def tiled_search(indptr, items, scores, codes, ex_offsets, ex_items, k, n_items, *, block_n=1024):
+    """Reference for ``tiled_search.tiled_search``."""
+    return select_keys(tiled_keys(indptr, items, scores, codes, ex_offsets, ex_items, n_items, k, block_n=block_n), k)

@@ -1,0 +1,113 @@
+"""Triton kernels vs their torch references (bit-exact keys), on the interpreter with tiny
+shapes (a few programs each) and, marked ``gpu``, at realistic sizes on CUDA."""
+
+import pytest
+import torch
+
+from helpers import csr_index, quantized_index
+from sparcode.engine.synthetic import random_codes
+from sparcode.kernels import candidate_search as cs
+from sparcode.kernels import reference as ref
+from sparcode.kernels import tiled_search as ts
+from sparcode.kernels.keys import EMPTY_KEY
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+
+
+def exclusion(lists, device="cpu"):
+    offsets = torch.tensor([0] + [len(x) for x in lists], dtype=torch.int64).cumsum(0)
+    items = torch.tensor(sorted_concat(lists) or [0], dtype=torch.int64)
+    return offsets.to(device), items.to(device)
+
+
+def sorted_concat(lists):
+    return [i for x in lists for i in sorted(x)]
+
+
+def check_candidate(index, codes, ex, *, block=32):
+    width = int(index.lengths[codes].sum(1).max()) if codes.shape[0] else 0
+    args = (index.indptr, index.items, index.scores, codes, *ex, width)
+    got = cs.candidate_keys(*args, block=block)
+    assert torch.equal(got, ref.candidate_keys(*args)), "candidate keys differ from the reference"
+    return got
+
+
+def check_tiled(index, codes, ex, kb, *, block_n=64, n_programs=3):
+    args = (index.indptr, index.items, index.scores, codes, *ex, index.n_items, kb)
+    got = ts.tiled_keys(*args, block_n=block_n, chunk=16, n_programs=n_programs)
+    assert torch.equal(got, ref.tiled_keys(*args, block_n=block_n)), "tiled keys differ from the reference"
+    return got
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_candidate_random(dtype):
+    index = quantized_index(16, 300, 12, seed=3, dtype=dtype, negative=dtype == torch.float32)
+    codes = random_codes(3, 3, 16, seed=4)
+    check_candidate(index, codes, exclusion([[], [5, 77, 130], [299]]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_tiled_random_odd_item_count(dtype):
+    index = quantized_index(16, 201, 15, seed=5, dtype=dtype, negative=dtype == torch.float32)  # 201: not a block multiple
+    codes = random_codes(2, 3, 16, seed=6)
+    check_tiled(index, codes, exclusion([[0, 200], [63, 64, 65]]), kb=7)
+
+
+def test_edge_cases_both_regimes():
+    # code 1 and 3 are empty lists; query 0 repeats code 0; query 2 has only empty lists
+    index = csr_index([[(0, 1.0), (5, 2.0), (9, 0.5)], [], [(5, 1.0), (6, 3.0)], []], n_items=10)
+    codes = torch.tensor([[0, 0, 2], [2, 1, 0], [1, 3, 3]])
+    ex = exclusion([[], [0, 5, 6, 9], []])  # query 1: every candidate excluded
+    keys = check_candidate(index, codes, ex, block=4)
+    check_tiled(index, codes, ex, kb=3, block_n=4)  # 10 items in blocks of 4
+    scores, ids = cs.candidate_search(index.indptr, index.items, index.scores, codes, *ex, 5)
+    assert ids.tolist() == [[5, 6, 0, 9, -1], [-1] * 5, [-1] * 5]
+    assert scores[0, :4].tolist() == [5.0, 3.0, 2.0, 1.0]
+    assert (keys[2] == EMPTY_KEY).all()
+    t_scores, t_ids = ts.tiled_search(index.indptr, index.items, index.scores, codes, *ex, 5, 10, block_n=4)
+    assert torch.equal(t_ids, ids) and torch.equal(t_scores, scores)
+
+
+def test_single_query_and_k_beyond_candidates():
+    index = quantized_index(8, 100, 6, seed=7)
+    codes = random_codes(1, 2, 8, seed=8)
+    ex = exclusion([[]])
+    n_cand = int((ref.candidate_keys(index.indptr, index.items, index.scores, codes, *ex,
+                                     int(index.lengths[codes].sum())) != EMPTY_KEY).sum())
+    k = n_cand + 5
+    c = cs.candidate_search(index.indptr, index.items, index.scores, codes, *ex, k)
+    t = ts.tiled_search(index.indptr, index.items, index.scores, codes, *ex, k, 100, block_n=128)
+    r = ref.candidate_search(index.indptr, index.items, index.scores, codes, *ex, k)
+    assert torch.equal(c[1], r[1]) and torch.equal(t[1], r[1])
+    assert (r[1][0, n_cand:] == -1).all() and (r[1][0, :n_cand] >= 0).all()
+
+
+def test_block_smaller_than_k_keeps_whole_blocks():
+    index = quantized_index(4, 40, 30, seed=9)
+    codes = torch.tensor([[0, 1], [2, 3]])
+    check_tiled(index, codes, exclusion([[], []]), kb=100, block_n=16)  # kb is capped at the block
+
+
+def test_empty_batch():
+    index = quantized_index(4, 40, 5, seed=1)
+    codes = torch.empty((0, 2), dtype=torch.int64)
+    ex = exclusion([])
+    assert cs.candidate_search(index.indptr, index.items, index.scores, codes, *ex, 3)[1].shape == (0, 3)
+    assert ts.tiled_search(index.indptr, index.items, index.scores, codes, *ex, 3, 40)[1].shape == (0, 3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_candidate_realistic_gpu(dtype):
+    index = quantized_index(4096, 100_000, 200, seed=11, dtype=dtype).to("cuda")
+    codes = random_codes(64, 4, 4096, seed=12, device="cuda")
+    check_candidate(index, codes, exclusion([list(range(0, 100_000, 97 + q)) for q in range(64)], "cuda"), block=128)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_tiled_realistic_gpu(dtype):
+    index = quantized_index(256, 50_000, 5_000, seed=13, dtype=dtype).to("cuda")
+    codes = random_codes(16, 8, 256, seed=14, device="cuda")
+    check_tiled(index, codes, exclusion([list(range(q, 50_000, 101)) for q in range(16)], "cuda"), kb=100,
+                block_n=1024, n_programs=264)
