@@ -36,23 +36,25 @@ def random_index(
 
     Posting lengths follow the code popularity (skew 0: all equal); items are drawn with
     a power-law popularity (skew 0: uniform) and deduplicated within a list; scores are
-    uniform in (0.01, 1]. The same arguments always give the same index.
+    uniform in (0.01, 1]. It is generated on ``device`` (big indexes build in seconds on
+    a GPU); the same arguments on the same kind of device give the same index.
     """
     if n_codes < 1 or n_items < 1 or mean_postings < 0:
         raise ValueError("n_codes and n_items must be >= 1 and mean_postings >= 0")
-    gen = torch.Generator().manual_seed(seed)
-    weights = code_popularity(n_codes, skew)
+    device = torch.device(device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    weights = code_popularity(n_codes, skew).to(device)
     lengths = (weights * n_codes * mean_postings).round().clamp(max=n_items).to(torch.int64)
-    total = int(lengths.sum())
-    codes = torch.repeat_interleave(torch.arange(n_codes), lengths)
-    items = _skewed_items(total, n_items, skew, gen)
+    codes = torch.repeat_interleave(torch.arange(n_codes, device=device), lengths)
+    items = _skewed_items(codes.numel(), n_items, skew, gen)
     keys = torch.unique(codes * n_items + items)
-    codes, items = keys // n_items, keys % n_items
-    indptr = torch.zeros(n_codes + 1, dtype=torch.int64)
-    indptr[1:] = torch.bincount(codes, minlength=n_codes).cumsum(0)
-    scores = (torch.rand(items.numel(), generator=gen) * 0.99 + 0.01).to(dtype)
-    index = CodeIndex.from_postings(indptr, items.to(torch.int32), scores, n_items, n_tokens=n_tokens)
-    return index.to(device)
+    del codes, items
+    items = (keys % n_items).to(torch.int32)
+    indptr = torch.zeros(n_codes + 1, dtype=torch.int64, device=device)
+    indptr[1:] = torch.bincount(keys // n_items, minlength=n_codes).cumsum(0)
+    del keys
+    scores = (torch.rand(items.numel(), generator=gen, device=device) * 0.99 + 0.01).to(dtype)
+    return CodeIndex.from_postings(indptr, items, scores, n_items, n_tokens=n_tokens)
 
 
 def random_codes(
@@ -70,12 +72,12 @@ def random_codes(
     if n_queries * n_tokens == 0:
         return torch.empty((n_queries, n_tokens), dtype=torch.int64, device=device)
     codes = torch.multinomial(weights, n_queries * n_tokens, replacement=True, generator=gen)
-    return codes.reshape(n_queries, n_tokens).to(device)
+    return codes.reshape(n_queries, n_tokens).to(device)  # drawn on the CPU: same codes on any device
 
 
 def _skewed_items(count: int, n_items: int, skew: float, gen: torch.Generator) -> torch.Tensor:
     """``count`` item ids with a power-law popularity over a seeded item order."""
-    u = torch.rand(count, generator=gen, dtype=torch.float64)
+    u = torch.rand(count, generator=gen, dtype=torch.float64, device=gen.device)
     ranks = (u.pow(1.0 + skew) * n_items).to(torch.int64).clamp(max=n_items - 1)
-    order = torch.randperm(n_items, generator=gen)
+    order = torch.randperm(n_items, generator=gen, device=gen.device)
     return order[ranks]

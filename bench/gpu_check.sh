@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# One call on the lent GPU machine: install without dependencies (torch, triton and
+# friends are already there; there is no network), run the GPU tests, then the GPU
+# benchmarks. Results go to $OUT (default ./out): pytest-gpu.log and gpu-bench.json.
+# Without a GPU it says so and dry-runs the benchmark on CPU at tiny sizes.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/out}"
+mkdir -p "$OUT"
+
+python -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || {
+  echo "gpu_check: install failed, see $OUT/install.log"; tail -5 "$OUT/install.log"; exit 1; }
+
+if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  echo "gpu_check: no CUDA device on this machine: GPU tests and GPU benchmarks NOT run."
+  echo "gpu_check: dry run of the benchmark script on CPU (tiny sizes, no GPU numbers):"
+  TRITON_INTERPRET=1 python -m sparcode.bench.gpu_bench --dry-run --out "$OUT"
+  exit $?
+fi
+
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv >"$OUT/nvidia-smi.csv" 2>&1
+echo "== pytest -m gpu"
+timeout 150 python -m pytest -q -m gpu -p no:cacheprovider >"$OUT/pytest-gpu.log" 2>&1
+tests=$?
+tail -3 "$OUT/pytest-gpu.log"
+echo "== benchmarks"
+timeout 330 python -m sparcode.bench.gpu_bench --out "$OUT" 2>&1 | tee "$OUT/gpu-bench.log" | tail -25
+bench=${PIPESTATUS[0]}
+echo "gpu_check: pytest exit $tests, bench exit $bench"
+[ "$tests" -eq 0 ] && [ "$bench" -eq 0 ]
