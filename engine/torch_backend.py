@@ -18,7 +18,9 @@ import warnings
 import numpy as np
 import torch
 
-from sparcode.kernels.keys import EMPTY_KEY, ITEM_BIAS, ITEM_MASK, ordered_to_score, pack_keys, score_to_ordered, unpack_keys
+from sparcode.kernels.keys import (
+    ITEM_BIAS, ITEM_MASK, ordered_to_score, pack_keys, score_to_ordered, select_row_keys,
+)
 
 from .index import CodeIndex
 from .plan import Plan
@@ -93,7 +95,7 @@ class TorchBackend:
 
     def plan(self, index: CodeIndex, codes: torch.Tensor, k: int) -> Plan:
         postings = index.lengths[codes].sum(1).cpu().numpy()
-        return Plan(self.bytes_per_posting * postings + 16 * k, padded=False, regime="sparse-product")
+        return Plan(self.bytes_per_posting * postings + 16 * k, regime="sparse-product")
 
     def search(
         self, index: CodeIndex, codes: torch.Tensor, k: int, exclude: Exclusion, regime: str = "sparse-product"
@@ -114,7 +116,7 @@ class TorchBackend:
             keep &= ~torch.isin(rows * index.n_items + items, ex_rows * index.n_items + exclude[1])
         at = torch.nonzero(keep).squeeze(1)
         crow = torch.searchsorted(at, crow)  # survivors before each row start
-        return unpack_keys(row_topk(crow, pack_keys(sums[at], items[at]), k, EMPTY_KEY))
+        return select_row_keys(crow, pack_keys(sums[at], items[at]), k)
 
 
 def descending_scores(index: CodeIndex) -> torch.Tensor:
@@ -143,30 +145,6 @@ def score_floor(index: CodeIndex, codes: torch.Tensor, rank: torch.Tensor) -> to
     at = (index.indptr[codes] + rank - 1).clamp(max=index.nnz - 1)
     bounds = torch.where(present, desc[at], float("-inf"))
     return torch.maximum(floor, bounds.max(dim=1).values)
-
-
-def row_topk(crow: torch.Tensor, values: torch.Tensor, k: int, fill: float | int) -> torch.Tensor:
-    """The k largest values of each CSR row, sorted, padded with ``fill``: (B, k).
-
-    Rows are grouped by length rounded up to a power of two and each group is padded
-    to its width, so padding at most doubles the work even when a few rows are far
-    longer than the rest.
-    """
-    n_queries = crow.numel() - 1
-    lengths = crow.diff()
-    top = torch.full((n_queries, k), fill, dtype=values.dtype, device=values.device)
-    if values.numel() == 0:
-        return top
-    groups = torch.ceil(torch.log2(lengths.clamp(min=1).to(torch.float64))).to(torch.int64)
-    for group in torch.unique(groups).tolist():
-        rows = torch.nonzero(groups == group).squeeze(1)
-        width = 1 << group
-        pos = torch.arange(width, device=values.device)
-        gather = (crow[rows].unsqueeze(1) + pos).clamp(max=values.numel() - 1)
-        matrix = torch.where(pos < lengths[rows].unsqueeze(1), values[gather], fill)
-        part = min(k, width)
-        top[rows, :part] = torch.topk(matrix, part, dim=1, largest=True, sorted=True).values
-    return top
 
 
 def _all_positive(index: CodeIndex) -> bool:

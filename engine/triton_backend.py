@@ -56,10 +56,11 @@ class TritonBackend:
             mean = float(postings.mean()) if postings.size else 0.0
             regime = choose_regime(index.n_items, codes.shape[1], mean, int(index.lengths.max()), self.tile_items)
         if regime == "candidate":
-            # (rows x widest row) keys, and torch.topk's copy of them
-            return Plan(16 * postings + 16 * k, padded=True, regime=regime)
+            # flat keys, then the ragged selection's gather index and padded matrix
+            # (at most twice the keys, 8 bytes each)
+            return Plan(40 * postings + 16 * k, regime=regime)
         blocks = -(-index.n_items // self.tile_items)
-        return Plan(np.full(postings.shape, 16 * blocks * min(k, self.tile_items) + 16 * k), padded=False, regime=regime)
+        return Plan(np.full(postings.shape, 16 * blocks * min(k, self.tile_items) + 16 * k), regime=regime)
 
     def search(self, index: CodeIndex, codes: torch.Tensor, k: int, exclude: Exclusion, regime: str) -> tuple[torch.Tensor, torch.Tensor]:
         if exclude is None:

@@ -5,9 +5,12 @@ lists. For each position (item i of list t) it binary-searches i in all T lists,
 summing the scores it finds in token order (float32), and keeps the position only if t
 is the first list holding i (so each item is counted once; a repeated code adds its
 score twice). Excluded items are binary-searched in the query's sorted exclusion list.
-The output is a (B, width) matrix of packed keys (``keys.py``), width = the largest
-posting count of a query in the batch; ``torch.topk`` over it gives the exact top k.
-Nothing of size B x N exists: the work and memory are B x T x L.
+The keys (``keys.py``) order results exactly; a ragged per-query ``torch.topk``
+(``keys.select_row_keys``) gives the top k.
+The output is flat and ragged: query q's keys sit at ``offsets[q]:offsets[q+1]``
+(its posting count), so a query that touches one huge popular list costs only its own
+postings, not the batch's. Programs are laid out by a block table (query, block) over
+exactly the non-empty blocks. Nothing of size B x N exists: work and memory are B x T x L.
 """
 
 from __future__ import annotations
@@ -17,17 +20,18 @@ import triton
 import triton.language as tl
 
 from .common import empty_keys, lower_bound, pack_keys, search_steps
-from .keys import select_keys
+from .keys import select_row_keys
 
 
 @triton.jit
 def _candidate_keys_kernel(
-    indptr_ptr, items_ptr, scores_ptr, codes_ptr, ex_offsets_ptr, ex_items_ptr, out_ptr,
-    n_tokens, width,
+    indptr_ptr, items_ptr, scores_ptr, codes_ptr, ex_offsets_ptr, ex_items_ptr, offsets_ptr,
+    block_query_ptr, block_index_ptr, out_ptr, n_tokens,
     STEPS: tl.constexpr, EX_STEPS: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    query = tl.program_id(0).to(tl.int64)
-    pos = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    pid = tl.program_id(0)
+    query = tl.load(block_query_ptr + pid).to(tl.int64)
+    pos = tl.load(block_index_ptr + pid).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
 
     # which list (token) and which posting each position is
     start = tl.zeros([BLOCK], dtype=tl.int64)
@@ -67,28 +71,42 @@ def _candidate_keys_kernel(
     keep = keep & ~excluded
 
     keys = tl.where(keep, pack_keys(total, item), empty_keys(pos))
-    tl.store(out_ptr + query * width + pos, keys, mask=pos < width)
+    tl.store(out_ptr + tl.load(offsets_ptr + query) + pos, keys, mask=valid)
+
+
+def query_offsets(indptr: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """(B+1) int64 offsets of each query's postings in the flat key layout."""
+    offsets = torch.zeros(codes.shape[0] + 1, dtype=torch.int64, device=codes.device)
+    if codes.shape[0]:
+        offsets[1:] = (indptr[codes + 1] - indptr[codes]).sum(1).cumsum(0)
+    return offsets
 
 
 def candidate_keys(
     indptr: torch.Tensor, items: torch.Tensor, scores: torch.Tensor, codes: torch.Tensor,
-    ex_offsets: torch.Tensor, ex_items: torch.Tensor, width: int, *, block: int = 128,
+    ex_offsets: torch.Tensor, ex_items: torch.Tensor, offsets: torch.Tensor, *, block: int = 128,
 ) -> torch.Tensor:
-    """(B, width) packed keys: at position p of query q, the key of the p-th posting of
-    its concatenated lists if that posting owns its item, else ``EMPTY_KEY``.
+    """Flat keys, one per posting of each query's concatenated T lists (query q at
+    ``offsets[q]:offsets[q+1]``, from :func:`query_offsets`): the posting's key if it
+    owns its item and the item is not excluded, else ``EMPTY_KEY``.
 
     ``codes`` (B, T) int64; ``ex_offsets`` (B+1) int64 and ``ex_items`` int64 hold each
-    query's excluded items, sorted; ``width`` >= every query's posting count.
+    query's excluded items, sorted within each query.
     """
     n_queries, n_tokens = codes.shape
-    out = torch.empty((n_queries, width), dtype=torch.int64, device=codes.device)
-    if n_queries == 0 or width == 0:
+    total = int(offsets[-1])
+    out = torch.empty(total, dtype=torch.int64, device=codes.device)
+    if total == 0:
         return out
+    blocks = (offsets.diff() + block - 1) // block
+    block_query = torch.repeat_interleave(torch.arange(n_queries, device=codes.device), blocks)
+    first_block = blocks.cumsum(0) - blocks
+    block_index = torch.arange(block_query.numel(), device=codes.device) - first_block[block_query]
     longest = int((indptr[1:] - indptr[:-1]).max())
     most_excluded = int((ex_offsets[1:] - ex_offsets[:-1]).max())
-    grid = (n_queries, triton.cdiv(width, block))
-    _candidate_keys_kernel[grid](
-        indptr, items, scores, codes.contiguous(), ex_offsets, ex_items, out, n_tokens, width,
+    _candidate_keys_kernel[(block_query.numel(),)](
+        indptr, items, scores, codes.contiguous(), ex_offsets, ex_items, offsets,
+        block_query.to(torch.int32), block_index.to(torch.int32), out, n_tokens,
         STEPS=search_steps(longest), EX_STEPS=search_steps(most_excluded), BLOCK=block,
     )
     return out
@@ -99,5 +117,5 @@ def candidate_search(
     ex_offsets: torch.Tensor, ex_items: torch.Tensor, k: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k (scores float32, internal ids int64) per query, candidate regime."""
-    width = int((indptr[codes + 1] - indptr[codes]).sum(1).max()) if codes.shape[0] else 0
-    return select_keys(candidate_keys(indptr, items, scores, codes, ex_offsets, ex_items, width), k)
+    offsets = query_offsets(indptr, codes)
+    return select_row_keys(offsets, candidate_keys(indptr, items, scores, codes, ex_offsets, ex_items, offsets), k)

@@ -56,3 +56,32 @@ def select_keys(keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
         pad = keys.new_full((rows, k - take), EMPTY_KEY)
         top = torch.cat([top, pad], dim=1)
     return unpack_keys(top)
+
+
+def row_topk(crow: torch.Tensor, values: torch.Tensor, k: int, fill: float | int) -> torch.Tensor:
+    """The k largest values of each CSR row (ragged rows), sorted, padded with ``fill``.
+
+    Rows are grouped by length rounded up to a power of two and each group is padded
+    to its width, so padding at most doubles the work even when a few rows are far
+    longer than the rest (a single (B, longest row) matrix can be 100x the data).
+    """
+    n_rows = crow.numel() - 1
+    lengths = crow.diff()
+    top = torch.full((n_rows, k), fill, dtype=values.dtype, device=values.device)
+    if values.numel() == 0:
+        return top
+    groups = torch.ceil(torch.log2(lengths.clamp(min=1).to(torch.float64))).to(torch.int64)
+    for group in torch.unique(groups).tolist():
+        rows = torch.nonzero(groups == group).squeeze(1)
+        width = 1 << group
+        pos = torch.arange(width, device=values.device)
+        gather = (crow[rows].unsqueeze(1) + pos).clamp(max=values.numel() - 1)
+        matrix = torch.where(pos < lengths[rows].unsqueeze(1), values[gather], fill)
+        part = min(k, width)
+        top[rows, :part] = torch.topk(matrix, part, dim=1, largest=True, sorted=True).values
+    return top
+
+
+def select_row_keys(crow: torch.Tensor, keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of each ragged CSR row of keys: (scores (B, k), ids (B, k))."""
+    return unpack_keys(row_topk(crow, keys, k, EMPTY_KEY))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .keys import EMPTY_KEY, pack_keys, select_keys
+from .keys import EMPTY_KEY, pack_keys, select_keys, unpack_keys
 
 
 def _query_sums(indptr, items, scores, codes_row, n_items):
@@ -29,29 +29,41 @@ def _query_sums(indptr, items, scores, codes_row, n_items):
     return total, present, first, lists
 
 
-def candidate_keys(indptr, items, scores, codes, ex_offsets, ex_items, width, *, block=128):
+def candidate_keys(indptr, items, scores, codes, ex_offsets, ex_items, offsets, *, block=128):
     """Reference for ``candidate_search.candidate_keys``."""
-    n_queries = codes.shape[0]
     n_items = int(items.max()) + 1 if items.numel() else 1
-    out = torch.full((n_queries, width), EMPTY_KEY, dtype=torch.int64, device=codes.device)
-    for q in range(n_queries):
+    out = torch.full((int(offsets[-1]),), EMPTY_KEY, dtype=torch.int64, device=codes.device)
+    for q in range(codes.shape[0]):
         total, _, first, lists = _query_sums(indptr, items, scores, codes[q], n_items)
         excluded = set(ex_items[int(ex_offsets[q]) : int(ex_offsets[q + 1])].tolist())
-        pos = 0
+        pos = int(offsets[q])
         for t, its in lists:
             keep = first[its] == t
             if excluded:
                 keep &= torch.tensor([i not in excluded for i in its.tolist()], dtype=torch.bool, device=its.device)
-            keys = torch.where(keep, pack_keys(total[its], its), EMPTY_KEY)
-            out[q, pos : pos + its.numel()] = keys[: max(0, width - pos)]
+            out[pos : pos + its.numel()] = torch.where(keep, pack_keys(total[its], its), EMPTY_KEY)
             pos += its.numel()
     return out
 
 
+def query_offsets(indptr, codes):
+    """Reference for ``candidate_search.query_offsets``."""
+    lengths = [sum(int(indptr[c + 1] - indptr[c]) for c in row) for row in codes.tolist()]
+    return torch.tensor([0] + lengths, dtype=torch.int64, device=codes.device).cumsum(0)
+
+
 def candidate_search(indptr, items, scores, codes, ex_offsets, ex_items, k):
-    """Reference for ``candidate_search.candidate_search``."""
-    width = int((indptr[codes + 1] - indptr[codes]).sum(1).max()) if codes.shape[0] else 0
-    return select_keys(candidate_keys(indptr, items, scores, codes, ex_offsets, ex_items, width), k)
+    """Reference for ``candidate_search.candidate_search``: a dense per-query sort."""
+    n_items = int(items.max()) + 1 if items.numel() else 1
+    out = torch.full((codes.shape[0], k), EMPTY_KEY, dtype=torch.int64, device=codes.device)
+    for q in range(codes.shape[0]):
+        total, present, _, _ = _query_sums(indptr, items, scores, codes[q], n_items)
+        excluded = ex_items[int(ex_offsets[q]) : int(ex_offsets[q + 1])]
+        present[excluded[excluded < n_items]] = False
+        ids = torch.nonzero(present).squeeze(1)
+        best = torch.sort(pack_keys(total[ids], ids), descending=True).values[:k]
+        out[q, : best.numel()] = best
+    return unpack_keys(out)
 
 
 def tiled_keys(indptr, items, scores, codes, ex_offsets, ex_items, n_items, kb, *, block_n=1024, chunk=128, n_programs=None):
