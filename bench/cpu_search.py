@@ -1,8 +1,9 @@
 """CPU search benchmark (engine core acceptance): regime R1 at CPU scale.
 
-V = 65,536, T = 4, N = 100,000, mean L = 100, B = 1,024, k = 100: the torch backend vs
-dense accumulation (a B x N float32 buffer + ``torch.topk``) in the same run, and the
-peak memory of one ``engine.search`` over B = 100,000 queries in a fresh process.
+V = 65,536, T = 4, N = 100,000, mean L = 100, B = 1,024, k = 100: the CPU backends
+(torch, and numba when installed) vs dense accumulation (a B x N float32 buffer +
+``torch.topk``) in the same run, and the peak memory of one ``engine.search`` over
+B = 100,000 queries in a fresh process, for each backend.
 
     python -m sparcode.bench.cpu_search [--out bench/results/cpu-search.json]
 """
@@ -10,6 +11,7 @@ peak memory of one ``engine.search`` over B = 100,000 queries in a fresh process
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import platform
 import subprocess
@@ -40,13 +42,13 @@ def dense_search(index, codes: torch.Tensor, k: int):
     return torch.topk(acc.view(n_queries, index.n_items), k, dim=1)
 
 
-def memory_child(n_queries: int) -> None:
+def memory_child(n_queries: int, backend: str) -> None:
     """Run in a fresh process: build the index, then search n_queries and print the
     peak RSS during the search (the whole process: torch, index and results)."""
     cfg = R1_CPU
     index = random_index(cfg["n_codes"], cfg["n_items"], cfg["mean_postings"], skew=cfg["skew"], seed=1)
     codes = random_codes(n_queries, cfg["n_tokens"], cfg["n_codes"], skew=cfg["skew"], seed=3)
-    engine = Engine(index, backend="torch")
+    engine = Engine(index, backend=backend)
     engine.search(codes[:1], k=cfg["k"])  # derived layouts are built once per index
     reset_peak_rss()
     before = current_rss_bytes()
@@ -61,21 +63,22 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default=None, help="write the JSON here")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--memory-queries", type=int, default=100_000)
-    parser.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_child is not None:
-        memory_child(args.memory_child)
+        memory_child(args.memory_queries, args.memory_child)
         return {}
 
     cfg = R1_CPU
     index = random_index(cfg["n_codes"], cfg["n_items"], cfg["mean_postings"], skew=cfg["skew"], seed=1)
-    engine = Engine(index, backend="torch")
+    backends = ["torch"] + (["numba"] if importlib.util.find_spec("numba") else [])
+    engines = {b: Engine(index, backend=b) for b in backends}
     batches = [random_codes(cfg["batch"], cfg["n_tokens"], cfg["n_codes"], skew=cfg["skew"], seed=10 + i) for i in range(4)]
     postings = sum(int(index.lengths[b].sum()) for b in batches) / len(batches)
     # check once that both paths agree on the scores they return
-    fast = engine.search(batches[0], k=cfg["k"]).scores
     slow = dense_search(index, batches[0], cfg["k"]).values
-    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6)
+    for engine in engines.values():
+        torch.testing.assert_close(engine.search(batches[0], k=cfg["k"]).scores, slow, rtol=1e-5, atol=1e-6)
 
     turn = {"i": 0}
 
@@ -85,8 +88,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     results = {}
     for _ in range(2):  # interleave the two methods twice against machine drift
-        for name, run in (("sparcode-torch", lambda: engine.search(fresh(), k=cfg["k"])),
-                          ("dense-accumulate-topk", lambda: dense_search(index, fresh(), cfg["k"]))):
+        runs = [(f"sparcode-{b}", lambda e=e: e.search(fresh(), k=cfg["k"])) for b, e in engines.items()]
+        for name, run in runs + [("dense-accumulate-topk", lambda: dense_search(index, fresh(), cfg["k"]))]:
             t = median_seconds(run, repeats=args.repeats)
             results.setdefault(name, []).append(t)
     summary = {}
@@ -98,13 +101,16 @@ def main(argv: list[str] | None = None) -> dict:
             "qps_max": cfg["batch"] / min(r["min_s"] for r in runs),
             "postings_per_s": postings / med,
         }
-    speedup = summary["sparcode-torch"]["qps_median"] / summary["dense-accumulate-topk"]["qps_median"]
-
-    child = subprocess.run(
-        [sys.executable, "-m", "sparcode.bench.cpu_search", "--memory-child", str(args.memory_queries)],
-        capture_output=True, text=True, check=True,
-    )
-    memory = json.loads(child.stdout.strip().splitlines()[-1])
+    dense = summary["dense-accumulate-topk"]["qps_median"]
+    speedup = {f"sparcode-{b}": summary[f"sparcode-{b}"]["qps_median"] / dense for b in backends}
+    memory = {}
+    for backend in backends:
+        child = subprocess.run(
+            [sys.executable, "-m", "sparcode.bench.cpu_search", "--memory-child", backend,
+             "--memory-queries", str(args.memory_queries)],
+            capture_output=True, text=True, check=True,
+        )
+        memory[f"sparcode-{backend}"] = json.loads(child.stdout.strip().splitlines()[-1])
     report = {
         "benchmark": "cpu_search R1-cpu",
         "date": date.today().isoformat(),
@@ -124,9 +130,12 @@ def main(argv: list[str] | None = None) -> dict:
         with open(args.out, "w") as fh:
             fh.write(text + "\n")
     print(text)
-    print(f"\n{report['device']}: sparcode-torch {summary['sparcode-torch']['qps_median']:,.0f} q/s, "
-          f"dense {summary['dense-accumulate-topk']['qps_median']:,.0f} q/s, speedup {speedup:.1f}x; "
-          f"peak RSS during search at B={args.memory_queries:,}: {memory['peak_rss_bytes'] / 2**30:.2f} GiB")
+    print(f"\n{report['device']}, R1 at CPU scale, B = {cfg['batch']}:")
+    print(f"{'method':<24}{'queries/s':>12}{'vs dense':>10}{'peak RSS at B=' + format(args.memory_queries, ','):>26}")
+    for name, entry in summary.items():
+        peak = memory.get(name, {}).get("peak_rss_bytes")
+        print(f"{name:<24}{entry['qps_median']:>12,.0f}{entry['qps_median'] / dense:>9.1f}x"
+              f"{(f'{peak / 2**30:.2f} GiB' if peak else '-'):>26}")
     return report
 
 

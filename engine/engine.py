@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+import importlib.util
 import os
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
@@ -17,7 +18,7 @@ from .plan import Plan, chunks
 from .torch_backend import Exclusion, TorchBackend
 
 DEFAULT_WORKSPACE_BYTES = 256 * 2**20
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "numba")
 
 
 class SearchResult(NamedTuple):
@@ -144,10 +145,19 @@ def _slice_csr(csr: tuple[torch.Tensor, torch.Tensor], start: int, stop: int) ->
 
 
 def _make_backend(name: str, device: torch.device) -> Backend:
-    """``auto``: Triton on CUDA, the torch backend (the fastest correct CPU path) elsewhere."""
+    """``auto``: Triton on CUDA; on CPU the numba backend when numba is installed (the
+    fastest CPU path), else the torch backend."""
     if name not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {name!r}")
-    if name == "torch" or (name == "auto" and device.type != "cuda"):
+    if name == "auto" and device.type != "cuda":
+        name = "numba" if importlib.util.find_spec("numba") is not None else "torch"
+    if name == "numba":
+        if device.type != "cpu":
+            raise ValueError(f"backend: 'numba' runs on CPU indexes only, this index is on {device}")
+        from .numba_backend import NumbaBackend
+
+        return NumbaBackend()
+    if name == "torch":
         return TorchBackend()
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("backend: 'triton' needs a CUDA index (or TRITON_INTERPRET=1 for the CPU interpreter)")

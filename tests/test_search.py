@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from helpers import csr_index, quantized_index
@@ -12,14 +12,20 @@ from sparcode.engine import CodeIndex, Engine, SearchResult
 from sparcode.engine.synthetic import random_codes, random_index
 
 
+@pytest.fixture(params=["torch", "numba"], scope="module")
+def cpu_backend(request):
+    """Every CPU backend must give exactly the oracle's answer."""
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("n_tokens", range(1, 9))
 @pytest.mark.parametrize("seed", range(3))
-def test_matches_dense_oracle_exactly(dtype, n_tokens, seed):
+def test_matches_dense_oracle_exactly(cpu_backend, dtype, n_tokens, seed):
     index = quantized_index(48, 150, 12, seed=seed, dtype=dtype, negative=seed == 2)
     codes = random_codes(20, n_tokens, 48, seed=seed + 10)
     codes[0] = codes[0, 0]  # one query repeats a single code T times
-    engine = Engine(index, backend="torch")
+    engine = Engine(index, backend=cpu_backend)
     for k in (1, 7, 60, 400):  # 400 is beyond every query's candidate count
         result = engine.search(codes, k=k)
         assert result.scores.shape == (20, k) and result.scores.dtype == torch.float32
@@ -29,16 +35,16 @@ def test_matches_dense_oracle_exactly(dtype, n_tokens, seed):
 
 
 @pytest.mark.parametrize("seed", range(8))
-def test_matches_dense_oracle_continuous_scores(seed):
+def test_matches_dense_oracle_continuous_scores(cpu_backend, seed):
     index = random_index(64, 300, 20, seed=seed, dtype=torch.float32)
     codes = random_codes(32, 4, 64, seed=seed)
-    result = Engine(index, backend="torch").search(codes, k=25)
+    result = Engine(index, backend=cpu_backend).search(codes, k=25)
     assert_same_results(result.scores, result.ids, *dense_search(index, codes.numpy(), 25), exact=False)
 
 
-def test_repeated_code_counts_twice_and_ties_go_to_lower_id():
+def test_repeated_code_counts_twice_and_ties_go_to_lower_id(cpu_backend):
     index = csr_index([[(3, 1.0), (5, 2.0)], [(1, 2.0), (3, 0.5)]], n_items=8)
-    scores, ids = Engine(index, backend="torch").search(torch.tensor([[0, 0], [0, 1]]), k=4)
+    scores, ids = Engine(index, backend=cpu_backend).search(torch.tensor([[0, 0], [0, 1]]), k=4)
     assert ids[0].tolist() == [5, 3, -1, -1]
     assert scores[0, :2].tolist() == [4.0, 2.0] and scores[0, 2:].tolist() == [float("-inf")] * 2
     # query 1: item 5 -> 2.0, item 1 -> 2.0 (tie: lower id first), item 3 -> 1.5
@@ -46,26 +52,26 @@ def test_repeated_code_counts_twice_and_ties_go_to_lower_id():
     assert scores[1, :3].tolist() == [2.0, 2.0, 1.5]
 
 
-def test_empty_posting_lists_give_padding():
+def test_empty_posting_lists_give_padding(cpu_backend):
     index = csr_index([[], [(2, 1.0)], []], n_items=4)
-    scores, ids = Engine(index, backend="torch").search(torch.tensor([[0, 2], [0, 1]]), k=3)
+    scores, ids = Engine(index, backend=cpu_backend).search(torch.tensor([[0, 2], [0, 1]]), k=3)
     assert ids.tolist() == [[-1, -1, -1], [2, -1, -1]]
     assert torch.isinf(scores[0]).all() and scores[1, 0] == 1.0
 
 
-def test_zero_and_negative_scores_are_still_candidates():
+def test_zero_and_negative_scores_are_still_candidates(cpu_backend):
     index = csr_index([[(0, 0.0), (1, -1.0)], [(1, 1.0)]], n_items=3)
-    scores, ids = Engine(index, backend="torch").search(torch.tensor([[0, 1]]), k=3)
+    scores, ids = Engine(index, backend=cpu_backend).search(torch.tensor([[0, 1]]), k=3)
     assert ids.tolist() == [[0, 1, -1]]  # item 1 sums to exactly 0.0 and stays a candidate
     assert scores[0, :2].tolist() == [0.0, 0.0]
 
 
-def test_exclude_as_list_and_csr_agree_with_oracle():
+def test_exclude_as_list_and_csr_agree_with_oracle(cpu_backend):
     index = quantized_index(32, 100, 10, seed=4)
     codes = random_codes(12, 3, 32, seed=5)
     rng = np.random.default_rng(0)
     exclude = [rng.choice(100, size=rng.integers(0, 30), replace=False) for _ in range(12)]
-    engine = Engine(index, backend="torch")
+    engine = Engine(index, backend=cpu_backend)
     by_list = engine.search(codes, k=15, exclude=exclude)
     offsets = np.concatenate([[0], np.cumsum([len(e) for e in exclude])])
     by_csr = engine.search(codes, k=15, exclude=(offsets, np.concatenate(exclude)))
@@ -74,25 +80,25 @@ def test_exclude_as_list_and_csr_agree_with_oracle():
     assert_same_results(by_csr.scores, by_csr.ids, *ref, exact=True)
 
 
-def test_all_candidates_excluded():
+def test_all_candidates_excluded(cpu_backend):
     index = csr_index([[(0, 1.0), (2, 3.0)]], n_items=4)
-    scores, ids = Engine(index, backend="torch").search(torch.tensor([[0]]), k=2, exclude=[[0, 2, 3]])
+    scores, ids = Engine(index, backend=cpu_backend).search(torch.tensor([[0]]), k=2, exclude=[[0, 2, 3]])
     assert ids.tolist() == [[-1, -1]] and torch.isinf(scores).all()
 
 
-def test_external_ids_map_results_and_exclusions():
+def test_external_ids_map_results_and_exclusions(cpu_backend):
     item_ids = torch.tensor([1000, 17, 5, 99], dtype=torch.int64)
     index = csr_index([[(0, 1.0), (1, 3.0), (3, 2.0)]], n_items=4, item_ids=item_ids)
-    engine = Engine(index, backend="torch")
+    engine = Engine(index, backend=cpu_backend)
     assert engine.search(torch.tensor([[0]]), k=4).ids.tolist() == [[17, 99, 1000, -1]]
     # 17 is excluded by external id; 123456 is unknown and ignored
     assert engine.search(torch.tensor([[0]]), k=4, exclude=[[17, 123456]]).ids.tolist() == [[99, 1000, -1, -1]]
 
 
-def test_result_kind_follows_input_and_unpacks():
+def test_result_kind_follows_input_and_unpacks(cpu_backend):
     index = quantized_index(16, 40, 5, seed=1)
     codes = random_codes(4, 2, 16, seed=1)
-    engine = Engine(index, backend="torch")
+    engine = Engine(index, backend=cpu_backend)
     result = engine.search(codes.numpy(), k=3)
     assert isinstance(result, SearchResult)
     scores, ids = result
@@ -101,20 +107,20 @@ def test_result_kind_follows_input_and_unpacks():
     assert isinstance(torch_ids, torch.Tensor) and torch_ids.tolist() == ids.tolist()
 
 
-def test_empty_batch():
-    engine = Engine(quantized_index(16, 40, 5, seed=1), backend="torch")
+def test_empty_batch(cpu_backend):
+    engine = Engine(quantized_index(16, 40, 5, seed=1), backend=cpu_backend)
     scores, ids = engine.search(torch.empty((0, 3), dtype=torch.int64), k=5)
     assert scores.shape == (0, 5) and ids.shape == (0, 5)
 
 
-def test_large_batch_runs_in_bounded_chunks(monkeypatch):
+def test_large_batch_runs_in_bounded_chunks(cpu_backend, monkeypatch):
     index = random_index(256, 2000, 40, seed=3, dtype=torch.float32)
     codes = random_codes(500, 4, 256, seed=3)
-    whole = Engine(index, backend="torch").search(codes, k=10)
+    whole = Engine(index, backend=cpu_backend).search(codes, k=10)
     def need(chunk):  # the workspace a chunk may use, as the engine accounts for it
-        return int(index.lengths[chunk].sum()) * small.backend.bytes_per_posting + 16 * 10 * chunk.shape[0]
+        return int(small.backend.plan(index, chunk, 10).per_query_bytes.sum())
 
-    small = Engine(index, backend="torch", workspace_bytes=1)
+    small = Engine(index, backend=cpu_backend, workspace_bytes=1)
     budget = need(codes) // 50  # the whole batch needs 50x the workspace
     small.workspace_bytes = budget
     calls = []
@@ -126,7 +132,7 @@ def test_large_batch_runs_in_bounded_chunks(monkeypatch):
     assert torch.equal(chunked.ids, whole.ids) and torch.equal(chunked.scores, whole.scores)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     n_codes=st.integers(1, 12),
     n_items=st.integers(1, 30),
@@ -136,7 +142,7 @@ def test_large_batch_runs_in_bounded_chunks(monkeypatch):
     seed=st.integers(0, 2**16),
     data=st.data(),
 )
-def test_property_matches_oracle(n_codes, n_items, n_tokens, n_queries, k, seed, data):
+def test_property_matches_oracle(cpu_backend, n_codes, n_items, n_tokens, n_queries, k, seed, data):
     rng = np.random.default_rng(seed)
     present = rng.random((n_codes, n_items)) < rng.random()
     lengths = present.sum(1)
@@ -147,7 +153,7 @@ def test_property_matches_oracle(n_codes, n_items, n_tokens, n_queries, k, seed,
     codes = torch.tensor(rng.integers(0, n_codes, size=(n_queries, n_tokens)), dtype=torch.int64)
     exclude = [rng.choice(n_items, size=rng.integers(0, n_items + 1), replace=False) for _ in range(n_queries)]
     use_exclude = data.draw(st.booleans())
-    result = Engine(index, backend="torch").search(codes, k=k, exclude=exclude if use_exclude else None)
+    result = Engine(index, backend=cpu_backend).search(codes, k=k, exclude=exclude if use_exclude else None)
     ref = dense_search(index, codes.numpy(), k, exclude if use_exclude else None)
     assert_same_results(result.scores, result.ids, *ref, exact=True)
 
@@ -170,8 +176,8 @@ def test_property_matches_oracle(n_codes, n_items, n_tokens, n_queries, k, seed,
         (torch.zeros((1, 3), dtype=torch.int64), {"exclude": "all"}, TypeError, "exclude: expected CSR"),
     ],
 )
-def test_bad_arguments_name_the_argument(batch, kwargs, error, message):
-    engine = Engine(quantized_index(16, 40, 5, seed=1, n_tokens=3), backend="torch")
+def test_bad_arguments_name_the_argument(cpu_backend, batch, kwargs, error, message):
+    engine = Engine(quantized_index(16, 40, 5, seed=1, n_tokens=3), backend=cpu_backend)
     with pytest.raises(error) as info:
         engine.search(batch, **kwargs)
     assert message in str(info.value)
@@ -187,10 +193,10 @@ def test_bad_engine_arguments():
         Engine("index.dir")
 
 
-def test_encoder_turns_features_into_codes_and_rejects_nan():
+def test_encoder_turns_features_into_codes_and_rejects_nan(cpu_backend):
     index = quantized_index(16, 40, 5, seed=1)
     encoder = lambda x: (x.abs() * 100).to(torch.int64) % 16  # noqa: E731
-    engine = Engine(index, encoder=encoder, backend="torch")
+    engine = Engine(index, encoder=encoder, backend=cpu_backend)
     features = torch.rand(5, 3)
     assert torch.equal(engine.search(features, k=4).ids, engine.search(encoder(features), k=4).ids)
     features[2, 1] = float("nan")
@@ -199,7 +205,7 @@ def test_encoder_turns_features_into_codes_and_rejects_nan():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_tensor_on_other_device_is_rejected():
-    engine = Engine(quantized_index(16, 40, 5, seed=1), backend="torch")
+def test_tensor_on_other_device_is_rejected(cpu_backend):
+    engine = Engine(quantized_index(16, 40, 5, seed=1), backend=cpu_backend)
     with pytest.raises(ValueError, match="batch: is on cuda"):
         engine.search(torch.zeros((1, 2), dtype=torch.int64, device="cuda"))
