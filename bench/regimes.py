@@ -23,10 +23,11 @@ class Regime:
     k: int
 
     def scaled(self, items_by: float, batch_by: float) -> Regime:
-        """Smaller N and B (CPU runs use 10 and 4); mean L is capped at N."""
+        """Smaller N and B (CPU runs use 10 and 4). Mean L shrinks with N so that the
+        density, which is what defines a regime, stays the same (R1 on CPU: L = 100)."""
         n_items = max(1, int(self.n_items / items_by))
         return replace(self, n_items=n_items, batch=max(1, int(self.batch / batch_by)),
-                       mean_postings=min(self.mean_postings, n_items))
+                       mean_postings=max(1, min(n_items, round(self.mean_postings / items_by))))
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -38,7 +38,23 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     search.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
     search.set_defaults(run=cmd_search)
+
+    bench = sub.add_parser("bench", help="benchmark SparCode against two-tower, faiss and all-to-all scoring")
+    _add_bench_arguments(bench)
+    bench.set_defaults(run=cmd_bench)
     return parser
+
+
+def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    from sparcode.bench.harness import build_parser  # the benchmark suite lives apart from serving
+
+    build_parser(parser)
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from sparcode.bench.harness import run
+
+    run(args)
 
 
 def cmd_info(args: argparse.Namespace) -> None:

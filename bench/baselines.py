@@ -1,0 +1,112 @@
+"""The methods SparCode is measured against: two-tower brute force, faiss, and brute-force
+all-to-all scoring (the model class SparCode serves, evaluated for every item)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+DIM = 64
+
+
+def clustered_vectors(n: int, *, centers: np.ndarray, spread: float, rng: np.random.Generator) -> np.ndarray:
+    """Gaussian-mixture vectors: item embeddings are clustered in practice, and IVF is
+    only meaningful on clustered data. ``spread`` is the noise scale per dimension
+    (the centers are standard normal)."""
+    picks = rng.integers(0, centers.shape[0], size=n)
+    return (centers[picks] + spread * rng.standard_normal((n, centers.shape[1]))).astype(np.float32)
+
+
+def two_tower(items: torch.Tensor, *, budget_bytes: int = 256 * 2**20) -> Callable[[torch.Tensor, int], tuple]:
+    """Exact maximum inner product: query chunks x item matrix, then ``torch.topk``.
+    bfloat16 on CUDA, float32 on CPU; chunks keep the score matrix under budget."""
+    dtype = torch.bfloat16 if items.is_cuda else torch.float32
+    matrix = items.to(dtype)
+    n_items = matrix.shape[0]
+    rows = max(1, budget_bytes // (n_items * 4))
+
+    def search(queries: torch.Tensor, k: int) -> tuple:
+        parts = [torch.topk(q.to(dtype) @ matrix.T, min(k, n_items), dim=1) for q in queries.split(rows)]
+        return torch.cat([p.values for p in parts]), torch.cat([p.indices for p in parts])
+
+    return search
+
+
+def faiss_flat(items: np.ndarray):
+    import faiss
+
+    index = faiss.IndexFlatIP(items.shape[1])
+    index.add(items)
+    return index
+
+
+def faiss_ivfpq(items: np.ndarray, nlist: int, m: int, *, seed: int = 0):
+    """IVF{nlist},PQ{m} with inner product, trained on at most 64 x nlist vectors."""
+    import faiss
+
+    index = faiss.index_factory(items.shape[1], f"IVF{nlist},PQ{m}", faiss.METRIC_INNER_PRODUCT)
+    rng = np.random.default_rng(seed)
+    sample = items[rng.choice(items.shape[0], size=min(items.shape[0], 64 * nlist), replace=False)]
+    index.cp.min_points_per_centroid = 1
+    index.cp.max_points_per_centroid = 64
+    index.pq.cp.max_points_per_centroid = 64
+    index.train(sample)
+    index.add(items)
+    return index
+
+
+def recall_at(found: np.ndarray, truth: np.ndarray) -> float:
+    """Mean |found ∩ truth| / |truth| over rows."""
+    return float(np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found, truth)]))
+
+
+def tune_nprobe(index, queries: np.ndarray, truth: np.ndarray, k: int, target: float = 0.9) -> tuple[int, float]:
+    """The smallest power-of-two nprobe whose Recall@k against exact search is >= target."""
+    nprobe, recall = 1, 0.0
+    while nprobe <= index.nlist:
+        index.nprobe = nprobe
+        recall = recall_at(index.search(queries, k)[1], truth)
+        if recall >= target:
+            return nprobe, recall
+        nprobe *= 2
+    return index.nlist, recall
+
+
+class Scorer(nn.Module):
+    """The all-to-all scorer of the released SparCode model: an MLP [256, 256, 256] with
+    ReLU over [token ; item embedding], one output. Random weights: speed only."""
+
+    def __init__(self, dim: int = DIM, hidden: tuple[int, ...] = (256, 256, 256)) -> None:
+        super().__init__()
+        self.token_in = nn.Linear(dim, hidden[0])
+        self.item_in = nn.Linear(dim, hidden[0], bias=False)
+        layers: list[nn.Module] = []
+        for a, b in zip(hidden[:-1], hidden[1:]):
+            layers += [nn.ReLU(), nn.Linear(a, b)]
+        self.rest = nn.Sequential(*layers, nn.ReLU(), nn.Linear(hidden[-1], 1))
+
+
+def all_to_all(n_items: int, device: str, *, n_tokens: int, chunk: int = 16384, seed: int = 0) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Score every item for each query: sum over its T tokens of ReLU(scorer + b). The
+    item half of the first layer is computed once (as any serious implementation
+    would), the rest runs for every (token, item) pair."""
+    torch.manual_seed(seed)
+    scorer = Scorer().to(device).eval()
+    items = torch.randn(n_items, DIM, device=device)
+    with torch.no_grad():
+        item_part = scorer.item_in(items)
+
+    @torch.no_grad()
+    def score(tokens: torch.Tensor) -> torch.Tensor:  # (Q, T, DIM) -> (Q, N)
+        out = torch.zeros(tokens.shape[0], n_items, device=device)
+        for q in range(tokens.shape[0]):
+            token_part = scorer.token_in(tokens[q])  # (T, 256)
+            for start in range(0, n_items, chunk):
+                h = token_part[:, None, :] + item_part[None, start : start + chunk]
+                out[q, start : start + chunk] = torch.relu(scorer.rest(h).squeeze(-1) - 0.1).sum(0)
+        return out
+
+    return score
