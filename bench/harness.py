@@ -97,6 +97,7 @@ def copy_bandwidth(device: str) -> float | None:
 
 def bench_regime(regime: Regime, device: str, *, repeats: int, all_to_all_queries: int, seed: int = 0,
                  faiss_methods: bool = True) -> dict:
+    """Measure every method on one regime; ``all_to_all_queries`` = 0 leaves that out."""
     index, batches = build(regime, device, seed=seed, n_batches=N_BATCHES)
     postings = float(np.mean([int(index.lengths[b].sum()) for b in batches])) / regime.batch
     k = regime.k
@@ -134,10 +135,11 @@ def bench_regime(regime: Regime, device: str, *, repeats: int, all_to_all_querie
                                "faiss_device": "cpu"}))
         notes["faiss_threads"] = _faiss_threads()
 
-    scorer = baselines.all_to_all(regime.n_items, device, n_tokens=regime.n_tokens)
-    tokens = [torch.randn(all_to_all_queries, regime.n_tokens, baselines.DIM, device=device) for _ in range(N_BATCHES)]
-    methods.append(Method("all-to-all-bruteforce", lambda i: scorer(tokens[i % N_BATCHES]), all_to_all_queries,
-                          {"note": "MLP [256, 256, 256] over every (token, item), random weights"}))
+    if all_to_all_queries:
+        scorer = baselines.all_to_all(regime.n_items, device, n_tokens=regime.n_tokens)
+        tokens = [torch.randn(all_to_all_queries, regime.n_tokens, baselines.DIM, device=device) for _ in range(N_BATCHES)]
+        methods.append(Method("all-to-all-bruteforce", lambda i: scorer(tokens[i % N_BATCHES]), all_to_all_queries,
+                              {"note": "MLP [256, 256, 256] over every (token, item), random weights"}))
 
     measure(methods, device, repeats)
     copy_bw = copy_bandwidth(device)
@@ -181,8 +183,8 @@ def scaling(device: str, *, quick: bool, repeats: int) -> dict:
 
 
 def _point(regime: Regime, device: str, repeats: int) -> dict:
-    res = bench_regime(regime, device, repeats=repeats, all_to_all_queries=1, faiss_methods=False)
-    keep = [m for m in res["methods"] if m["method"] != "all-to-all-bruteforce" and m["method"] != "sparcode-torch"]
+    res = bench_regime(regime, device, repeats=repeats, all_to_all_queries=0, faiss_methods=False)
+    keep = [m for m in res["methods"] if m["method"] != "sparcode-torch"]
     return {"n_items": regime.n_items, "batch": regime.batch,
             "methods": {m["method"]: {"qps_median": m["qps_median"], "added_memory_bytes": m["added_memory_bytes"]}
                         for m in keep}}
@@ -210,7 +212,31 @@ def plot(reports: list[dict], device_name: str, path: Path) -> None:
     ax.set_xticklabels([f"{r['regime']}\nN={r['config']['n_items']:,} B={r['config']['batch']:,} k={r['config']['k']}" for r in reports])
     ax.set_ylabel("queries/s (log)")
     ax.set_title(f"sparcode bench on {device_name}, {date.today().isoformat()}")
-    ax.legend(fontsize=7, loc="upper right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_scaling(curves: dict, device_name: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, axis in ((axes[0], "by_n_items", "n_items"), (axes[1], "by_batch", "batch")):
+        points = curves[key]
+        for name in sorted({n for p in points for n in p["methods"]}):
+            xs = [p[axis] for p in points if name in p["methods"]]
+            ax.plot(xs, [p["methods"][name]["qps_median"] for p in points if name in p["methods"]], marker="o", label=name)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("N (items)" if axis == "n_items" else "B (queries per batch)")
+        ax.set_ylabel("queries/s")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"R1 shape, scaling on {device_name}, {date.today().isoformat()}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -270,6 +296,7 @@ def run(args: argparse.Namespace) -> int:
         curves = scaling(args.device, quick=args.quick, repeats=args.repeats)
         (args.out / f"{slug(device_name)}-scaling-{today}.json").write_text(
             json.dumps({**curves, **_environment(args, device_name, today)}, indent=2) + "\n")
+        plot_scaling(curves, device_name, args.out / f"{slug(device_name)}-scaling-{today}.png")
     plot(reports, device_name, args.out / f"{slug(device_name)}-{today}.png")
     print(table(reports, device_name))
     return 0

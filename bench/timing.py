@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -45,7 +46,10 @@ def reset_peak_rss() -> None:
 
 
 def cpu_name() -> str:
+    """CPU model and the cores this process may use, e.g. 'AMD EPYC, 2 cores'."""
+    model = "unknown CPU"
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
+            model = line.split(":", 1)[1].strip()
+            break
+    return f"{model}, {len(os.sched_getaffinity(0))} cores"

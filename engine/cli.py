@@ -39,10 +39,58 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
     search.set_defaults(run=cmd_search)
 
+    rec = sub.add_parser("recommend", help="top-k for every query of a file, to Parquet parts (resumable)")
+    rec.add_argument("index", type=Path, help="index directory")
+    rec.add_argument("--queries", type=Path, required=True,
+                     help=".npy of (rows, T) codes (user id = row) or Parquet with user_id and a codes list column")
+    rec.add_argument("--k", type=int, required=True)
+    rec.add_argument("--out", type=Path, required=True, help="output directory (parts, journals, manifest.json)")
+    rec.add_argument("--exclude", type=Path, default=None, help="Parquet user_id, item_ids: items to leave out per user")
+    rec.add_argument("--batch-size", type=int, default=8192, help="queries per part")
+    rec.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    rec.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "numba"])
+    group = rec.add_mutually_exclusive_group()
+    group.add_argument("--shard-queries", action="store_true", help="under torchrun: each rank takes its own parts")
+    group.add_argument("--shard-items", action="store_true", help="under torchrun: each rank holds a slice of the items")
+    rec.add_argument("--no-progress", action="store_true", help="no progress bar")
+    rec.set_defaults(run=cmd_recommend)
+
     bench = sub.add_parser("bench", help="benchmark SparCode against two-tower, faiss and all-to-all scoring")
     _add_bench_arguments(bench)
     bench.set_defaults(run=cmd_bench)
     return parser
+
+
+def cmd_recommend(args: argparse.Namespace) -> int:
+    from .recommend import run_job
+
+    shard = "queries" if args.shard_queries else "items" if args.shard_items else None
+    if shard is not None:
+        _init_distributed(args.device)
+    try:
+        summary = run_job(args.index, args.queries, args.out, k=args.k, exclude_path=args.exclude,
+                          batch_size=args.batch_size, device=args.device, backend=args.backend, shard=shard,
+                          progress=not args.no_progress)
+    finally:
+        if shard is not None:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    state = "stopped early; rerun the same command to resume" if summary.stopped else "complete"
+    print(f"recommend: {summary.queries:,} queries in {summary.parts_written} parts "
+          f"({summary.parts_skipped} of {summary.parts_total} already on record) in {summary.seconds:.1f} s, "
+          f"{summary.queries_per_s:,.0f} queries/s; {state}; output in {args.out}", file=sys.stderr)
+    return 130 if summary.stopped else 0
+
+
+def _init_distributed(device: str | None) -> None:
+    import torch
+    import torch.distributed as dist
+
+    if "WORLD_SIZE" not in os.environ:
+        raise UsageError("--shard-queries/--shard-items need torchrun (WORLD_SIZE is not set)")
+    cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    dist.init_process_group(backend="nccl" if cuda else "gloo")
 
 
 def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,10 +99,10 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     build_parser(parser)
 
 
-def cmd_bench(args: argparse.Namespace) -> None:
+def cmd_bench(args: argparse.Namespace) -> int:
     from sparcode.bench.harness import run
 
-    run(args)
+    return run(args)
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -134,14 +182,14 @@ def _list_column(values: np.ndarray, value_type):
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        args.run(args)
+        status = args.run(args)
     except UsageError as exc:
         print(f"sparcode: error: {exc}", file=sys.stderr)
         return 2
     except (ValueError, TypeError, OSError) as exc:
         print(f"sparcode: error: {exc}", file=sys.stderr)
         return 2
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

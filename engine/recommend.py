@@ -1,0 +1,280 @@
+"""The offline recommendation job: queries from a file -> top-k per user in Parquet parts.
+
+Parts are fixed row ranges of the query file (part i = rows [i x B, (i+1) x B)), so a
+part means the same rows in every run, on every rank. Each part is written to a
+temporary name, fsynced and renamed, then recorded in its rank's journal
+(``journal.rank<r>.jsonl``, one fsynced line per part). A rerun with the same
+arguments skips recorded parts; a part renamed but not yet recorded is simply written
+again, with the same rows. ``job.json`` fingerprints the arguments that decide the rows
+(index, query file, exclusions, k, B) and a rerun with other ones is refused. At the end
+the journals are merged into ``manifest.json``. SIGINT and SIGTERM stop after the
+current part.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .engine import Engine
+from .index import CodeIndex
+from .queries import ExcludeTable, QueryFile
+from .sharding import item_range, merge_topk, slice_items, to_internal
+from .storage import MANIFEST, read_manifest
+
+JOB = "job.json"
+# Test hook: seconds to sleep before writing each part, so that kill tests can land
+# signals at chosen points of a job that is otherwise too fast to interrupt.
+_PART_DELAY = float(os.environ.get("SPARCODE_PART_DELAY", "0"))
+
+
+@dataclass
+class Summary:
+    queries: int
+    parts_written: int
+    parts_total: int
+    parts_skipped: int
+    seconds: float
+    stopped: bool
+
+    @property
+    def queries_per_s(self) -> float:
+        return self.queries / self.seconds if self.seconds else 0.0
+
+
+class Stop:
+    """Turns SIGINT/SIGTERM into a flag checked between parts."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: dict[int, object] = {}
+
+    def __enter__(self) -> Stop:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def run_job(
+    index_path: Path, queries_path: Path, out: Path, *, k: int, exclude_path: Path | None = None,
+    batch_size: int = 8192, device: str | None = None, backend: str = "auto",
+    shard: str | None = None, progress: bool = True,
+) -> Summary:
+    """Run (or resume) the job; see the module docstring. ``shard``: None, "queries" or
+    "items" (needs ``torch.distributed`` initialised, e.g. by torchrun)."""
+    if k < 1:
+        raise ValueError(f"--k: expected an integer >= 1, got {k}")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size: expected an integer >= 1, got {batch_size}")
+    rank, world = _dist_rank_world(shard)
+    queries = QueryFile(queries_path)
+    exclude = ExcludeTable(exclude_path) if exclude_path is not None else None
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and world > 1:
+        device = f"cuda:{rank % torch.cuda.device_count()}"
+    index = CodeIndex.load(index_path, device="cpu")
+    external = None  # with item shards: the external ids, applied after the merge
+    if shard == "items":
+        external = index.item_ids
+        index = slice_items(index, *item_range(index.n_items, rank, world))
+    engine = Engine(index.to(device), backend=backend)
+    del index
+
+    fingerprint = {
+        "index": read_manifest(index_path)["files"],
+        "queries": _file_fingerprint(queries_path),
+        "exclude": _file_fingerprint(exclude_path) if exclude_path else None,
+        "k": k, "batch_size": batch_size,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        _claim(out, fingerprint)
+    _barrier(world)
+    if rank != 0:
+        _claim(out, fingerprint)
+
+    n_parts = -(-queries.rows // batch_size)
+    done = _recorded_parts(out)
+    _barrier(world)  # every rank has read the journals before rank 0 appends to them
+    mine = [p for p in range(n_parts) if p not in done and (shard != "queries" or p % world == rank)]
+    writer = rank == 0 or shard == "queries"
+    bar = _progress(len(mine) * batch_size if writer and progress else None)
+    start = time.perf_counter()
+    written = n_queries = 0
+    stopped = False
+    with Stop() as stop:
+        for part in mine:
+            lo, hi = part * batch_size, min(queries.rows, (part + 1) * batch_size)
+            users, codes = queries.read(lo, hi)
+            lists = exclude.lists_for(users) if exclude is not None else None
+            if lists is not None and external is not None:
+                lists = to_internal(lists, external)
+            scores, ids = engine.search(torch.from_numpy(codes).to(device), k=k, exclude=lists)
+            if shard == "items":
+                scores, ids = (t.cpu() for t in _gather_merge(scores, ids, k, world, rank))
+                if external is not None:
+                    ids = torch.where(ids >= 0, external[ids.clamp(min=0)], ids)
+            if writer:
+                if _PART_DELAY:
+                    time.sleep(_PART_DELAY)
+                _write_part(out, part, rank, users, ids.cpu().numpy(), scores.cpu().numpy())
+                written += 1
+                n_queries += hi - lo
+                if bar is not None:
+                    bar.update(hi - lo)
+            if _any_stop(stop.requested, shard, world):
+                stopped = part != mine[-1]
+                break
+    if bar is not None:
+        bar.close()
+    seconds = time.perf_counter() - start
+    _barrier(world)
+    if rank == 0 and not stopped:
+        _write_manifest(out, n_parts)
+    return Summary(n_queries, written, n_parts, n_parts - len(mine), seconds, stopped)
+
+
+def _write_part(out: Path, part: int, rank: int, users: np.ndarray, ids: np.ndarray, scores: np.ndarray) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows, k = ids.shape
+    offsets = pa.array(np.arange(0, (rows + 1) * k, k, dtype=np.int32))
+    table = pa.table({
+        "user_id": pa.array(users, type=pa.int64()),
+        "item_ids": pa.ListArray.from_arrays(offsets, pa.array(ids.reshape(-1), type=pa.int64())),
+        "scores": pa.ListArray.from_arrays(offsets, pa.array(scores.reshape(-1), type=pa.float32())),
+    })
+    name = f"part-{part:06d}.parquet"
+    tmp = out / f".{name}.tmp-{os.getpid()}"
+    pq.write_table(table, tmp)
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, out / name)
+    line = json.dumps({"part": part, "file": name, "rows": rows, "first_user": int(users[0]) if rows else None})
+    with open(out / f"journal.rank{rank}.jsonl", "a") as fh:
+        fh.write(line + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _recorded_parts(out: Path) -> set[int]:
+    """Parts recorded in any journal whose file exists (a torn last line is ignored)."""
+    done: set[int] = set()
+    for journal in out.glob("journal.rank*.jsonl"):
+        for line in journal.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if (out / record["file"]).is_file():
+                done.add(int(record["part"]))
+    return done
+
+
+def _write_manifest(out: Path, n_parts: int) -> None:
+    """Merge the journals into manifest.json once every part is on record."""
+    records: dict[int, dict] = {}
+    for journal in sorted(out.glob("journal.rank*.jsonl")):
+        for line in journal.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            records[int(record["part"])] = record
+    if len(records) < n_parts:
+        return
+    manifest = {"parts": [records[p] for p in range(n_parts)], "rows": sum(records[p]["rows"] for p in range(n_parts)),
+                "job": json.loads((out / JOB).read_text())}
+    tmp = out / f".{MANIFEST}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, out / MANIFEST)
+
+
+def _claim(out: Path, fingerprint: dict) -> None:
+    """Record this job's fingerprint, or refuse to mix with a different earlier job."""
+    job = out / JOB
+    if job.is_file():
+        old = json.loads(job.read_text())
+        if old != fingerprint:
+            diff = [key for key in fingerprint if old.get(key) != fingerprint[key]]
+            raise ValueError(f"--out: {out} holds results of a different job (differs in: {', '.join(diff)}); "
+                             f"use another --out directory or remove this one")
+        return
+    if any(out.glob("part-*.parquet")):
+        raise ValueError(f"--out: {out} holds parts but no {JOB}; refusing to mix with them")
+    tmp = out / f".{JOB}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(fingerprint, indent=2, sort_keys=True))
+    os.replace(tmp, job)
+
+
+def _file_fingerprint(path: Path) -> dict:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            digest.update(chunk)
+    return {"name": path.name, "bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def _progress(total: int | None):
+    if total is None:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="q", unit_scale=True, desc="recommend", smoothing=0.1)
+
+
+def _dist_rank_world(shard: str | None) -> tuple[int, int]:
+    if shard is None:
+        return 0, 1
+    if shard not in ("queries", "items"):
+        raise ValueError(f"shard: expected 'queries' or 'items', got {shard!r}")
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        raise ValueError(f"--shard-{shard}: needs torch.distributed; launch with torchrun")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _any_stop(requested: bool, shard: str | None, world: int) -> bool:
+    """Item shards must stop together (every part needs every rank)."""
+    if shard != "items" or world == 1:
+        return requested
+    import torch.distributed as dist
+
+    flag = torch.tensor([int(requested)])
+    dist.all_reduce(flag)
+    return bool(flag.item())
+
+
+def _gather_merge(scores: torch.Tensor, ids: torch.Tensor, k: int, world: int, rank: int):
+    """All ranks' top k of their item shard -> the exact global top k (on every rank)."""
+    import torch.distributed as dist
+
+    parts_s = [torch.empty_like(scores) for _ in range(world)]
+    parts_i = [torch.empty_like(ids) for _ in range(world)]
+    dist.all_gather(parts_s, scores.contiguous())
+    dist.all_gather(parts_i, ids.contiguous())
+    return merge_topk(torch.cat(parts_s, dim=1), torch.cat(parts_i, dim=1), k)

@@ -1,0 +1,146 @@
+"""The offline job: same rows as engine.search, resumable after SIGKILL, no mixing,
+exclusions, and both torch.distributed sharding modes (2 gloo processes)."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from helpers import quantized_index
+from sparcode.engine import Engine
+from sparcode.engine.recommend import run_job
+from sparcode.engine.synthetic import random_codes
+
+V, N, T, K = 64, 500, 3, 10
+
+
+@pytest.fixture
+def job(tmp_path):
+    index = quantized_index(V, N, 20, seed=5, item_ids=torch.randperm(N) * 7 + 3)
+    index.save(tmp_path / "ix")
+    codes = random_codes(1000, T, V, seed=6).numpy()
+    np.save(tmp_path / "codes.npy", codes)
+    rng = np.random.default_rng(0)
+    users = np.arange(0, 1000, 3)
+    excl = [rng.choice(index.item_ids.numpy(), size=15, replace=False) for _ in users]
+    pq.write_table(pa.table({"user_id": users, "item_ids": excl}), tmp_path / "exclude.parquet")
+    return tmp_path, index, codes, dict(zip(users.tolist(), excl))
+
+
+def read_rows(out):
+    table = pq.read_table(sorted(out.glob("part-*.parquet"))).to_pydict()
+    return table["user_id"], table["item_ids"], table["scores"]
+
+
+def expected(index, codes, exclude=None):
+    lists = [exclude.get(u, np.zeros(0, np.int64)) for u in range(len(codes))] if exclude else None
+    return Engine(index, backend="torch").search(torch.from_numpy(codes), k=K, exclude=lists)
+
+
+def test_rows_equal_engine_search_with_exclusions(job):
+    path, index, codes, exclude = job
+    summary = run_job(path / "ix", path / "codes.npy", path / "out", k=K, exclude_path=path / "exclude.parquet",
+                      batch_size=128, progress=False)
+    assert summary.queries == 1000 and summary.parts_written == 8 and not summary.stopped
+    users, ids, scores = read_rows(path / "out")
+    want = expected(index, codes, exclude)
+    assert users == list(range(1000))
+    assert ids == want.ids.tolist()
+    np.testing.assert_array_equal(np.array(scores, dtype=np.float32), want.scores.numpy())
+    for u, items in exclude.items():
+        assert not set(ids[u]) & set(items.tolist())
+    manifest = json.loads((path / "out" / "manifest.json").read_text())
+    assert manifest["rows"] == 1000 and [p["part"] for p in manifest["parts"]] == list(range(8))
+
+
+def test_parquet_queries_keep_user_ids(job):
+    path, index, codes, _ = job
+    users = np.arange(1000) * 11 + 5
+    pq.write_table(pa.table({"user_id": users, "codes": list(codes)}), path / "q.parquet", row_group_size=300)
+    run_job(path / "ix", path / "q.parquet", path / "out", k=K, batch_size=128, progress=False)
+    got_users, ids, _ = read_rows(path / "out")
+    assert got_users == users.tolist() and ids == expected(index, codes).ids.tolist()
+
+
+def test_rerun_with_other_arguments_is_refused(job):
+    path, *_ = job
+    run_job(path / "ix", path / "codes.npy", path / "out", k=K, batch_size=500, progress=False)
+    with pytest.raises(ValueError, match="different job .*differs in: k"):
+        run_job(path / "ix", path / "codes.npy", path / "out", k=K + 1, batch_size=500, progress=False)
+    np.save(path / "codes2.npy", random_codes(1000, T, V, seed=99).numpy())
+    with pytest.raises(ValueError, match="differs in: queries"):
+        run_job(path / "ix", path / "codes2.npy", path / "out", k=K, batch_size=500, progress=False)
+    again = run_job(path / "ix", path / "codes.npy", path / "out", k=K, batch_size=500, progress=False)
+    assert again.parts_skipped == 2 and again.parts_written == 0
+
+
+def cli(path, *extra):
+    return [sys.executable, "-m", "sparcode.engine", "recommend", str(path / "ix"), "--queries", str(path / "codes.npy"),
+            "--k", str(K), "--out", str(path / "out"), "--exclude", str(path / "exclude.parquet"), "--no-progress", *extra]
+
+
+def journal_lines(out):
+    return sum(len(p.read_text().splitlines()) for p in out.glob("journal.rank*.jsonl")) if out.exists() else 0
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_at_random_points(job):
+    path, index, codes, exclude = job
+    rng = random.Random(1234)
+    env = {**os.environ, "SPARCODE_PART_DELAY": "0.02"}
+    for _ in range(5):  # five SIGKILLs, each after a random number of further parts
+        before = journal_lines(path / "out")
+        proc = subprocess.Popen(cli(path, "--batch-size", "10"), env=env, stderr=subprocess.DEVNULL)
+        target = before + rng.randint(1, 12)
+        deadline = time.time() + 60
+        while journal_lines(path / "out") < target and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert journal_lines(path / "out") < 100, "the job finished before the last kill; the test proves nothing"
+    assert subprocess.run(cli(path, "--batch-size", "10"), stderr=subprocess.DEVNULL).returncode == 0
+    users, ids, scores = read_rows(path / "out")
+    want = expected(index, codes, exclude)
+    assert users == list(range(1000))  # no duplicate, no missing user
+    assert ids == want.ids.tolist()
+    np.testing.assert_array_equal(np.array(scores, dtype=np.float32), want.scores.numpy())
+
+
+@pytest.mark.slow
+def test_sigterm_stops_after_the_current_part_and_resumes(job):
+    path, index, codes, exclude = job
+    env = {**os.environ, "SPARCODE_PART_DELAY": "0.02"}
+    proc = subprocess.Popen(cli(path, "--batch-size", "10"), env=env, stderr=subprocess.PIPE, text=True)
+    while journal_lines(path / "out") < 3:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "rerun the same command to resume" in err
+    assert not list((path / "out").glob(".part-*"))  # no temporary left behind
+    assert subprocess.run(cli(path, "--batch-size", "10"), stderr=subprocess.DEVNULL).returncode == 0
+    assert read_rows(path / "out")[1] == expected(index, codes, exclude).ids.tolist()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["--shard-queries", "--shard-items"])
+def test_two_gloo_processes_match_one(job, mode):
+    path, index, codes, exclude = job
+    command = cli(path, "--batch-size", "128", mode)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(29500 + (mode == "--shard-items")),
+                "-m", "sparcode.engine", *command[3:]]
+    proc = subprocess.run(launcher, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    users, ids, scores = read_rows(path / "out")
+    want = expected(index, codes, exclude)
+    assert users == list(range(1000)) and ids == want.ids.tolist()
+    np.testing.assert_array_equal(np.array(scores, dtype=np.float32), want.scores.numpy())
+    assert json.loads((path / "out" / "manifest.json").read_text())["rows"] == 1000
