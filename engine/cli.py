@@ -55,6 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--no-progress", action="store_true", help="no progress bar")
     rec.set_defaults(run=cmd_recommend)
 
+    demo = sub.add_parser("demo", help="the whole pipeline on synthetic data (or a dataset): train, export, recommend, evaluate")
+    demo.add_argument("--data", default="synthetic", choices=["synthetic", "ml-100k", "ml-1m", "bars"])
+    demo.add_argument("--path", type=Path, default=None, help="dataset directory for a real dataset")
+    demo.add_argument("--size", default="default", choices=["tiny", "default"], help="synthetic data size and epochs")
+    demo.add_argument("--out", type=Path, default=Path("sparcode-demo"), help="where outputs are written")
+    demo.add_argument("--device", default=None)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--no-progress", action="store_true")
+    demo.set_defaults(run=cmd_demo)
+
     bench = sub.add_parser("bench", help="benchmark SparCode against two-tower, faiss and all-to-all scoring")
     _add_bench_arguments(bench)
     bench.set_defaults(run=cmd_bench)
@@ -91,6 +101,19 @@ def _init_distributed(device: str | None) -> None:
         raise UsageError("--shard-queries/--shard-items need torchrun (WORLD_SIZE is not set)")
     cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     dist.init_process_group(backend="nccl" if cuda else "gloo")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import torch
+
+    from sparcode.training.demo import format_table, run_demo  # training is imported only here
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    rows = run_demo(args.out, data_name=args.data, path=args.path, size=args.size, seed=args.seed, device=device,
+                    progress=not args.no_progress)
+    print(format_table(rows, device))
+    print(f"outputs: {args.out}/index (the index), {args.out}/recommendations (Parquet parts), {args.out}/demo.json")
+    return 0
 
 
 def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,0 +1,144 @@
+"""The query side of a SparCode model, which serving needs: tokenizer + product quantizer.
+
+``QueryEncoder`` turns a query (a user's history items and categorical features) into
+T token embeddings and quantizes each with a product quantizer shared by all tokens:
+P sub-vectors, each replaced by its nearest of C codewords (L2), so a token's code is
+one of V = C**P. Training updates the codebooks by EMA (decay 0.99, eps 1e-5) with
+straight-through gradients, a commitment loss, and restarts of dead codewords from
+batch vectors; the codebooks start from k-means on the first batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ProductQuantizer(nn.Module):
+    def __init__(self, dim: int, n_sub: int = 2, n_words: int = 64, decay: float = 0.99, eps: float = 1e-5,
+                 dead_threshold: float = 1.0) -> None:
+        super().__init__()
+        if dim % n_sub:
+            raise ValueError(f"dim: {dim} is not divisible by the {n_sub} sub-codebooks")
+        self.n_sub, self.n_words, self.sub_dim = n_sub, n_words, dim // n_sub
+        self.decay, self.eps = decay, eps
+        self.dead_threshold = dead_threshold  # EMA count under which a codeword is restarted
+        self.register_buffer("codebooks", torch.randn(n_sub, n_words, self.sub_dim))
+        self.register_buffer("cluster_size", torch.ones(n_sub, n_words))
+        self.register_buffer("embed_sum", self.codebooks.clone())
+        self.register_buffer("initialized", torch.tensor(False))
+
+    @property
+    def n_codes(self) -> int:
+        return self.n_words**self.n_sub
+
+    def assign(self, z: torch.Tensor) -> torch.Tensor:
+        """(..., dim) -> (..., P) nearest codeword per sub-vector."""
+        sub = z.reshape(-1, self.n_sub, self.sub_dim).transpose(0, 1)  # (P, M, d_sub)
+        dist = torch.cdist(sub, self.codebooks)  # (P, M, C)
+        return dist.argmin(-1).transpose(0, 1).reshape(*z.shape[:-1], self.n_sub)
+
+    def codes(self, z: torch.Tensor) -> torch.Tensor:
+        """(..., dim) -> (...) code ids in [0, C**P): sum_p word_p * C**(P-1-p)."""
+        words = self.assign(z)
+        weights = self.n_words ** torch.arange(self.n_sub - 1, -1, -1, device=z.device)
+        return (words * weights).sum(-1)
+
+    def lookup(self, words: torch.Tensor) -> torch.Tensor:
+        """(..., P) codeword ids -> (..., dim) quantized vectors."""
+        parts = [self.codebooks[p][words[..., p]] for p in range(self.n_sub)]
+        return torch.cat(parts, dim=-1)
+
+    def code_vectors(self) -> torch.Tensor:
+        """(V, dim): the quantized vector of every code, in code order."""
+        ids = torch.arange(self.n_codes, device=self.codebooks.device)
+        words = torch.stack([(ids // self.n_words ** (self.n_sub - 1 - p)) % self.n_words for p in range(self.n_sub)], -1)
+        return self.lookup(words)
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(quantized with straight-through gradient, codes, commitment loss)."""
+        if self.training and not bool(self.initialized):
+            self._kmeans_init(z.detach())
+        words = self.assign(z.detach())
+        quantized = self.lookup(words)
+        commit = F.mse_loss(z, quantized.detach())
+        if self.training:
+            self._ema_update(z.detach(), words)
+        weights = self.n_words ** torch.arange(self.n_sub - 1, -1, -1, device=z.device)
+        return z + (quantized - z).detach(), (words * weights).sum(-1), commit
+
+    @torch.no_grad()
+    def _ema_update(self, z: torch.Tensor, words: torch.Tensor) -> None:
+        sub = z.reshape(-1, self.n_sub, self.sub_dim)
+        words = words.reshape(-1, self.n_sub)
+        for p in range(self.n_sub):
+            onehot = F.one_hot(words[:, p], self.n_words).to(z.dtype)  # (M, C)
+            self.cluster_size[p].mul_(self.decay).add_(onehot.sum(0), alpha=1 - self.decay)
+            self.embed_sum[p].mul_(self.decay).add_(onehot.T @ sub[:, p], alpha=1 - self.decay)
+            n = self.cluster_size[p].sum()
+            size = (self.cluster_size[p] + self.eps) / (n + self.n_words * self.eps) * n
+            self.codebooks[p].copy_(self.embed_sum[p] / size.unsqueeze(1))
+            dead = self.cluster_size[p] < self.dead_threshold
+            if bool(dead.any()):  # restart unused codewords from this batch's vectors
+                picks = torch.randint(0, sub.shape[0], (int(dead.sum()),), device=z.device)
+                self.codebooks[p][dead] = sub[picks, p]
+                self.embed_sum[p][dead] = sub[picks, p]
+                self.cluster_size[p][dead] = 1.0
+
+    @torch.no_grad()
+    def _kmeans_init(self, z: torch.Tensor, iters: int = 10) -> None:
+        sub = z.reshape(-1, self.n_sub, self.sub_dim)
+        for p in range(self.n_sub):
+            x = sub[:, p]
+            centers = x[torch.randint(0, x.shape[0], (self.n_words,), device=x.device)].clone()
+            for _ in range(iters):
+                assign = torch.cdist(x, centers).argmin(1)
+                counts = torch.bincount(assign, minlength=self.n_words).to(x.dtype)
+                sums = torch.zeros_like(centers).index_add_(0, assign, x)
+                filled = counts > 0
+                centers[filled] = sums[filled] / counts[filled].unsqueeze(1)
+            self.codebooks[p].copy_(centers)
+            self.embed_sum[p].copy_(centers)
+            self.cluster_size[p].fill_(1.0)
+        self.initialized.fill_(True)
+
+
+class Tokenizer(nn.Module):
+    """Mean-pooled history item embeddings (+ user feature embeddings) -> MLP -> T heads."""
+
+    def __init__(self, n_items: int, user_cardinalities: list[int], *, dim: int = 64, n_tokens: int = 4,
+                 hidden: tuple[int, ...] = (256, 256)) -> None:
+        super().__init__()
+        self.item_embedding = nn.Embedding(n_items, dim)
+        self.user_embeddings = nn.ModuleList(nn.Embedding(c, dim) for c in user_cardinalities)
+        layers: list[nn.Module] = []
+        width = dim * (1 + (1 if user_cardinalities else 0))
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ReLU()]
+            width = h
+        self.mlp = nn.Sequential(*layers)
+        self.heads = nn.Linear(width, n_tokens * dim)
+        self.n_tokens, self.dim = n_tokens, dim
+
+    def forward(self, history: torch.Tensor, user_features: torch.Tensor | None) -> torch.Tensor:
+        """history (B, H) item ids, -1 padded; user_features (B, F) -> tokens (B, T, dim)."""
+        mask = (history >= 0).unsqueeze(-1).to(self.item_embedding.weight.dtype)
+        pooled = (self.item_embedding(history.clamp(min=0)) * mask).sum(1) / mask.sum(1).clamp(min=1)
+        parts = [pooled]
+        if self.user_embeddings:
+            parts.append(sum(e(user_features[:, j]) for j, e in enumerate(self.user_embeddings)))
+        return self.heads(self.mlp(torch.cat(parts, dim=1))).view(-1, self.n_tokens, self.dim)
+
+
+class QueryEncoder(nn.Module):
+    """Tokenizer + product quantizer: query -> T codes."""
+
+    def __init__(self, tokenizer: Tokenizer, quantizer: ProductQuantizer) -> None:
+        super().__init__()
+        self.tokenizer, self.quantizer = tokenizer, quantizer
+
+    @torch.no_grad()
+    def encode(self, history: torch.Tensor, user_features: torch.Tensor | None) -> torch.Tensor:
+        """(B, T) int64 codes."""
+        return self.quantizer.codes(self.tokenizer(history, user_features))

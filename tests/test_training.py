@@ -1,0 +1,149 @@
+"""Training side: loaders, metrics, quantizer, export, and the demo end to end."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sparcode.engine.encoder import ProductQuantizer
+from sparcode.training import data as datasets
+from sparcode.training.data import CSR
+from sparcode.training.export import export_index
+from sparcode.training.metrics import ranking_metrics
+from sparcode.training.models import SparCode
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def test_bars_loader_and_malformed_line(tmp_path):
+    (tmp_path / "train.txt").write_text("0 1 2 3 4 5 6\n1 0 2\n")
+    (tmp_path / "test.txt").write_text("0 7\n1 3\n")
+    data = datasets.load_bars(tmp_path)
+    assert data.n_users == 2 and data.n_items == 8
+    assert data.test.row(0).tolist() == [7]
+    assert sorted(data.train.row(0).tolist() + data.valid.row(0).tolist()) == [1, 2, 3, 4, 5, 6]
+    (tmp_path / "test.txt").write_text("0 7\n1 x3\n")
+    with pytest.raises(ValueError, match=r"test.txt:2: expected integers"):
+        datasets.load_bars(tmp_path)
+
+
+def test_ml100k_loader_splits_by_time(tmp_path):
+    rows = [(1, 10, 5, 100), (1, 11, 4, 300), (1, 12, 3, 200), (1, 13, 3, 400), (1, 14, 1, 500), (2, 10, 2, 50), (2, 12, 2, 60)]
+    (tmp_path / "u.data").write_text("".join(f"{u}\t{i}\t{r}\t{t}\n" for u, i, r, t in rows))
+    (tmp_path / "u.user").write_text("1|24|M|technician|85711\n2|53|F|other|94043\n")
+    genres = "|".join(["0"] * 19)
+    (tmp_path / "u.item").write_text("".join(f"{i}|Movie {i}|01-Jan-1995||http://x|{genres}\n" for i in range(10, 15)))
+    data = datasets.load_ml100k(tmp_path)
+    assert data.n_users == 2 and data.n_items == 5
+    assert data.test.row(0).tolist() == [4]  # item 14, the latest of user 1
+    assert data.user_features.shape == (2, 3) and data.item_features.shape == (5, 2)
+    (tmp_path / "u.data").write_text("1\t10\t5\n")
+    with pytest.raises(ValueError, match=r"u.data:1: expected 4 tab-separated fields"):
+        datasets.load_ml100k(tmp_path)
+
+
+def test_ml1m_loader(tmp_path):
+    pairs = [(1, 1), (1, 2), (1, 3), (1, 4), (1, 5), (2, 1), (2, 3)]
+    (tmp_path / "interactions.tsv").write_text("user_id\tmovie_id\n" + "".join(f"{u}\t{m}\n" for u, m in pairs))
+    (tmp_path / "users.dat").write_text("1::F::1::10::48067\n2::M::56::16::70072\n")
+    (tmp_path / "movies.dat").write_text("".join(f"{m}::Movie {m} (1995)::Comedy|Drama\n" for m in range(1, 6)))
+    data = datasets.load_ml1m(tmp_path, seed=3)
+    assert data.n_users == 2 and data.n_items == 5
+    assert len(data.test.row(0)) == 1 and len(data.test.row(1)) == 1
+    assert data.user_cardinalities == (2, 2, 2)
+
+
+def test_synthetic_is_deterministic():
+    a, b = datasets.synthetic(50, 40, per_user=10, seed=1), datasets.synthetic(50, 40, per_user=10, seed=1)
+    assert np.array_equal(a.train.items, b.train.items) and np.array_equal(a.test.items, b.test.items)
+
+
+def test_metrics_against_hand_computed_cases():
+    test = CSR.from_lists([np.array([1, 2]), np.array([5]), np.array([], dtype=np.int64)])
+    ranked = np.array([[1, 9, 2, 8], [7, 6, 4, 3], [1, 2, 3, 4]])
+    m = ranking_metrics(ranked, test, np.array([0, 1, 2]), ks=(1, 3))
+    assert m["users"] == 2  # user 2 has no test item
+    assert m["recall@3"] == pytest.approx((1.0 + 0.0) / 2)
+    assert m["precision@1"] == pytest.approx(0.5)
+    assert m["hitrate@3"] == pytest.approx(0.5)
+    ideal = 1 + 1 / np.log2(3)
+    assert m["ndcg@3"] == pytest.approx(((1 + 1 / np.log2(4)) / ideal) / 2)
+
+
+def test_quantizer_ema_moves_codewords_toward_assigned_vectors():
+    torch.manual_seed(0)
+    pq = ProductQuantizer(8, n_sub=2, n_words=4)
+    pq.initialized.fill_(True)
+    pq.train()
+    target = torch.full((64, 1, 8), 3.0)
+    before = pq.codebooks.clone()
+    words = pq.assign(target.reshape(-1, 8))[0]
+    for _ in range(20):
+        pq(target)
+    for p in range(2):
+        moved = (pq.codebooks[p, words[p]] - 3.0).abs().mean()
+        assert moved < (before[p, words[p]] - 3.0).abs().mean()
+
+
+def test_quantizer_straight_through_and_codes():
+    pq = ProductQuantizer(8, n_sub=2, n_words=4).eval()
+    z = torch.randn(5, 3, 8, requires_grad=True)
+    quantized, codes, commit = pq(z)
+    quantized.sum().backward()
+    assert torch.equal(z.grad, torch.ones_like(z))  # straight-through: identity gradient
+    assert codes.shape == (5, 3) and int(codes.max()) < 16
+    assert torch.allclose(pq.code_vectors()[codes], quantized.detach())
+
+
+def test_dead_codewords_restart():
+    torch.manual_seed(0)
+    pq = ProductQuantizer(4, n_sub=1, n_words=8)
+    pq.initialized.fill_(True)
+    pq.codebooks.fill_(100.0)
+    pq.codebooks[0, 0] = 0.0
+    pq.embed_sum.copy_(pq.codebooks)
+    pq.train()
+    for _ in range(30):
+        pq(torch.randn(256, 1, 4))
+    assert (pq.codebooks[0].abs().sum(1) < 50).all()  # codewords far from all data were moved in
+
+
+def test_export_scores_match_the_model_and_density_rule():
+    torch.manual_seed(0)
+    data = datasets.synthetic(60, 80, per_user=10, seed=0)
+    model = SparCode(data, n_words=8, hidden=(32, 32), bias=-0.02).eval()
+    feats = torch.from_numpy(data.item_features)
+    index, report = export_index(model, feats, data.n_items)
+    codes_vec = model.encoder.quantizer.code_vectors()
+    vectors = model.items(torch.arange(data.n_items), feats)
+    rng = np.random.default_rng(0)
+    for code in rng.choice(index.n_codes, size=10, replace=False):
+        with torch.no_grad():
+            want = torch.relu(model.scorer.pair(model.scorer.token_in(codes_vec[code])[None, None],
+                                                model.scorer.item_in(vectors)[None]) + model.bias).reshape(-1)
+        lo, hi = int(index.indptr[code]), int(index.indptr[code + 1])
+        got = torch.zeros(data.n_items)
+        got[index.items[lo:hi].long()] = index.scores[lo:hi].float()
+        torch.testing.assert_close(got, want.to(torch.float16).float(), rtol=2e-3, atol=1e-5)  # fp16 storage
+    for target in (0.1, 0.01):
+        sparse, rep = export_index(model, feats, data.n_items, density=target)
+        assert abs(rep["density"] - target) <= 0.05 * target + 1 / (index.n_codes * data.n_items)
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_tiny(tmp_path, capsys):
+    from sparcode.engine.cli import main
+
+    assert main(["demo", "--size", "tiny", "--out", str(tmp_path / "demo"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "sparcode" in out and "two_tower" in out
+    assert (tmp_path / "demo" / "recommendations" / "manifest.json").is_file()
+
+
+@pytest.mark.skipif(not (SHARED / "gowalla_m1").is_dir(), reason="../shared/data is absent")
+def test_real_gowalla_loads():
+    data = datasets.load_bars(SHARED / "gowalla_m1")
+    assert data.n_users == 29858 and data.n_items == 40981
+    assert len(data.test.items) == 217242
+    assert len(data.train.items) + len(data.valid.items) == 810128

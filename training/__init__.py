@@ -1,0 +1,1 @@
+"""SparCode training: data, models, training loop, metrics and export to an index."""
