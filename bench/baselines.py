@@ -89,7 +89,7 @@ class Scorer(nn.Module):
         self.rest = nn.Sequential(*layers, nn.ReLU(), nn.Linear(hidden[-1], 1))
 
 
-def all_to_all(n_items: int, device: str, *, n_tokens: int, chunk: int = 16384, seed: int = 0) -> Callable[[torch.Tensor], torch.Tensor]:
+def all_to_all(n_items: int, device: str, *, chunk: int = 16384, seed: int = 0) -> Callable[[torch.Tensor], torch.Tensor]:
     """Score every item for each query: sum over its T tokens of ReLU(scorer + b). The
     item half of the first layer is computed once (as any serious implementation
     would), the rest runs for every (token, item) pair."""

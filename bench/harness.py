@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import re
 import statistics
@@ -103,13 +104,17 @@ def bench_regime(regime: Regime, device: str, *, repeats: int, all_to_all_querie
     k = regime.k
     methods: list[Method] = []
     backends = ["triton", "torch"] if device == "cuda" else ["numba", "torch"]
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        backends.append("triton")  # the GPU check's dry run exercises the Triton path too
     for backend in backends:
         try:
-            engine = Engine(index, backend=backend)
+            engine = Engine(index, backend=backend, workspace_bytes=8 * 2**30 if device == "cuda" else None)
         except (ValueError, ImportError):
             continue
-        methods.append(Method(f"sparcode-{backend}", lambda i, e=engine: e.search(batches[i % N_BATCHES], k=k), regime.batch,
-                              {"postings_per_query": postings}))
+        # the torch reference is slow on big GPU batches: time a slice, report per query
+        rows = min(regime.batch, 256) if (device == "cuda" and backend == "torch") else regime.batch
+        methods.append(Method(f"sparcode-{backend}", lambda i, e=engine, r=rows: e.search(batches[i % N_BATCHES][:r], k=k),
+                              rows, {"postings_per_query": postings}))
 
     rng = np.random.default_rng(seed)
     centers = rng.standard_normal((max(16, regime.n_items // 100), baselines.DIM)).astype(np.float32)
@@ -136,7 +141,7 @@ def bench_regime(regime: Regime, device: str, *, repeats: int, all_to_all_querie
         notes["faiss_threads"] = _faiss_threads()
 
     if all_to_all_queries:
-        scorer = baselines.all_to_all(regime.n_items, device, n_tokens=regime.n_tokens)
+        scorer = baselines.all_to_all(regime.n_items, device)
         tokens = [torch.randn(all_to_all_queries, regime.n_tokens, baselines.DIM, device=device) for _ in range(N_BATCHES)]
         methods.append(Method("all-to-all-bruteforce", lambda i: scorer(tokens[i % N_BATCHES]), all_to_all_queries,
                               {"note": "MLP [256, 256, 256] over every (token, item), random weights"}))
@@ -169,7 +174,8 @@ def scaling(device: str, *, quick: bool, repeats: int) -> dict:
     """queries/s and memory of SparCode (best backend) and two-tower as N and as B grow."""
     base = REGIMES["R1"].scaled(*CPU_SCALE) if device == "cpu" else REGIMES["R1"]
     top_n = 10**6 if device == "cpu" else 10**7
-    n_values = [10**4, 10**5] if quick else [n for n in (10**4, 3 * 10**4, 10**5, 3 * 10**5, 10**6, 3 * 10**6, 10**7) if n <= top_n]
+    sizes = (10**4, 3 * 10**4, 10**5, 3 * 10**5, 10**6, 3 * 10**6, 10**7)
+    n_values = [10**4, 10**5] if quick else [n for n in sizes if n <= top_n]
     b_values = [1, 64, 1024] if quick else [1, 16, 256, 1024, 4096, 16384]
     curves: dict = {"by_n_items": [], "by_batch": []}
     density = base.mean_postings / base.n_items
@@ -209,7 +215,8 @@ def plot(reports: list[dict], device_name: str, path: Path) -> None:
         ax.bar(xs, ys, width, label=name)
     ax.set_yscale("log")
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(reports))])
-    ax.set_xticklabels([f"{r['regime']}\nN={r['config']['n_items']:,} B={r['config']['batch']:,} k={r['config']['k']}" for r in reports])
+    ax.set_xticklabels([f"{r['regime']}\nN={r['config']['n_items']:,} B={r['config']['batch']:,} k={r['config']['k']}"
+                        for r in reports])
     ax.set_ylabel("queries/s (log)")
     ax.set_title(f"sparcode bench on {device_name}, {date.today().isoformat()}")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))

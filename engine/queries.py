@@ -98,6 +98,8 @@ class ExcludeTable:
 
     def lists_for(self, users: np.ndarray) -> list[np.ndarray]:
         """The excluded items of each user (empty for users not in the table)."""
+        if len(self.users) == 0:
+            return [np.zeros(0, np.int64) for _ in users]
         pos = np.searchsorted(self.users, users)
-        found = (pos < len(self.users)) & (self.users[np.minimum(pos, len(self.users) - 1)] == users) if len(self.users) else np.zeros(len(users), bool)
+        found = (pos < len(self.users)) & (self.users[np.minimum(pos, len(self.users) - 1)] == users)
         return [self._items[self._starts[p] : self._stops[p]] if ok else np.zeros(0, np.int64) for p, ok in zip(pos, found)]

@@ -94,7 +94,8 @@ def load_index(path: Path, device: torch.device | str | None = None, mmap: bool 
     if not tensor_file.is_file():
         fail(str(tensor_file), "missing")
     if tensor_file.stat().st_size != expected["bytes"]:
-        fail(str(tensor_file), f"has {tensor_file.stat().st_size} bytes, manifest says {expected['bytes']} (truncated or replaced)")
+        size = tensor_file.stat().st_size
+        fail(str(tensor_file), f"has {size} bytes, manifest says {expected['bytes']} (truncated or replaced)")
     if _sha256(tensor_file) != expected["sha256"]:
         fail(str(tensor_file), "sha256 differs from the manifest (the file was edited or damaged)")
 
@@ -149,13 +150,15 @@ def read_manifest(path: Path) -> dict:
     if tokens is not None and (not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 1):
         fail(f"{where}: n_tokens", f"expected a positive integer or null, got {tokens!r}")
     books = manifest.get("codebooks")
-    if books is not None and not (isinstance(books, list) and len(books) == 3 and all(isinstance(x, int) and x > 0 for x in books)):
+    valid_books = isinstance(books, list) and len(books) == 3 and all(isinstance(x, int) and x > 0 for x in books)
+    if books is not None and not valid_books:
         fail(f"{where}: codebooks", f"expected null or [P, C, d_sub], got {books!r}")
     dtypes = manifest.get("dtypes")
     if not isinstance(dtypes, dict) or not {"indptr", "items", "scores"} <= set(dtypes):
         fail(f"{where}: dtypes", "expected an object with at least indptr, items, scores")
-    if set(dtypes) - {"indptr", "items", "scores", "codebooks", "item_ids"}:
-        fail(f"{where}: dtypes", f"unknown tensors {sorted(set(dtypes) - {'indptr', 'items', 'scores', 'codebooks', 'item_ids'})}")
+    unknown = set(dtypes) - {"indptr", "items", "scores", "codebooks", "item_ids"}
+    if unknown:
+        fail(f"{where}: dtypes", f"unknown tensors {sorted(unknown)}")
     if ("codebooks" in dtypes) != (books is not None):
         fail(f"{where}: codebooks", "shape and dtype entries disagree")
     files = manifest.get("files")

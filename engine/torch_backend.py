@@ -19,7 +19,12 @@ import numpy as np
 import torch
 
 from sparcode.kernels.keys import (
-    ITEM_BIAS, ITEM_MASK, ordered_to_score, pack_keys, score_to_ordered, select_row_keys,
+    ITEM_BIAS,
+    ITEM_MASK,
+    ordered_to_score,
+    pack_keys,
+    score_to_ordered,
+    select_row_keys,
 )
 
 from .index import CodeIndex

@@ -62,7 +62,9 @@ class TritonBackend:
         blocks = -(-index.n_items // self.tile_items)
         return Plan(np.full(postings.shape, 16 * blocks * min(k, self.tile_items) + 16 * k), regime=regime)
 
-    def search(self, index: CodeIndex, codes: torch.Tensor, k: int, exclude: Exclusion, regime: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def search(
+        self, index: CodeIndex, codes: torch.Tensor, k: int, exclude: Exclusion, regime: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if exclude is None:
             ex_offsets = torch.zeros(codes.shape[0] + 1, dtype=torch.int64, device=codes.device)
             ex_items = torch.zeros(1, dtype=torch.int64, device=codes.device)

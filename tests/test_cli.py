@@ -9,8 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-
 from helpers import quantized_index
+
 from sparcode.engine import Engine
 from sparcode.engine.cli import main
 

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from helpers import csr_index
+
 from sparcode.engine import CodeIndex
 from sparcode.engine.synthetic import random_codes, random_index
 

@@ -3,8 +3,8 @@ shapes (a few programs each) and, marked ``gpu``, at realistic sizes on CUDA."""
 
 import pytest
 import torch
-
 from helpers import csr_index, quantized_index
+
 from sparcode.engine.synthetic import random_codes
 from sparcode.kernels import candidate_search as cs
 from sparcode.kernels import reference as ref

@@ -14,8 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-
 from helpers import quantized_index
+
 from sparcode.engine import Engine
 from sparcode.engine.recommend import run_job
 from sparcode.engine.synthetic import random_codes

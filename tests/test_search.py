@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 import torch
+from helpers import csr_index, quantized_index
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from helpers import csr_index, quantized_index
 from oracle import assert_same_results, dense_search
+
 from sparcode.engine import CodeIndex, Engine, SearchResult
 from sparcode.engine.synthetic import random_codes, random_index
 

@@ -5,9 +5,9 @@ import struct
 
 import pytest
 import torch
+from helpers import quantized_index
 from safetensors.torch import save_file
 
-from helpers import quantized_index
 from sparcode.engine import CodeIndex, Engine
 from sparcode.engine.storage import MANIFEST, TENSORS, _sha256
 

@@ -4,8 +4,8 @@
 import numpy as np
 import pytest
 import torch
-
 from helpers import quantized_index
+
 from sparcode.engine import Engine
 from sparcode.engine.synthetic import random_codes
 from sparcode.engine.triton_backend import TritonBackend, choose_regime

@@ -73,7 +73,9 @@ def fit(model: torch.nn.Module, data: InteractionData, cfg: TrainConfig, evaluat
     users_of = np.repeat(np.arange(data.n_users), data.train.lengths)
     positives = data.train.items
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    valid_users = rng.choice(np.nonzero(data.valid.lengths)[0], size=min(cfg.valid_users, int((data.valid.lengths > 0).sum())), replace=False)
+    with_valid = np.nonzero(data.valid.lengths)[0]
+    valid_users = rng.choice(with_valid, size=min(cfg.valid_users, len(with_valid)), replace=False)
+    embeddings = [p for n, p in model.named_parameters() if "embedding" in n or ".ids." in n]
     best, best_state, bad, history = -1.0, None, 0, []
     start = time.perf_counter()
     for epoch in range(cfg.epochs):
@@ -93,7 +95,7 @@ def fit(model: torch.nn.Module, data: InteractionData, cfg: TrainConfig, evaluat
             ufeat = None if t["user_features"] is None else t["user_features"][users]
             scores, aux = logits(model, hist, ufeat, cand, t["item_features"])
             loss = F.cross_entropy(scores, torch.zeros(len(idx), dtype=torch.long, device=cfg.device))
-            loss = loss + cfg.commitment * aux + cfg.l2 * sum(p.pow(2).sum() for n, p in model.named_parameters() if "embedding" in n or ".ids." in n)
+            loss = loss + cfg.commitment * aux + cfg.l2 * sum(p.pow(2).sum() for p in embeddings)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
