@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     group = rec.add_mutually_exclusive_group()
     group.add_argument("--shard-queries", action="store_true", help="under torchrun: each rank takes its own parts")
     group.add_argument("--shard-items", action="store_true", help="under torchrun: each rank holds a slice of the items")
+    rec.add_argument("--compression", default="none", choices=["none", "snappy", "zstd", "lz4", "gzip"],
+                     help="Parquet codec of the parts (default none: keeps the job search-bound)")
     rec.add_argument("--no-progress", action="store_true", help="no progress bar")
     rec.set_defaults(run=cmd_recommend)
 
@@ -80,7 +82,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     try:
         summary = run_job(args.index, args.queries, args.out, k=args.k, exclude_path=args.exclude,
                           batch_size=args.batch_size, device=args.device, backend=args.backend, shard=shard,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, compression=args.compression)
     finally:
         if shard is not None:
             import torch.distributed as dist
@@ -88,8 +90,9 @@ def cmd_recommend(args: argparse.Namespace) -> int:
             dist.destroy_process_group()
     state = "stopped early; rerun the same command to resume" if summary.stopped else "complete"
     print(f"recommend: {summary.queries:,} queries in {summary.parts_written} parts "
-          f"({summary.parts_skipped} of {summary.parts_total} already on record) in {summary.seconds:.1f} s, "
-          f"{summary.queries_per_s:,.0f} queries/s; {state}; output in {args.out}", file=sys.stderr)
+          f"({summary.parts_skipped} of {summary.parts_total} already on record) in {summary.seconds:.1f} s "
+          f"after {summary.setup_seconds:.1f} s of setup, {summary.queries_per_s:,.0f} queries/s; {state}; "
+          f"output in {args.out}", file=sys.stderr)
     return 130 if summary.stopped else 0
 
 

@@ -16,7 +16,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +33,7 @@ from .sharding import item_range, merge_topk, slice_items, to_internal
 from .storage import MANIFEST, read_manifest
 
 JOB = "job.json"
+COMPRESSIONS = ("none", "snappy", "zstd", "lz4", "gzip")
 # Test hook: seconds to sleep before writing each part, so that kill tests can land
 # signals at chosen points of a job that is otherwise too fast to interrupt.
 _PART_DELAY = float(os.environ.get("SPARCODE_PART_DELAY", "0"))
@@ -42,8 +45,9 @@ class Summary:
     parts_written: int
     parts_total: int
     parts_skipped: int
-    seconds: float
+    seconds: float  # the parts loop: reading, searching, writing
     stopped: bool
+    setup_seconds: float = 0.0  # loading, validating, compiling, derived layouts
 
     @property
     def queries_per_s(self) -> float:
@@ -73,14 +77,19 @@ class Stop:
 def run_job(
     index_path: Path, queries_path: Path, out: Path, *, k: int, exclude_path: Path | None = None,
     batch_size: int = 8192, device: str | None = None, backend: str = "auto",
-    shard: str | None = None, progress: bool = True,
+    shard: str | None = None, progress: bool = True, compression: str = "none",
 ) -> Summary:
     """Run (or resume) the job; see the module docstring. ``shard``: None, "queries" or
-    "items" (needs ``torch.distributed`` initialised, e.g. by torchrun)."""
+    "items" (needs ``torch.distributed`` initialised, e.g. by torchrun). ``compression``:
+    Parquet codec of the parts; none by default, which keeps the job search-bound on CPU
+    (encoding a part of 8,192 x 100 costs 20 ms uncompressed, 36 ms with snappy)."""
     if k < 1:
         raise ValueError(f"--k: expected an integer >= 1, got {k}")
     if batch_size < 1:
         raise ValueError(f"--batch-size: expected an integer >= 1, got {batch_size}")
+    if compression not in COMPRESSIONS:
+        raise ValueError(f"--compression: expected one of {COMPRESSIONS}, got {compression!r}")
+    setup_start = time.perf_counter()
     rank, world = _dist_rank_world(shard)
     queries = QueryFile(queries_path)
     exclude = ExcludeTable(exclude_path) if exclude_path is not None else None
@@ -113,11 +122,15 @@ def run_job(
     _barrier(world)  # every rank has read the journals before rank 0 appends to them
     mine = [p for p in range(n_parts) if p not in done and (shard != "queries" or p % world == rank)]
     writer = rank == 0 or shard == "queries"
+    if mine and queries.rows:  # compile and build derived layouts before the clock starts
+        engine.search(torch.from_numpy(queries.read(0, 1)[1]).to(device), k=k)
+    setup = time.perf_counter() - setup_start
     bar = _progress(len(mine) * batch_size if writer and progress else None)
     start = time.perf_counter()
     written = n_queries = 0
     stopped = False
-    with Stop() as stop:
+    parts = PartWriter(out, rank, compression)
+    with Stop() as stop, parts:
         for part in mine:
             lo, hi = part * batch_size, min(queries.rows, (part + 1) * batch_size)
             users, codes = queries.read(lo, hi)
@@ -132,7 +145,7 @@ def run_job(
             if writer:
                 if _PART_DELAY:
                     time.sleep(_PART_DELAY)
-                _write_part(out, part, rank, users, ids.cpu().numpy(), scores.cpu().numpy())
+                parts.submit(part, users, ids.cpu().numpy(), scores.cpu().numpy())
                 written += 1
                 n_queries += hi - lo
                 if bar is not None:
@@ -146,10 +159,51 @@ def run_job(
     _barrier(world)
     if rank == 0 and not stopped:
         _write_manifest(out, n_parts)
-    return Summary(n_queries, written, n_parts, n_parts - len(mine), seconds, stopped)
+    return Summary(n_queries, written, n_parts, n_parts - len(mine), seconds, stopped, setup)
 
 
-def _write_part(out: Path, part: int, rank: int, users: np.ndarray, ids: np.ndarray, scores: np.ndarray) -> None:
+class PartWriter:
+    """Writes parts on one background thread, so Parquet encoding overlaps the next
+    search; parts are written and recorded in submission order. Leaving the context
+    waits for every submitted part (a complete result is never dropped on Ctrl-C);
+    an error in the thread is raised in the caller."""
+
+    def __init__(self, out: Path, rank: int, compression: str, depth: int = 2) -> None:
+        self.out, self.rank, self.compression = out, rank, compression
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="sparcode-part-writer", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while (job := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    _write_part(self.out, *job, rank=self.rank, compression=self.compression)
+                except BaseException as exc:  # re-raised in the submitting thread
+                    self._error = exc
+
+    def submit(self, part: int, users: np.ndarray, ids: np.ndarray, scores: np.ndarray) -> None:
+        self._raise()
+        self._queue.put((part, users, ids, scores))
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def __enter__(self) -> PartWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        if exc[0] is None:
+            self._raise()
+
+
+def _write_part(
+    out: Path, part: int, users: np.ndarray, ids: np.ndarray, scores: np.ndarray, *, rank: int, compression: str
+) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -162,7 +216,8 @@ def _write_part(out: Path, part: int, rank: int, users: np.ndarray, ids: np.ndar
     })
     name = f"part-{part:06d}.parquet"
     tmp = out / f".{name}.tmp-{os.getpid()}"
-    pq.write_table(table, tmp)
+    # no dictionary encoding: item ids barely repeat within a part, and trying costs 5x
+    pq.write_table(table, tmp, compression=compression, use_dictionary=False, write_statistics=False)
     with open(tmp, "rb+") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, out / name)
