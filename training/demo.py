@@ -26,8 +26,9 @@ from .train import TrainConfig, fit, full_scores, make_model, rank_excluding, te
 
 SIZES = {  # users, items, epochs, codewords per sub-codebook
     "tiny": (600, 300, 2, 16),
-    "default": (3000, 1000, 8, 32),
+    "default": (2000, 800, 8, 32),
 }
+SCORER = (128, 128)  # smaller than the released [256, 256, 256] so the demo fits in minutes on CPU
 
 
 def load(name: str, path: Path | None, size: str, seed: int) -> datasets.InteractionData:
@@ -54,7 +55,7 @@ def run_demo(out: Path, *, data_name: str = "synthetic", path: Path | None = Non
     rows = []
 
     # SparCode: train, export, recommend through the engine, evaluate what was written
-    model = SparCode(data, n_words=n_words).to(device)
+    model = SparCode(data, n_words=n_words, hidden=SCORER).to(device)
     info = fit(model, data, cfg, evaluate)
     item_features = t["item_features"]
     index, export = export_index(model, item_features, data.n_items)

@@ -4,6 +4,7 @@ design (``sparcode.engine.encoder``) and one item side."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from sparcode.engine.encoder import ProductQuantizer, QueryEncoder, Tokenizer
@@ -65,11 +66,18 @@ class SparCode(nn.Module):
         return quantized, commit
 
     def score(self, tokens: torch.Tensor, item_vectors: torch.Tensor) -> torch.Tensor:
-        """tokens (B, T, d), item_vectors (B, M, d) or (M, d) -> (B, M)."""
+        """tokens (B, T, d), item_vectors (B, M, d) or (M, d) -> (B, M).
+
+        In training mode the ReLU leaks (slope 0.01): once every (token, item) score of
+        a batch is under the bias, a plain ReLU passes no gradient at all and training
+        stalls, seen on the synthetic demo (an all-zero index after 4 epochs). Serving
+        and export use the plain ReLU, which is what makes the index sparse.
+        """
         token_part = self.scorer.token_in(tokens).unsqueeze(-2)  # (B, T, 1, h)
         item_part = self.scorer.item_in(item_vectors)
         item_part = item_part.unsqueeze(-3) if item_part.dim() == 3 else item_part[None, None]
-        return torch.relu(self.scorer.pair(token_part, item_part) + self.bias).sum(1)
+        raw = self.scorer.pair(token_part, item_part) + self.bias
+        return (F.leaky_relu(raw, 0.01) if self.training else torch.relu(raw)).sum(1)
 
 
 class TwoTower(nn.Module):
