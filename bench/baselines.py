@@ -7,7 +7,8 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from torch import nn
+
+from sparcode.training.models import Scorer
 
 DIM = 64
 
@@ -75,26 +76,12 @@ def tune_nprobe(index, queries: np.ndarray, truth: np.ndarray, k: int, target: f
     return index.nlist, recall
 
 
-class Scorer(nn.Module):
-    """The all-to-all scorer of the released SparCode model: an MLP [256, 256, 256] with
-    ReLU over [token ; item embedding], one output. Random weights: speed only."""
-
-    def __init__(self, dim: int = DIM, hidden: tuple[int, ...] = (256, 256, 256)) -> None:
-        super().__init__()
-        self.token_in = nn.Linear(dim, hidden[0])
-        self.item_in = nn.Linear(dim, hidden[0], bias=False)
-        layers: list[nn.Module] = []
-        for a, b in zip(hidden[:-1], hidden[1:]):
-            layers += [nn.ReLU(), nn.Linear(a, b)]
-        self.rest = nn.Sequential(*layers, nn.ReLU(), nn.Linear(hidden[-1], 1))
-
-
 def all_to_all(n_items: int, device: str, *, chunk: int = 16384, seed: int = 0) -> Callable[[torch.Tensor], torch.Tensor]:
     """Score every item for each query: sum over its T tokens of ReLU(scorer + b). The
     item half of the first layer is computed once (as any serious implementation
     would), the rest runs for every (token, item) pair."""
     torch.manual_seed(seed)
-    scorer = Scorer().to(device).eval()
+    scorer = Scorer(DIM).to(device).eval()  # the released architecture: MLP [256, 256, 256]
     items = torch.randn(n_items, DIM, device=device)
     with torch.no_grad():
         item_part = scorer.item_in(items)
@@ -105,8 +92,8 @@ def all_to_all(n_items: int, device: str, *, chunk: int = 16384, seed: int = 0) 
         for q in range(tokens.shape[0]):
             token_part = scorer.token_in(tokens[q])  # (T, 256)
             for start in range(0, n_items, chunk):
-                h = token_part[:, None, :] + item_part[None, start : start + chunk]
-                out[q, start : start + chunk] = torch.relu(scorer.rest(h).squeeze(-1) - 0.1).sum(0)
+                raw = scorer.pair(token_part[:, None, :], item_part[None, start : start + chunk])
+                out[q, start : start + chunk] = torch.relu(raw - 0.1).sum(0)
         return out
 
     return score

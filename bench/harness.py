@@ -25,6 +25,7 @@ import torch
 from sparcode.engine import Engine
 
 from . import baselines
+from .options import build_parser
 from .regimes import REGIMES, Regime, build
 from .timing import cpu_name, current_rss_bytes, peak_rss_bytes, reset_peak_rss
 
@@ -267,17 +268,6 @@ def table(reports: list[dict], device_name: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser(argparse.ArgumentParser(prog="sparcode bench", description=__doc__.splitlines()[0]))
     return run(parser.parse_args(argv))
-
-
-def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--regime", default="R1", choices=[*REGIMES, "all"])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--scale", type=float, default=1.0, help="divide N and B further by this factor")
-    parser.add_argument("--out", type=Path, default=Path("bench-out"))
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--quick", action="store_true", help="small sizes and 5 repeats: under 2 minutes on 2 CPU cores")
-    parser.add_argument("--scaling", action="store_true", help="also measure curves over N and over B")
-    return parser
 
 
 def run(args: argparse.Namespace) -> int:

@@ -120,7 +120,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    from sparcode.bench.harness import build_parser  # the benchmark suite lives apart from serving
+    from sparcode.bench.options import build_parser  # options only: the harness loads when bench runs
 
     build_parser(parser)
 

@@ -79,3 +79,10 @@ def test_console_script_runs_as_module(index_dir):
     proc = subprocess.run([sys.executable, "-m", "sparcode.engine", "info", str(path) + "-missing"],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
+
+
+def test_serving_never_imports_training():
+    code = ("import sys, sparcode.engine, sparcode.engine.cli as cli, sparcode.engine.recommend; cli.build_parser(); "
+            "print(sorted(m for m in sys.modules if m.startswith('sparcode.training')))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "[]"
