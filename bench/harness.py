@@ -124,7 +124,7 @@ def bench_regime(regime: Regime, device: str, *, repeats: int, all_to_all_querie
                for _ in range(N_BATCHES)]
     item_t = torch.from_numpy(items).to(device)
     query_t = [torch.from_numpy(q).to(device) for q in queries]
-    tower = baselines.two_tower(item_t)
+    tower = baselines.two_tower(item_t, budget_bytes=4 * 2**30 if device == "cuda" else 256 * 2**20)
     methods.append(Method("two-tower-bruteforce", lambda i: tower(query_t[i % N_BATCHES], k), regime.batch))
 
     notes: dict = {}
