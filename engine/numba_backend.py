@@ -71,7 +71,7 @@ def _search(indptr, items, scores, codes, ex_offsets, ex_items, floor, n_items, 
                 keys = np.partition(keys, n_kept - k)[n_kept - k :]
             keys = np.sort(keys)[::-1]
             out[q, : keys.size] = keys
-            out[q, keys.size :] = -9223372036854775808
+            out[q, keys.size :] = EMPTY_KEY
             for j in range(n_touched):
                 acc[touched[j]] = np.nan
 
@@ -105,5 +105,3 @@ class NumbaBackend:
                     floor, index.n_items, k, workers, out)
         return unpack_keys(torch.from_numpy(out))
 
-
-assert EMPTY_KEY == -9223372036854775808
