@@ -7,6 +7,7 @@ Synthetic data (or a real dataset) -> train SparCode and TwoTower -> export the 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -18,11 +19,12 @@ import torch
 
 from sparcode.engine.recommend import run_job
 
-from . import data as datasets
+from .checkpoint import load_data
+from .evaluate import encode_users, evaluate_exact, seen_items
 from .export import export_index
 from .metrics import ranking_metrics
 from .models import SparCode
-from .train import TrainConfig, fit, full_scores, make_model, rank_excluding, tensors, validator
+from .train import TrainConfig, fit, make_model, tensors, validator
 
 SIZES = {  # users, items, epochs, codewords per sub-codebook
     "tiny": (600, 300, 2, 16),
@@ -31,22 +33,12 @@ SIZES = {  # users, items, epochs, codewords per sub-codebook
 SCORER = (128, 128)  # smaller than the released [256, 256, 256] so the demo fits in minutes on CPU
 
 
-def load(name: str, path: Path | None, size: str, seed: int) -> datasets.InteractionData:
-    if name == "synthetic":
-        users, items, _, _ = SIZES[size]
-        return datasets.synthetic(users, items, seed=seed)
-    if path is None:
-        raise ValueError(f"--path: the {name} loader needs the dataset directory")
-    loaders = {"ml-100k": datasets.load_ml100k, "ml-1m": datasets.load_ml1m, "bars": datasets.load_bars}
-    return loaders[name](path, seed=seed)
-
-
 def run_demo(out: Path, *, data_name: str = "synthetic", path: Path | None = None, size: str = "default",
              seed: int = 0, device: str | None = None, progress: bool = True) -> list[dict]:
     started = time.perf_counter()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(seed)
-    data = load(data_name, path, size, seed)
+    data = load_data(data_name, path, seed, SIZES[size][:2])
     _, _, epochs, n_words = SIZES[size]
     cfg = TrainConfig(epochs=epochs, device=device, seed=seed, progress=progress, valid_users=500)
     evaluate = validator(data, cfg)
@@ -60,15 +52,9 @@ def run_demo(out: Path, *, data_name: str = "synthetic", path: Path | None = Non
     item_features = t["item_features"]
     index, export = export_index(model, item_features, data.n_items)
     index.save(out / "index", overwrite=True)
-    codes = []
-    with torch.no_grad():
-        for lo in range(0, data.n_users, 1024):
-            u = torch.arange(lo, min(data.n_users, lo + 1024), device=device)
-            ufeat = None if t["user_features"] is None else t["user_features"][u]
-            codes.append(model.encoder.encode(t["history"][u], ufeat).cpu())
-    np.save(out / "codes.npy", torch.cat(codes).numpy())
-    seen = [np.concatenate([data.train.row(u), data.valid.row(u)]) for u in range(data.n_users)]
-    pq.write_table(pa.table({"user_id": np.arange(data.n_users), "item_ids": seen}), out / "seen.parquet")
+    np.save(out / "codes.npy", encode_users(model, data, cfg))
+    pq.write_table(pa.table({"user_id": np.arange(data.n_users), "item_ids": seen_items(data)}), out / "seen.parquet")
+    shutil.rmtree(out / "recommendations", ignore_errors=True)  # a rerun of the demo replaces its own results
     summary = run_job(out / "index", out / "codes.npy", out / "recommendations", k=50,
                       exclude_path=out / "seen.parquet", batch_size=1024, device=device, progress=progress)
     table = pq.read_table(sorted((out / "recommendations").glob("part-*.parquet"))).to_pydict()
@@ -81,13 +67,8 @@ def run_demo(out: Path, *, data_name: str = "synthetic", path: Path | None = Non
     # TwoTower: same tokenizer and budget, exact maximum inner product over all items
     tower = make_model("two_tower", data).to(device)
     info = fit(tower, data, replace(cfg), evaluate)
-    users = np.arange(data.n_users)
-    start = time.perf_counter()
-    ranked = np.concatenate([rank_excluding(full_scores(tower, data, cfg, users[lo : lo + 1024], t),
-                                            users[lo : lo + 1024], [data.train, data.valid], 50)
-                             for lo in range(0, len(users), 1024)])
-    qps = len(users) / (time.perf_counter() - start)
-    rows.append({"model": "two_tower", **_pick(ranking_metrics(ranked, data.test, users)), "queries_per_s": qps,
+    metrics = evaluate_exact(tower, data, cfg)
+    rows.append({"model": "two_tower", **_pick(metrics), "queries_per_s": metrics["queries_per_s"],
                  "index_bytes": data.n_items * 64 * 4, "density": None, "epochs": info["epochs"]})
 
     report = {"dataset": data.name, "device": device, "size": size, "seed": seed, "models": rows,

@@ -1,0 +1,65 @@
+"""Checkpoints: a directory with ``config.json`` (model kind and sizes, data source, training
+settings) and ``model.safetensors`` (the state dict). No pickle: loading runs no code."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import data as datasets
+from .train import TrainConfig, make_model
+
+LOADERS = {"ml-100k": datasets.load_ml100k, "ml-1m": datasets.load_ml1m, "bars": datasets.load_bars}
+
+
+def load_data(name: str, path: Path | None, seed: int, size: tuple[int, int] = (2000, 800)) -> datasets.InteractionData:
+    """A dataset by name: ``synthetic`` (users, items = ``size``) or a loader with ``path``."""
+    if name == "synthetic":
+        return datasets.synthetic(*size, seed=seed)
+    if name not in LOADERS:
+        raise ValueError(f"--data: expected synthetic, {', '.join(LOADERS)}; got {name!r}")
+    if path is None:
+        raise ValueError(f"--path: the {name} loader needs the dataset directory")
+    return LOADERS[name](Path(path), seed=seed)
+
+
+def save_checkpoint(out: Path, model: torch.nn.Module, config: dict) -> None:
+    """Write atomically: a temporary directory renamed into place."""
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp / "model.safetensors"))
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+def load_checkpoint(path: Path, device: str = "cpu") -> tuple[torch.nn.Module, datasets.InteractionData, dict]:
+    """(model in eval mode, its dataset, its config)."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path / 'config.json'}: cannot read a checkpoint config ({exc})") from None
+    data = load_data(config["data"]["name"], config["data"]["path"], config["data"]["seed"], tuple(config["data"]["size"]))
+    model = make_model(config["model"]["kind"], data, **config["model"]["kwargs"])
+    try:
+        state = load_file(str(path / "model.safetensors"))
+    except Exception as exc:  # safetensors raises its own error types
+        raise ValueError(f"{path / 'model.safetensors'}: {exc}") from None
+    model.load_state_dict(state)
+    return model.to(device).eval(), data, config
+
+
+def checkpoint_config(kind: str, kwargs: dict, data_name: str, data_path: Path | None, seed: int,
+                      size: tuple[int, int], cfg: TrainConfig, info: dict) -> dict:
+    return {"model": {"kind": kind, "kwargs": kwargs},
+            "data": {"name": data_name, "path": str(data_path) if data_path else None, "seed": seed, "size": list(size)},
+            "train": asdict(cfg), "result": info}
