@@ -4,6 +4,7 @@ and a one-line message, never a traceback."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -57,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--no-progress", action="store_true", help="no progress bar")
     rec.set_defaults(run=cmd_recommend)
 
+    _add_training_commands(sub)
+
     demo = sub.add_parser("demo", help="the whole pipeline on synthetic data (or a dataset): train, export, recommend, evaluate")
     demo.add_argument("--data", default="synthetic", choices=["synthetic", "ml-100k", "ml-1m", "bars"])
     demo.add_argument("--path", type=Path, default=None, help="dataset directory for a real dataset")
@@ -104,6 +107,16 @@ def _init_distributed(device: str | None) -> None:
         raise UsageError("--shard-queries/--shard-items need torchrun (WORLD_SIZE is not set)")
     cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     dist.init_process_group(backend="nccl" if cuda else "gloo")
+
+
+def _add_training_commands(sub: argparse._SubParsersAction) -> None:
+    """train / export / evaluate, when the training package is installed. Imported only
+    to build the parser: serving commands still never run training code."""
+    if importlib.util.find_spec("sparcode.training") is None:
+        return
+    from sparcode.training.commands import add_commands
+
+    add_commands(sub)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

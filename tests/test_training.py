@@ -147,3 +147,25 @@ def test_real_gowalla_loads():
     assert data.n_users == 29858 and data.n_items == 40981
     assert len(data.test.items) == 217242
     assert len(data.train.items) + len(data.valid.items) == 810128
+
+
+@pytest.mark.slow
+def test_train_export_evaluate_commands(tmp_path, capsys):
+    """train -> export -> evaluate through the CLI, under a minute on 2 cores."""
+    import json
+
+    from sparcode.engine import CodeIndex
+    from sparcode.engine.cli import main
+
+    ckpt, index = tmp_path / "ckpt", tmp_path / "index"
+    assert main(["train", "--model", "sparcode", "--epochs", "1", "--codewords", "8", "--out", str(ckpt), "--no-progress"]) == 0
+    assert (ckpt / "model.safetensors").is_file() and json.loads((ckpt / "config.json").read_text())["model"]["kind"] == "sparcode"
+    assert main(["export", str(ckpt), "--out", str(index), "--density", "0.2"]) == 0
+    loaded = CodeIndex.load(index)
+    assert loaded.n_codes == 64 and loaded.n_tokens == 4 and abs(loaded.nnz / (64 * 800) - 0.2) < 0.01
+    capsys.readouterr()
+    assert main(["evaluate", str(ckpt), "--index", str(index), "--out", str(tmp_path / "m.json")]) == 0
+    metrics = json.loads((tmp_path / "m.json").read_text())["metrics"]
+    assert 0 <= metrics["recall@20"] <= 1 and metrics["users"] > 0
+    assert main(["evaluate", str(ckpt)]) == 2  # SparCode is evaluated through its index
+    assert "--index" in capsys.readouterr().err

@@ -1,0 +1,112 @@
+"""``sparcode train``, ``export`` and ``evaluate``: the training side of the command line.
+
+Only argparse at import time: the ``sparcode`` parser imports this module, and the
+serving commands must not load training code. Each command imports what it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    train = sub.add_parser("train", help="train SparCode, TwoTower or AllToAll and save a checkpoint")
+    train.add_argument("--data", default="synthetic", choices=["synthetic", "ml-100k", "ml-1m", "bars"])
+    train.add_argument("--path", type=Path, default=None, help="dataset directory for a real dataset")
+    train.add_argument("--model", default="sparcode", choices=["sparcode", "two_tower", "all_to_all"])
+    train.add_argument("--out", type=Path, required=True, help="checkpoint directory")
+    train.add_argument("--epochs", type=int, default=20)
+    train.add_argument("--batch-size", type=int, default=1024)
+    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--negatives", type=int, default=10)
+    train.add_argument("--tokens", type=int, default=4, help="T")
+    train.add_argument("--codewords", type=int, default=64, help="C per sub-codebook (V = C**2)")
+    train.add_argument("--device", default=None)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--no-progress", action="store_true")
+    train.set_defaults(run=cmd_train)
+
+    export = sub.add_parser("export", help="score every (code, item) pair of a SparCode checkpoint into an index")
+    export.add_argument("checkpoint", type=Path)
+    export.add_argument("--out", type=Path, required=True, help="index directory")
+    export.add_argument("--density", type=float, default=None, help="target fraction of non-zero scores")
+    export.add_argument("--device", default=None)
+    export.set_defaults(run=cmd_export)
+
+    evaluate = sub.add_parser("evaluate", help="Recall, NDCG, Precision, HitRate @10/20/50 by full ranking")
+    evaluate.add_argument("checkpoint", type=Path)
+    evaluate.add_argument("--index", type=Path, default=None, help="SparCode: the exported index to evaluate through")
+    evaluate.add_argument("--sample", type=int, default=None, help="AllToAll: score this many seeded users")
+    evaluate.add_argument("--out", type=Path, default=None, help="write the metrics JSON here")
+    evaluate.add_argument("--device", default=None)
+    evaluate.set_defaults(run=cmd_evaluate)
+
+
+def _device(name: str | None) -> str:
+    import torch
+
+    return name or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from .checkpoint import checkpoint_config, load_data, save_checkpoint
+    from .train import TrainConfig, fit, make_model, validator
+
+    device = _device(args.device)
+    data = load_data(args.data, args.path, args.seed)
+    kwargs = {"n_tokens": args.tokens} if args.model == "two_tower" else {"n_tokens": args.tokens, "n_words": args.codewords}
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, negatives=args.negatives, lr=args.lr,
+                      seed=args.seed, device=device, progress=not args.no_progress)
+    torch.manual_seed(args.seed)
+    model = make_model(args.model, data, **kwargs)
+    info = fit(model, data, cfg, validator(data, cfg))
+    save_checkpoint(args.out, model, checkpoint_config(args.model, kwargs, args.data, args.path, args.seed,
+                                                       (2000, 800), cfg, info))
+    print(f"train: {args.model} on {data.name}: {info['epochs']} epochs, best validation Recall@20 "
+          f"{info['best_valid_recall@20']:.4f}, {info['train_seconds']:.0f} s; checkpoint in {args.out}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .checkpoint import load_checkpoint
+    from .export import export_index
+    from .models import SparCode
+    from .train import TrainConfig, tensors
+
+    device = _device(args.device)
+    model, data, _ = load_checkpoint(args.checkpoint, device)
+    if not isinstance(model, SparCode) or not model.quantize:
+        raise ValueError(f"{args.checkpoint}: only a SparCode checkpoint has codes to export")
+    index, report = export_index(model, tensors(data, TrainConfig(device=device))["item_features"], data.n_items,
+                                 density=args.density)
+    index.save(args.out, overwrite=True)
+    print(f"export: {index.n_codes} codes x {index.n_items} items in {report['seconds']:.1f} s, "
+          f"density {report['density']:.4%}, {report['index_bytes'] / 2**20:.1f} MB; index in {args.out}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .checkpoint import load_checkpoint
+    from .evaluate import evaluate_exact, evaluate_index
+    from .models import SparCode
+    from .train import TrainConfig
+
+    device = _device(args.device)
+    model, data, config = load_checkpoint(args.checkpoint, device)
+    cfg = TrainConfig(device=device, seed=config["data"]["seed"])
+    if isinstance(model, SparCode) and model.quantize:
+        if args.index is None:
+            raise ValueError("--index: a SparCode checkpoint is evaluated through its exported index")
+        metrics = evaluate_index(model, data, args.index, cfg)
+    else:
+        metrics = evaluate_exact(model, data, cfg, sample=args.sample, seed=config["data"]["seed"])
+    report = {"dataset": data.name, "model": config["model"]["kind"], "device": device, "metrics": metrics}
+    text = json.dumps(report, indent=2)
+    if args.out:
+        args.out.write_text(text + "\n")
+    print(text)
+    return 0
