@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .harness import bench_regime, device_label, table
+from .harness import bench_regime, device_label, optional_versions, table
 from .regimes import REGIMES
 
 
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[gpu_bench] {name}: {regime}", flush=True)
         results[name] = bench_regime(regime, device, repeats=5 if cuda else 2, all_to_all_queries=1)
     report = {"benchmark": "gpu_bench", "date": date.today().isoformat(), "dry_run": not cuda,
-              "device": device_label(device), "torch": torch.__version__, "triton": _triton_version(),
+              "device": device_label(device), "torch": torch.__version__, "triton": optional_versions().get("triton"),
               "python": platform.python_version(), "regimes": results, "targets": targets(results) if cuda else {}}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu-bench.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -68,15 +68,6 @@ def main(argv: list[str] | None = None) -> int:
     for key, t in report["targets"].items():
         print(f"target {key}: {t['value']:.4g} (target {t['target']:.4g}) {'MET' if t['met'] else 'NOT MET'}")
     return 0
-
-
-def _triton_version() -> str | None:
-    try:
-        import triton
-
-        return triton.__version__
-    except ImportError:
-        return None
 
 
 if __name__ == "__main__":

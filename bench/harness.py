@@ -303,11 +303,11 @@ def _environment(args: argparse.Namespace, device_name: str, today: str) -> dict
     return {"device": args.device, "device_name": device_name, "cpu": cpu_name(), "date": today,
             "command": "sparcode bench " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
                                                     if k not in ("func", "run") and v not in (False, None)),
-            "versions": {"torch": torch.__version__, "python": platform.python_version(), **_optional_versions()},
+            "versions": {"torch": torch.__version__, "python": platform.python_version(), **optional_versions()},
             "torch_threads": torch.get_num_threads()}
 
 
-def _optional_versions() -> dict:
+def optional_versions() -> dict:
     out = {}
     for module in ("faiss", "numba", "triton", "numpy"):
         try:

@@ -228,22 +228,8 @@ def _write_part(
         os.fsync(fh.fileno())
 
 
-def _recorded_parts(out: Path) -> set[int]:
-    """Parts recorded in any journal whose file exists (a torn last line is ignored)."""
-    done: set[int] = set()
-    for journal in out.glob("journal.rank*.jsonl"):
-        for line in journal.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if (out / record["file"]).is_file():
-                done.add(int(record["part"]))
-    return done
-
-
-def _write_manifest(out: Path, n_parts: int) -> None:
-    """Merge the journals into manifest.json once every part is on record."""
+def _journal_records(out: Path) -> dict[int, dict]:
+    """Every part on record in the ranks' journals (a torn last line is ignored)."""
     records: dict[int, dict] = {}
     for journal in sorted(out.glob("journal.rank*.jsonl")):
         for line in journal.read_text().splitlines():
@@ -252,6 +238,17 @@ def _write_manifest(out: Path, n_parts: int) -> None:
             except json.JSONDecodeError:
                 continue
             records[int(record["part"])] = record
+    return records
+
+
+def _recorded_parts(out: Path) -> set[int]:
+    """Parts on record whose file exists."""
+    return {part for part, record in _journal_records(out).items() if (out / record["file"]).is_file()}
+
+
+def _write_manifest(out: Path, n_parts: int) -> None:
+    """Merge the journals into manifest.json once every part is on record."""
+    records = _journal_records(out)
     if len(records) < n_parts:
         return
     manifest = {"parts": [records[p] for p in range(n_parts)], "rows": sum(records[p]["rows"] for p in range(n_parts)),
