@@ -41,10 +41,22 @@ def targets(results: dict) -> dict:
     return out
 
 
+def write_report(out: Path, results: dict, device: str, cuda: bool) -> dict:
+    """Write ``gpu-bench.json`` atomically (temp file + rename) and return the report."""
+    report = {"benchmark": "gpu_bench", "date": date.today().isoformat(), "dry_run": not cuda,
+              "device": device_label(device), "torch": torch.__version__, "triton": optional_versions().get("triton"),
+              "python": platform.python_version(), "regimes": results, "targets": targets(results) if cuda else {}}
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "gpu-bench.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(out / "gpu-bench.json")
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="GPU benchmark of regimes R1-R3")
     parser.add_argument("--out", type=Path, required=True, help="directory for gpu-bench.json")
-    parser.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES))
+    parser.add_argument("--regimes", nargs="+", default=["R1", "R3", "R2"], choices=list(REGIMES))
     parser.add_argument("--dry-run", action="store_true", help="tiny sizes on CPU: checks the script, measures nothing")
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available() and not args.dry_run
@@ -59,11 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             regime = replace(regime.scaled(2000, 512), n_codes=64, mean_postings=20, k=min(regime.k, 20))
         print(f"[gpu_bench] {name}: {regime}", flush=True)
         results[name] = bench_regime(regime, device, repeats=5 if cuda else 2, all_to_all_queries=1)
-    report = {"benchmark": "gpu_bench", "date": date.today().isoformat(), "dry_run": not cuda,
-              "device": device_label(device), "torch": torch.__version__, "triton": optional_versions().get("triton"),
-              "python": platform.python_version(), "regimes": results, "targets": targets(results) if cuda else {}}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu-bench.json").write_text(json.dumps(report, indent=2) + "\n")
+        report = write_report(args.out, results, device, cuda)  # after every regime: a timeout keeps what ran
     print(table(list(results.values()), report["device"] + (" (full sizes)" if cuda else " (dry run, tiny sizes)")))
     for key, t in report["targets"].items():
         print(f"target {key}: {t['value']:.4g} (target {t['target']:.4g}) {'MET' if t['met'] else 'NOT MET'}")

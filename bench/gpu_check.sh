@@ -8,23 +8,25 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/out}"
 mkdir -p "$OUT"
 
-python -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || {
+PY=$(command -v python3 || command -v python)
+"$PY" -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || {
   echo "gpu_check: install failed, see $OUT/install.log"; tail -5 "$OUT/install.log"; exit 1; }
 
-if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   echo "gpu_check: no CUDA device on this machine: GPU tests and GPU benchmarks NOT run."
   echo "gpu_check: dry run of the benchmark script on CPU (tiny sizes, no GPU numbers):"
-  TRITON_INTERPRET=1 python -m sparcode.bench.gpu_bench --dry-run --out "$OUT"
+  TRITON_INTERPRET=1 "$PY" -m sparcode.bench.gpu_bench --dry-run --out "$OUT"
   exit $?
 fi
 
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv >"$OUT/nvidia-smi.csv" 2>&1
+"$PY" -c "import torch, triton; print(\"torch\", torch.__version__, \"triton\", triton.__version__, torch.cuda.get_device_name())"
 echo "== pytest -m gpu"
-timeout 150 python -m pytest -q -m gpu -p no:cacheprovider >"$OUT/pytest-gpu.log" 2>&1
+timeout 120 "$PY" -m pytest -q -m gpu -p no:cacheprovider >"$OUT/pytest-gpu.log" 2>&1
 tests=$?
 tail -3 "$OUT/pytest-gpu.log"
 echo "== benchmarks"
-timeout 330 python -m sparcode.bench.gpu_bench --out "$OUT" 2>&1 | tee "$OUT/gpu-bench.log" | tail -25
+timeout 300 "$PY" -m sparcode.bench.gpu_bench --out "$OUT" 2>&1 | tee "$OUT/gpu-bench.log" | tail -25
 bench=${PIPESTATUS[0]}
 echo "gpu_check: pytest exit $tests, bench exit $bench"
 [ "$tests" -eq 0 ] && [ "$bench" -eq 0 ]
