@@ -73,10 +73,14 @@ class Engine:
         backend: str = "auto",
         workspace_bytes: int | None = None,
     ) -> Engine:
-        """Load an index directory onto ``device`` (CUDA when available, else CPU)."""
+        """Load an index directory onto ``device`` (CUDA when available, else CPU), with
+        the query encoder saved beside it, if any, so that ``search`` takes raw features."""
+        from .storage import load_encoder
+
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        return cls(CodeIndex.load(path, device=device), backend=backend, workspace_bytes=workspace_bytes)
+        index = CodeIndex.load(path, device=device)
+        return cls(index, load_encoder(Path(path), device=index.device), backend=backend, workspace_bytes=workspace_bytes)
 
     def search(self, batch: Any, k: int = 100, exclude: Any = None) -> SearchResult:
         """Top-k items per query. ``batch``: (B, T) integer codes or, with an encoder,

@@ -138,11 +138,12 @@ class CodeIndex:
             "device": str(self.device),
         }
 
-    def save(self, path: str | Path, *, overwrite: bool = False) -> None:
-        """Write the index directory (manifest.json + index.safetensors) atomically."""
+    def save(self, path: str | Path, *, overwrite: bool = False, encoder: torch.nn.Module | None = None) -> None:
+        """Write the index directory (manifest.json + index.safetensors, and the query
+        encoder's weights and config when given) atomically."""
         from .storage import save_index
 
-        save_index(self, Path(path), overwrite=overwrite)
+        save_index(self, Path(path), overwrite=overwrite, encoder=encoder)
 
     @classmethod
     def load(cls, path: str | Path, device: torch.device | str | None = None, mmap: bool = True) -> CodeIndex:

@@ -1,4 +1,5 @@
-"""Index directories on disk: ``manifest.json`` + ``index.safetensors``, no pickle.
+"""Index directories on disk: ``manifest.json`` + ``index.safetensors`` (+ the query
+encoder's ``encoder.safetensors`` with its config in the manifest), no pickle.
 
 Saving writes a sibling temporary directory and renames it into place, so a crash leaves
 either the old index or the new one, never a mixture. Loading parses the safetensors
@@ -23,12 +24,14 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from .encoder import QueryEncoder
 from .index import CodeIndex
 from .validate import check_codebooks, check_item_ids, check_postings, fail
 
 FORMAT_NAME = "sparcode-index"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+ENCODER = "encoder.safetensors"
 TENSORS = "index.safetensors"
 MAX_HEADER_BYTES = 100 * 2**20
 
@@ -39,6 +42,7 @@ _DTYPES: dict[str, tuple[torch.dtype, np.dtype]] = {
     "F32": (torch.float32, np.dtype("<f4")),
     "F16": (torch.float16, np.dtype("<f2")),
     "BF16": (torch.bfloat16, np.dtype("<u2")),
+    "BOOL": (torch.bool, np.dtype("?")),
 }
 _TAGS = {t: tag for tag, (t, _) in _DTYPES.items()}
 
@@ -50,7 +54,11 @@ def library_version() -> str:
         return "0+unknown"
 
 
-def save_index(index: CodeIndex, path: Path, *, overwrite: bool = False) -> None:
+def save_index(index: CodeIndex, path: Path, *, overwrite: bool = False, encoder: QueryEncoder | None = None) -> None:
+    if encoder is not None and not isinstance(encoder, QueryEncoder):
+        raise TypeError(f"encoder: expected a QueryEncoder, got {type(encoder).__name__}")
+    if encoder is not None and encoder.quantizer.n_codes != index.n_codes:
+        raise ValueError(f"encoder: makes {encoder.quantizer.n_codes} codes but the index has {index.n_codes}")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path}: already exists (pass overwrite=True to replace it)")
     tensors = {"indptr": index.indptr, "items": index.items, "scores": index.scores}
@@ -77,6 +85,12 @@ def save_index(index: CodeIndex, path: Path, *, overwrite: bool = False) -> None
             "dtypes": {name: _TAGS[t.dtype] for name, t in tensors.items()},
             "files": {TENSORS: {"bytes": (tmp / TENSORS).stat().st_size, "sha256": _sha256(tmp / TENSORS)}},
         }
+        if encoder is not None:
+            state = {k: v.detach().to("cpu").contiguous() for k, v in encoder.state_dict().items()}
+            save_file(state, str(tmp / ENCODER))
+            _fsync_file(tmp / ENCODER)
+            manifest["encoder"] = encoder.config()
+            manifest["files"][ENCODER] = {"bytes": (tmp / ENCODER).stat().st_size, "sha256": _sha256(tmp / ENCODER)}
         _write_synced(tmp / MANIFEST, json.dumps(manifest, indent=2).encode())
         _fsync_file(tmp / TENSORS)
         _replace_dir(tmp, path)
@@ -90,14 +104,7 @@ def load_index(path: Path, device: torch.device | str | None = None, mmap: bool 
         raise ValueError(f"{path}: not an index directory")
     manifest = read_manifest(path)
     tensor_file = path / TENSORS
-    expected = manifest["files"][TENSORS]
-    if not tensor_file.is_file():
-        fail(str(tensor_file), "missing")
-    if tensor_file.stat().st_size != expected["bytes"]:
-        size = tensor_file.stat().st_size
-        fail(str(tensor_file), f"has {size} bytes, manifest says {expected['bytes']} (truncated or replaced)")
-    if _sha256(tensor_file) != expected["sha256"]:
-        fail(str(tensor_file), "sha256 differs from the manifest (the file was edited or damaged)")
+    _check_file(tensor_file, manifest["files"][TENSORS])
 
     tensors = read_safetensors(tensor_file, mmap=mmap)
     where = {f: f"{tensor_file}: {f}" for f in ("indptr", "items", "scores", "codebooks", "item_ids")}
@@ -124,6 +131,36 @@ def load_index(path: Path, device: torch.device | str | None = None, mmap: bool 
         tensors.get("codebooks"), tensors.get("item_ids"), manifest["n_tokens"],
     )
     return index if device is None else index.to(device)
+
+
+def load_encoder(path: Path, device: torch.device | str | None = None) -> QueryEncoder | None:
+    """The query encoder saved with an index (eval mode), or None when it has none."""
+    manifest = read_manifest(path)
+    if "encoder" not in manifest:
+        return None
+    file = path / ENCODER
+    _check_file(file, manifest["files"][ENCODER])
+    encoder = QueryEncoder.from_config(manifest["encoder"], f"{path / MANIFEST}: encoder")
+    state = read_safetensors(file, mmap=False)
+    want = encoder.state_dict()
+    if set(state) != set(want):
+        fail(str(file), f"holds tensors {sorted(set(state) ^ set(want))[:5]} that the encoder config does not match")
+    for name, t in state.items():
+        if t.shape != want[name].shape or t.dtype != want[name].dtype:
+            fail(f"{file}: {name}", f"{t.dtype} {list(t.shape)} differs from the config's {want[name].dtype} "
+                                    f"{list(want[name].shape)}")
+    encoder.load_state_dict({k: v.clone() for k, v in state.items()})
+    encoder.eval()
+    return encoder if device is None else encoder.to(device)
+
+
+def _check_file(file: Path, expected: dict) -> None:
+    if not file.is_file():
+        fail(str(file), "missing")
+    if file.stat().st_size != expected["bytes"]:
+        fail(str(file), f"has {file.stat().st_size} bytes, manifest says {expected['bytes']} (truncated or replaced)")
+    if _sha256(file) != expected["sha256"]:
+        fail(str(file), "sha256 differs from the manifest (the file was edited or damaged)")
 
 
 def read_manifest(path: Path) -> dict:
@@ -165,6 +202,10 @@ def read_manifest(path: Path) -> dict:
     entry = files.get(TENSORS) if isinstance(files, dict) else None
     if not (isinstance(entry, dict) and isinstance(entry.get("bytes"), int) and isinstance(entry.get("sha256"), str)):
         fail(f"{where}: files", f"expected {{{TENSORS!r}: {{bytes, sha256}}}}")
+    if "encoder" in manifest:
+        entry = files.get(ENCODER)
+        if not (isinstance(entry, dict) and isinstance(entry.get("bytes"), int) and isinstance(entry.get("sha256"), str)):
+            fail(f"{where}: files", f"an encoder is listed but {ENCODER!r} has no {{bytes, sha256}} entry")
     return manifest
 
 
