@@ -81,7 +81,7 @@ def all_to_all(n_items: int, device: str, *, chunk: int = 16384, seed: int = 0) 
     item half of the first layer is computed once (as any serious implementation
     would), the rest runs for every (token, item) pair."""
     torch.manual_seed(seed)
-    scorer = Scorer(DIM).to(device).eval()  # the released architecture: MLP [256, 256, 256]
+    scorer = Scorer(DIM).to(device).eval()  # our training scorer: MLP [256, 256, 256] + product input
     items = torch.randn(n_items, DIM, device=device)
     with torch.no_grad():
         item_part = scorer.item_in(items)
@@ -90,10 +90,11 @@ def all_to_all(n_items: int, device: str, *, chunk: int = 16384, seed: int = 0) 
     def score(tokens: torch.Tensor) -> torch.Tensor:  # (Q, T, DIM) -> (Q, N)
         out = torch.zeros(tokens.shape[0], n_items, device=device)
         for q in range(tokens.shape[0]):
-            token_part = scorer.token_in(tokens[q])  # (T, 256)
+            token_part = scorer.token_in(tokens[q : q + 1])  # (1, T, 256)
             for start in range(0, n_items, chunk):
-                raw = scorer.pair(token_part[:, None, :], item_part[None, start : start + chunk])
-                out[q, start : start + chunk] = torch.relu(raw - 0.1).sum(0)
+                stop = start + chunk
+                raw = scorer(tokens[q : q + 1], items[start:stop], token_part, item_part[start:stop])  # (1, T, M)
+                out[q, start:stop] = torch.relu(raw[0] - 0.1).sum(0)
         return out
 
     return score

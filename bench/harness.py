@@ -145,7 +145,8 @@ def bench_regime(regime: Regime, device: str, *, repeats: int, all_to_all_querie
         scorer = baselines.all_to_all(regime.n_items, device)
         tokens = [torch.randn(all_to_all_queries, regime.n_tokens, baselines.DIM, device=device) for _ in range(N_BATCHES)]
         methods.append(Method("all-to-all-bruteforce", lambda i: scorer(tokens[i % N_BATCHES]), all_to_all_queries,
-                              {"note": "MLP [256, 256, 256] over every (token, item), random weights"}))
+                              {"note": "scorer MLP [256, 256, 256] over [token; item; token*item] for every (token, item), "
+                               "random weights"}))
 
     measure(methods, device, repeats)
     copy_bw = copy_bandwidth(device)

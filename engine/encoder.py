@@ -108,9 +108,10 @@ class Tokenizer(nn.Module):
     """Mean-pooled history item embeddings (+ user feature embeddings) -> MLP -> T heads."""
 
     def __init__(self, n_items: int, user_cardinalities: list[int], *, dim: int = 64, n_tokens: int = 4,
-                 hidden: tuple[int, ...] = (256, 256)) -> None:
+                 hidden: tuple[int, ...] = (256, 256), normalize: bool = True) -> None:
         super().__init__()
         self.n_items, self.user_cardinalities, self.hidden = n_items, list(user_cardinalities), list(hidden)
+        self.normalize = normalize
         self.item_embedding = nn.Embedding(n_items, dim)
         self.user_embeddings = nn.ModuleList(nn.Embedding(c, dim) for c in user_cardinalities)
         layers: list[nn.Module] = []
@@ -125,7 +126,8 @@ class Tokenizer(nn.Module):
         # Early in training the tokens of different users differ by a few percent of
         # their shared mean, which drifts; a codebook chasing that mean collapses to a
         # handful of codewords (seen on MovieLens-1M with C = 256: 4 codes, chance loss).
-        self.norm = nn.BatchNorm1d(n_tokens * dim, affine=False)
+        # TwoTower, which does not quantize, leaves it out (normalize=False).
+        self.norm = nn.BatchNorm1d(n_tokens * dim, affine=False) if normalize else nn.Identity()
         self.n_tokens, self.dim = n_tokens, dim
 
     def forward(self, history: torch.Tensor, user_features: torch.Tensor | None) -> torch.Tensor:
@@ -178,15 +180,15 @@ class QueryEncoder(nn.Module):
         """Everything needed to rebuild this module before loading its weights (JSON)."""
         tok, pq = self.tokenizer, self.quantizer
         return {"n_items": tok.n_items, "user_cardinalities": tok.user_cardinalities, "dim": tok.dim,
-                "n_tokens": tok.n_tokens, "hidden": tok.hidden, "n_sub": pq.n_sub, "n_words": pq.n_words,
-                "history": self.history}
+                "n_tokens": tok.n_tokens, "hidden": tok.hidden, "normalize": tok.normalize, "n_sub": pq.n_sub,
+                "n_words": pq.n_words, "history": self.history}
 
     @classmethod
     def from_config(cls, config: dict, where: str = "encoder") -> QueryEncoder:
         """Rebuild from ``config()``'s output; every field is type-checked (no code runs)."""
         if not isinstance(config, dict):
             raise ValueError(f"{where}: expected a JSON object, got {type(config).__name__}")
-        expected = {"n_items", "user_cardinalities", "dim", "n_tokens", "hidden", "n_sub", "n_words", "history"}
+        expected = {"n_items", "user_cardinalities", "dim", "n_tokens", "hidden", "normalize", "n_sub", "n_words", "history"}
         if set(config) != expected:
             raise ValueError(f"{where}: expected fields {sorted(expected)}, got {sorted(config)}")
 
@@ -201,7 +203,10 @@ class QueryEncoder(nn.Module):
         cards = [positive(c, "user_cardinalities") for c in config["user_cardinalities"]]
         hidden = tuple(positive(h, "hidden") for h in config["hidden"])
         dim = positive(config["dim"], "dim")
+        if not isinstance(config["normalize"], bool):
+            raise ValueError(f"{where}: normalize: expected true or false, got {config['normalize']!r}")
         tokenizer = Tokenizer(positive(config["n_items"], "n_items"), cards, dim=dim,
-                              n_tokens=positive(config["n_tokens"], "n_tokens"), hidden=hidden)
+                              n_tokens=positive(config["n_tokens"], "n_tokens"), hidden=hidden,
+                              normalize=config["normalize"])
         quantizer = ProductQuantizer(dim, positive(config["n_sub"], "n_sub"), positive(config["n_words"], "n_words"))
         return cls(tokenizer, quantizer, positive(config["history"], "history"))

@@ -120,8 +120,7 @@ def test_export_scores_match_the_model_and_density_rule():
     rng = np.random.default_rng(0)
     for code in rng.choice(index.n_codes, size=10, replace=False):
         with torch.no_grad():
-            want = torch.relu(model.scorer.pair(model.scorer.token_in(codes_vec[code])[None, None],
-                                                model.scorer.item_in(vectors)[None]) + model.bias).reshape(-1)
+            want = torch.relu(model.scorer(codes_vec[code][None, None], vectors) + model.bias).reshape(-1)
         lo, hi = int(index.indptr[code]), int(index.indptr[code + 1])
         got = torch.zeros(data.n_items)
         got[index.items[lo:hi].long()] = index.scores[lo:hi].float()
@@ -158,7 +157,8 @@ def test_train_export_evaluate_commands(tmp_path, capsys):
     from sparcode.engine.cli import main
 
     ckpt, index = tmp_path / "ckpt", tmp_path / "index"
-    assert main(["train", "--model", "sparcode", "--epochs", "1", "--codewords", "8", "--out", str(ckpt), "--no-progress"]) == 0
+    assert main(["train", "--model", "sparcode", "--epochs", "1", "--codewords", "8", "--hidden", "32", "32",
+                 "--negatives", "10", "--out", str(ckpt), "--no-progress"]) == 0
     assert (ckpt / "model.safetensors").is_file() and json.loads((ckpt / "config.json").read_text())["model"]["kind"] == "sparcode"
     assert main(["export", str(ckpt), "--out", str(index), "--density", "0.2"]) == 0
     loaded = CodeIndex.load(index)

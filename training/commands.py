@@ -20,9 +20,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--epochs", type=int, default=20)
     train.add_argument("--batch-size", type=int, default=1024)
     train.add_argument("--lr", type=float, default=1e-3)
-    train.add_argument("--negatives", type=int, default=10)
+    train.add_argument("--negatives", type=int, default=100, help="negatives shared by each batch")
+    train.add_argument("--sampling", default="uniform", choices=["uniform", "popularity", "in-batch"],
+                       help="how negatives are drawn (popularity and in-batch get the log-Q correction)")
+    train.add_argument("--time-budget", type=float, default=None, help="stop after the epoch that passes this many seconds")
     train.add_argument("--tokens", type=int, default=4, help="T")
     train.add_argument("--codewords", type=int, default=64, help="C per sub-codebook (V = C**2)")
+    train.add_argument("--hidden", type=int, nargs="+", default=[256, 256, 256], help="scorer MLP widths")
     train.add_argument("--device", default=None)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--no-progress", action="store_true")
@@ -58,9 +62,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     device = _device(args.device)
     data = load_data(args.data, args.path, args.seed)
-    kwargs = {"n_tokens": args.tokens} if args.model == "two_tower" else {"n_tokens": args.tokens, "n_words": args.codewords}
-    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, negatives=args.negatives, lr=args.lr,
-                      seed=args.seed, device=device, progress=not args.no_progress)
+    kwargs = ({"n_tokens": args.tokens} if args.model == "two_tower"
+              else {"n_tokens": args.tokens, "n_words": args.codewords, "hidden": list(args.hidden)})
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, negatives=args.negatives, sampling=args.sampling,
+                      lr=args.lr, seed=args.seed, device=device, progress=not args.no_progress, time_budget=args.time_budget)
     torch.manual_seed(args.seed)
     model = make_model(args.model, data, **kwargs)
     info = fit(model, data, cfg, validator(data, cfg))
@@ -83,7 +88,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.checkpoint}: only a SparCode checkpoint has codes to export")
     index, report = export_index(model, tensors(data, TrainConfig(device=device))["item_features"], data.n_items,
                                  density=args.density)
-    index.save(args.out, overwrite=True)
+    index.save(args.out, overwrite=True, encoder=model.encoder)
     print(f"export: {index.n_codes} codes x {index.n_items} items in {report['seconds']:.1f} s, "
           f"density {report['density']:.4%}, {report['index_bytes'] / 2**20:.1f} MB; index in {args.out}")
     return 0

@@ -51,12 +51,19 @@ class InteractionData:
     item_ids: np.ndarray | None = None
 
 
-def split_validation(train: list[np.ndarray], fraction: float, seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """A seeded slice of each user's training items (users with >= 5 items) for validation."""
+def split_validation(train: list[np.ndarray], fraction: float, seed: int,
+                     max_users: int = 2000) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """A seeded slice of the training items of at most ``max_users`` seeded users (with
+    >= 5 items each) for validation. Early stopping needs no more users than that, and
+    every other user keeps all of their training data (the BARS protocol trains on the
+    whole training split)."""
     rng = np.random.default_rng(seed)
+    eligible = np.array([u for u, items in enumerate(train) if len(items) >= 5], dtype=np.int64)
+    chosen = np.zeros(len(train), dtype=bool)
+    chosen[rng.choice(eligible, size=min(max_users, len(eligible)), replace=False)] = True
     kept, valid = [], []
-    for items in train:
-        if len(items) >= 5:
+    for user, items in enumerate(train):
+        if chosen[user]:
             pick = rng.random(len(items)) < fraction
             if pick.all():
                 pick[0] = False

@@ -31,6 +31,8 @@ SIZES = {  # users, items, epochs, codewords per sub-codebook
     "default": (2000, 800, 8, 32),
 }
 SCORER = (128, 128)  # smaller than the released [256, 256, 256] so the demo fits in minutes on CPU
+NEGATIVES = 20  # shared negatives per batch (training's default is 100): the demo's CPU budget
+DENSITY = 0.2  # export target: the trained bias alone leaves too few candidates on 800 items
 
 
 def run_demo(out: Path, *, data_name: str = "synthetic", path: Path | None = None, size: str = "default",
@@ -40,7 +42,7 @@ def run_demo(out: Path, *, data_name: str = "synthetic", path: Path | None = Non
     torch.manual_seed(seed)
     data = load_data(data_name, path, seed, SIZES[size][:2])
     _, _, epochs, n_words = SIZES[size]
-    cfg = TrainConfig(epochs=epochs, device=device, seed=seed, progress=progress, valid_users=500)
+    cfg = TrainConfig(epochs=epochs, negatives=NEGATIVES, device=device, seed=seed, progress=progress, valid_users=500)
     evaluate = validator(data, cfg)
     out.mkdir(parents=True, exist_ok=True)
     t = tensors(data, cfg)
@@ -50,8 +52,8 @@ def run_demo(out: Path, *, data_name: str = "synthetic", path: Path | None = Non
     model = SparCode(data, n_words=n_words, hidden=SCORER).to(device)
     info = fit(model, data, cfg, evaluate)
     item_features = t["item_features"]
-    index, export = export_index(model, item_features, data.n_items)
-    index.save(out / "index", overwrite=True)
+    index, export = export_index(model, item_features, data.n_items, density=DENSITY, seed=seed)
+    index.save(out / "index", overwrite=True, encoder=model.encoder)
     np.save(out / "codes.npy", encode_users(model, data, cfg))
     pq.write_table(pa.table({"user_id": np.arange(data.n_users), "item_ids": seen_items(data)}), out / "seen.parquet")
     shutil.rmtree(out / "recommendations", ignore_errors=True)  # a rerun of the demo replaces its own results

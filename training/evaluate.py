@@ -36,8 +36,12 @@ def seen_items(data: InteractionData) -> list[np.ndarray]:
 
 
 def evaluate_index(model: SparCode, data: InteractionData, index_path: Path, cfg: TrainConfig, k: int = 50) -> dict:
-    engine = Engine.load(index_path, device=cfg.device)
-    codes = torch.from_numpy(encode_users(model, data, cfg)).to(cfg.device)
+    return evaluate_engine(Engine.load(index_path, device=cfg.device), model, data, cfg, k)
+
+
+def evaluate_engine(engine: Engine, model: SparCode, data: InteractionData, cfg: TrainConfig, k: int = 50) -> dict:
+    """Every user's top k through ``engine.search`` (train and validation items excluded)."""
+    codes = torch.from_numpy(encode_users(model, data, cfg)).to(engine.index.device)
     seen = seen_items(data)
     start = time.perf_counter()
     ids = engine.search(codes, k=k, exclude=seen).ids.cpu().numpy()

@@ -14,26 +14,31 @@ from .models import SparCode
 
 @torch.no_grad()
 def export_index(model: SparCode, item_features: torch.Tensor | None, n_items: int, *, density: float | None = None,
-                 budget_bytes: int = 256 * 2**20, seed: int = 0) -> tuple[CodeIndex, dict]:
+                 budget_bytes: int | None = None, seed: int = 0) -> tuple[CodeIndex, dict]:
     """The index of ReLU(scorer(code vector, item) + b) over all V codes x N items.
 
     ``b`` is the model's bias, or, with ``density``, the bias that keeps that fraction
     of the scores (estimated from a sample of codes); density 1 keeps every raw score
     (no ReLU: the unsparsified model). Scores are stored as float16;
     values that round to 0 are dropped. The first scorer layer is computed once for all
-    codes and once for all items.
+    codes and once for all items. The index is built on the model's device (a GPU
+    export stays on the GPU, ready for ``Engine``); ``CodeIndex.save`` writes it out.
     """
     start = time.perf_counter()
     model.eval()
     quantizer = model.encoder.quantizer
     device = quantizer.codebooks.device
-    token_part = model.scorer.token_in(quantizer.code_vectors())  # (V, h)
-    item_part = model.scorer.item_in(model.items(torch.arange(n_items, device=device), item_features))  # (N, h)
+    code_vectors = quantizer.code_vectors()  # (V, d)
+    item_vectors = model.items(torch.arange(n_items, device=device), item_features)  # (N, d)
+    token_part = model.scorer.token_in(code_vectors)  # (V, h)
+    item_part = model.scorer.item_in(item_vectors)  # (N, h)
     n_codes, hidden = token_part.shape
-    chunk = max(1, budget_bytes // (n_items * hidden * 4 * 2))
+    if budget_bytes is None:  # scratch per chunk of codes: bigger chunks, fewer launches on a GPU
+        budget_bytes = 4 * 2**30 if device.type == "cuda" else 256 * 2**20
+    chunk = max(1, budget_bytes // (n_items * (hidden + code_vectors.shape[1]) * 4 * 2))
 
-    def raw(codes: torch.Tensor) -> torch.Tensor:
-        return model.scorer.pair(token_part[codes].unsqueeze(1), item_part.unsqueeze(0))  # (c, N)
+    def raw(codes: torch.Tensor) -> torch.Tensor:  # (c, N)
+        return model.scorer(code_vectors[codes].unsqueeze(1), item_vectors, token_part[codes].unsqueeze(1), item_part)[:, 0]
 
     bias = model.bias
     if density is not None:
@@ -43,7 +48,7 @@ def export_index(model: SparCode, item_features: torch.Tensor | None, n_items: i
         sample = torch.randperm(n_codes, generator=gen)[: max(1, min(n_codes, 2_000_000 // n_items))].to(device)
         values = torch.cat([raw(c).reshape(-1) for c in sample.split(chunk)])
         bias = None if density == 1 else -float(torch.quantile(values.float()[:16_000_000], 1 - density))
-    indptr = [torch.zeros(1, dtype=torch.int64)]
+    indptr = [torch.zeros(1, dtype=torch.int64, device=device)]
     items, scores = [], []
     total = 0
     for codes in torch.arange(n_codes, device=device).split(chunk):
@@ -55,13 +60,13 @@ def export_index(model: SparCode, item_features: torch.Tensor | None, n_items: i
             s16 = torch.relu(s + bias).to(torch.float16)
             keep = s16 > 0
         rows, cols = torch.nonzero(keep, as_tuple=True)
-        items.append(cols.to(torch.int32).cpu())
-        scores.append(s16[rows, cols].cpu())
-        counts = torch.bincount(rows, minlength=len(codes)).cpu()
+        items.append(cols.to(torch.int32))
+        scores.append(s16[rows, cols])
+        counts = torch.bincount(rows, minlength=len(codes))
         indptr.append(total + counts.cumsum(0))
         total += int(counts.sum())
     index = CodeIndex.from_postings(torch.cat(indptr), torch.cat(items), torch.cat(scores), n_items,
-                                    codebooks=quantizer.codebooks.detach().cpu().float(),
+                                    codebooks=quantizer.codebooks.detach().float(),
                                     n_tokens=model.encoder.tokenizer.n_tokens)
     report = {"seconds": time.perf_counter() - start, "density": index.nnz / (n_codes * n_items),
               "nnz": index.nnz, "index_bytes": index.nbytes, "bias": bias}

@@ -28,33 +28,59 @@ class ItemTower(nn.Module):
 
 
 class Scorer(nn.Module):
-    """The all-to-all scorer: an MLP over [token ; item vector] -> one score. The first
-    layer is split into a token part and an item part, so each is computed once."""
+    """The all-to-all scorer: an MLP over [token ; item ; token * item] -> one score, plus
+    the plain dot product <token, item> as a residual.
 
-    def __init__(self, dim: int, hidden: tuple[int, ...] = (256, 256, 256)) -> None:
+    The product input and the dot residual are ours, not the paper's: an MLP learns a
+    dot product only slowly (Rendle et al., 2020), and with them the scorer starts from
+    what a two-tower model can express and the MLP learns the rest. ``product=False``
+    gives the paper's plain MLP. The first layer is split into a token part, an item
+    part and the product part, so export computes the first two once per code and once
+    per item.
+    """
+
+    def __init__(self, dim: int, hidden: tuple[int, ...] = (256, 256, 256), product: bool = True) -> None:
         super().__init__()
         self.token_in = nn.Linear(dim, hidden[0])
         self.item_in = nn.Linear(dim, hidden[0], bias=False)
+        self.product_in = nn.Linear(dim, hidden[0], bias=False) if product else None
+        self.dot_scale = dim**-0.5  # unit-variance tokens and embeddings: keep the dot near unit scale
         layers: list[nn.Module] = []
         for a, b in zip(hidden[:-1], hidden[1:]):
             layers += [nn.ReLU(), nn.Linear(a, b)]
         self.rest = nn.Sequential(*layers, nn.ReLU(), nn.Linear(hidden[-1], 1))
+        if product:  # start as the dot product alone; the MLP learns what it cannot express
+            nn.init.zeros_(self.rest[-1].weight)
+            nn.init.zeros_(self.rest[-1].bias)
 
-    def pair(self, token_part: torch.Tensor, item_part: torch.Tensor) -> torch.Tensor:
-        """token_part (..., T, 1, h) + item_part (..., 1, M, h) -> raw scores (..., T, M)."""
-        return self.rest(token_part + item_part).squeeze(-1)
+    def forward(self, tokens: torch.Tensor, items: torch.Tensor, token_part: torch.Tensor | None = None,
+                item_part: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, T, d) with items (M, d) shared by the batch or (B, M, d) per query
+        -> raw scores (B, T, M). ``token_part`` / ``item_part``: precomputed first-layer
+        halves (export passes them to avoid recomputing per chunk)."""
+        token_part = self.token_in(tokens) if token_part is None else token_part
+        item_part = self.item_in(items) if item_part is None else item_part
+        t = tokens.unsqueeze(-2)  # (B, T, 1, d)
+        i = items.unsqueeze(-3) if items.dim() == 3 else items  # (B, 1, M, d) or (M, d)
+        ip = item_part.unsqueeze(-3) if item_part.dim() == 3 else item_part
+        hidden = token_part.unsqueeze(-2) + ip
+        if self.product_in is not None:
+            hidden = hidden + self.product_in(t * i)
+            return self.rest(hidden).squeeze(-1) + (t * i).sum(-1) * self.dot_scale
+        return self.rest(hidden).squeeze(-1)
 
 
 class SparCode(nn.Module):
     """score(q, i) = sum over tokens of ReLU(scorer(quantized token, item) + bias)."""
 
     def __init__(self, data: InteractionData, *, dim: int = 64, n_tokens: int = 4, n_sub: int = 2, n_words: int = 64,
-                 hidden: tuple[int, ...] = (256, 256, 256), bias: float = 0.0, quantize: bool = True) -> None:
+                 hidden: tuple[int, ...] = (256, 256, 256), bias: float = 0.0, quantize: bool = True,
+                 product: bool = True) -> None:
         super().__init__()
         tokenizer = Tokenizer(data.n_items, list(data.user_cardinalities), dim=dim, n_tokens=n_tokens)
         self.encoder = QueryEncoder(tokenizer, ProductQuantizer(dim, n_sub, n_words))
         self.items = ItemTower(data.n_items, data.item_cardinalities, dim)
-        self.scorer = Scorer(dim, hidden)
+        self.scorer = Scorer(dim, tuple(hidden), product)
         self.bias, self.quantize = bias, quantize
 
     def tokens(self, history: torch.Tensor, user_features: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,24 +94,25 @@ class SparCode(nn.Module):
     def score(self, tokens: torch.Tensor, item_vectors: torch.Tensor) -> torch.Tensor:
         """tokens (B, T, d), item_vectors (B, M, d) or (M, d) -> (B, M).
 
-        In training mode the ReLU leaks (slope 0.01): once every (token, item) score of
-        a batch is under the bias, a plain ReLU passes no gradient at all and training
-        stalls, seen on the synthetic demo (an all-zero index after 4 epochs). Serving
-        and export use the plain ReLU, which is what makes the index sparse.
+        Training uses softplus, serving and export the plain ReLU (what makes the index
+        sparse). A plain ReLU in training stalls once every (token, item) score of a
+        batch is under the bias (seen: an all-zero index after 4 epochs on synthetic
+        data). A leaky ReLU was worse: the model learned to rank in the negative region,
+        which serving cuts to 0 (seen on MovieLens-1M: loss falling, every served score 0).
+        Softplus passes a gradient everywhere but saturates at 0 below, so nothing can be
+        ranked there; it differs from the ReLU by at most log 2, at 0.
         """
-        token_part = self.scorer.token_in(tokens).unsqueeze(-2)  # (B, T, 1, h)
-        item_part = self.scorer.item_in(item_vectors)
-        item_part = item_part.unsqueeze(-3) if item_part.dim() == 3 else item_part[None, None]
-        raw = self.scorer.pair(token_part, item_part) + self.bias
-        return (F.leaky_relu(raw, 0.01) if self.training else torch.relu(raw)).sum(1)
+        raw = self.scorer(tokens, item_vectors) + self.bias
+        return (F.softplus(raw) if self.training else torch.relu(raw)).sum(1)
 
 
 class TwoTower(nn.Module):
-    """The same tokenizer, its T tokens mean-pooled into one user vector, dot an item tower."""
+    """The same tokenizer (without the normalisation that only quantization needs), its T
+    tokens mean-pooled into one user vector, dot an item tower."""
 
     def __init__(self, data: InteractionData, *, dim: int = 64, n_tokens: int = 4) -> None:
         super().__init__()
-        self.tokenizer = Tokenizer(data.n_items, list(data.user_cardinalities), dim=dim, n_tokens=n_tokens)
+        self.tokenizer = Tokenizer(data.n_items, list(data.user_cardinalities), dim=dim, n_tokens=n_tokens, normalize=False)
         self.items = ItemTower(data.n_items, data.item_cardinalities, dim)
         self.item_mlp = nn.Sequential(nn.Linear(dim, 256), nn.ReLU(), nn.Linear(256, dim))
 

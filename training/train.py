@@ -1,5 +1,7 @@
-"""Training with sampled softmax: one positive against uniformly sampled negatives,
-Adam, early stopping on validation Recall@20, fixed seeds, a tqdm progress bar."""
+"""Training with sampled softmax: each example's positive against negatives shared by the
+batch (uniform, popularity-sampled or the batch's own positives, the last two with the
+log-Q correction), Adam, early stopping on validation Recall@20, an optional time budget,
+fixed seeds, a tqdm progress bar."""
 
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ from .models import SparCode, TwoTower
 class TrainConfig:
     epochs: int = 20
     batch_size: int = 1024
-    negatives: int = 10
+    negatives: int = 100  # shared by the batch; "in-batch" uses the batch's positives instead
+    sampling: str = "uniform"  # uniform | popularity | in-batch
     lr: float = 1e-3
     commitment: float = 1.0
     l2: float = 1e-6
@@ -30,6 +33,19 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
+    time_budget: float | None = None  # seconds of training; stops after the epoch that crosses it
+
+    def __post_init__(self) -> None:
+        if self.sampling not in SAMPLINGS:
+            raise ValueError(f"sampling: expected one of {', '.join(SAMPLINGS)}, got {self.sampling!r}")
+        for name in ("epochs", "batch_size", "patience"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
+        if self.negatives < 1 and self.sampling != "in-batch":
+            raise ValueError(f"negatives: expected >= 1, got {self.negatives}")
+
+
+SAMPLINGS = ("uniform", "popularity", "in-batch")
 
 
 def history_matrix(train: CSR, n_users: int, length: int, seed: int) -> np.ndarray:
@@ -53,14 +69,52 @@ def tensors(data: InteractionData, cfg: TrainConfig) -> dict[str, torch.Tensor |
     }
 
 
-def logits(model, batch_history, user_feats, candidates, item_features) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, 1 + negatives) scores of the positive (column 0) and negatives, and the aux loss."""
-    vectors = model.items(candidates, item_features)
+def user_side(model, history: torch.Tensor, user_feats: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """TwoTower: (B, d) user vectors; SparCode: (B, T, d) tokens. And the auxiliary loss."""
     if isinstance(model, TwoTower):
-        users = model.user_vectors(batch_history, user_feats)
-        return (model.item_vectors(vectors) * users.unsqueeze(1)).sum(-1), users.new_zeros(())
-    tokens, commit = model.tokens(batch_history, user_feats)
-    return model.score(tokens, vectors), commit
+        users = model.user_vectors(history, user_feats)
+        return users, users.new_zeros(())
+    return model.tokens(history, user_feats)
+
+
+def score_items(model, user: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """user side (B, ...) x item vectors (M, d) shared or (B, M, d) -> (B, M) scores."""
+    if isinstance(model, TwoTower):
+        items = model.item_vectors(vectors)
+        return user @ items.T if items.dim() == 2 else (items * user.unsqueeze(1)).sum(-1)
+    return model.score(user, vectors)
+
+
+class NegativeSampler:
+    """Negatives shared by a batch and the log-Q correction of the logits.
+
+    uniform: ``negatives`` items drawn uniformly (no correction needed: Q is flat);
+    popularity: drawn in proportion to training frequency; in-batch: the batch's own
+    positives. The last two subtract log Q(item) from every logit, so that popular
+    items are not over-penalised (Yi et al., 2019)."""
+
+    def __init__(self, cfg: TrainConfig, train: CSR, n_items: int) -> None:
+        self.cfg, self.n_items = cfg, n_items
+        counts = torch.bincount(torch.from_numpy(train.items), minlength=n_items).double() + 1.0
+        self.q = (counts / counts.sum()).float().to(cfg.device)
+        self.log_q = self.q.log()
+
+    def candidates(self, pos: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        if cfg.sampling == "in-batch":
+            return pos
+        if cfg.sampling == "popularity":
+            return torch.multinomial(self.q, cfg.negatives, replacement=True)
+        return torch.randint(0, self.n_items, (cfg.negatives,), device=cfg.device)
+
+    def loss(self, pos_scores: torch.Tensor, neg_scores: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+        """Softmax cross-entropy of each positive (B,) against the shared negatives (B, M)."""
+        if self.cfg.sampling != "uniform":
+            pos_scores = pos_scores - self.log_q[pos]
+            neg_scores = neg_scores - self.log_q[neg]
+        neg_scores = neg_scores.masked_fill(neg.unsqueeze(0) == pos.unsqueeze(1), float("-inf"))  # not its own positive
+        logits = torch.cat([pos_scores.unsqueeze(1), neg_scores], 1)
+        return F.cross_entropy(logits, torch.zeros(len(pos), dtype=torch.long, device=logits.device))
 
 
 def fit(model: torch.nn.Module, data: InteractionData, cfg: TrainConfig, evaluate) -> dict:
@@ -73,6 +127,7 @@ def fit(model: torch.nn.Module, data: InteractionData, cfg: TrainConfig, evaluat
     users_of = np.repeat(np.arange(data.n_users), data.train.lengths)
     positives = data.train.items
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    sampler = NegativeSampler(cfg, data.train, data.n_items)
     with_valid = np.nonzero(data.valid.lengths)[0]
     valid_users = rng.choice(with_valid, size=min(cfg.valid_users, len(with_valid)), replace=False)
     embeddings = [p for n, p in model.named_parameters() if "embedding" in n or ".ids." in n]
@@ -90,11 +145,12 @@ def fit(model: torch.nn.Module, data: InteractionData, cfg: TrainConfig, evaluat
             pos = torch.from_numpy(positives[idx]).to(cfg.device)
             hist = t["history"][users]
             hist = torch.where(hist == pos.unsqueeze(1), torch.full_like(hist, -1), hist)  # no leaking the target
-            neg = torch.randint(0, data.n_items, (len(idx), cfg.negatives), device=cfg.device)
-            cand = torch.cat([pos.unsqueeze(1), neg], 1)
+            neg = sampler.candidates(pos)
             ufeat = None if t["user_features"] is None else t["user_features"][users]
-            scores, aux = logits(model, hist, ufeat, cand, t["item_features"])
-            loss = F.cross_entropy(scores, torch.zeros(len(idx), dtype=torch.long, device=cfg.device))
+            user, aux = user_side(model, hist, ufeat)
+            pos_scores = score_items(model, user, model.items(pos, t["item_features"]).unsqueeze(1))[:, 0]
+            neg_scores = score_items(model, user, model.items(neg, t["item_features"]))
+            loss = sampler.loss(pos_scores, neg_scores, pos, neg)
             loss = loss + cfg.commitment * aux + cfg.l2 * sum(p.pow(2).sum() for p in embeddings)
             optimizer.zero_grad()
             loss.backward()
@@ -111,23 +167,30 @@ def fit(model: torch.nn.Module, data: InteractionData, cfg: TrainConfig, evaluat
             bad += 1
             if bad >= cfg.patience:
                 break
+        if cfg.time_budget is not None and time.perf_counter() - start >= cfg.time_budget:
+            break
     if best_state is not None:
         model.load_state_dict(best_state)
     return {"epochs": len(history), "best_valid_recall@20": best, "history": history,
             "train_seconds": time.perf_counter() - start}
 
 
-def full_scores(model, data: InteractionData, cfg: TrainConfig, users: np.ndarray, t: dict) -> torch.Tensor:
-    """(len(users), N) scores over every item (exact; for two-tower and all-to-all)."""
+def full_scores(model, data: InteractionData, cfg: TrainConfig, users: np.ndarray, t: dict,
+                budget_bytes: int | None = None) -> torch.Tensor:
+    """(len(users), N) scores over every item (exact; for two-tower and all-to-all), the
+    scorer run on as many users at a time as ``budget_bytes`` of activations allow."""
     with torch.no_grad():
         vectors = model.items(torch.arange(data.n_items, device=cfg.device), t["item_features"])
         u = torch.from_numpy(users).to(cfg.device)
         ufeat = None if t["user_features"] is None else t["user_features"][u]
         if isinstance(model, TwoTower):
             return model.user_vectors(t["history"][u], ufeat) @ model.item_vectors(vectors).T
+        width = model.scorer.token_in.out_features + vectors.shape[1]
+        budget_bytes = budget_bytes or (4 * 2**30 if vectors.is_cuda else 2**30)
+        step = max(1, budget_bytes // (model.encoder.tokenizer.n_tokens * data.n_items * width * 4 * 3))
         out = []
-        for lo in range(0, len(users), 64):
-            tokens, _ = model.tokens(t["history"][u[lo : lo + 64]], None if ufeat is None else ufeat[lo : lo + 64])
+        for lo in range(0, len(users), step):
+            tokens, _ = model.tokens(t["history"][u[lo : lo + step]], None if ufeat is None else ufeat[lo : lo + step])
             out.append(model.score(tokens, vectors))
         return torch.cat(out)
 

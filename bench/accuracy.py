@@ -1,0 +1,196 @@
+"""Accuracy on record: train SparCode, TwoTower and AllToAll on one dataset with the same
+tokenizer and budget, evaluate them as ../shared/data/README.md defines (full ranking,
+training items excluded), and write ``accuracy-<dataset>.json``.
+
+    python -m sparcode.bench.accuracy --dataset gowalla --path ../shared/data/gowalla_m1 --out bench/results
+    python -m sparcode.bench.accuracy --dataset ml-1m --path ../shared/data/ml-1m --out bench/results
+    python -m sparcode.bench.accuracy --dataset synthetic --out bench/results
+
+SparCode is measured through its exported index and ``Engine.search`` (what is served is
+what is measured); TwoTower by exact maximum inner product over all items; AllToAll by
+scoring every item for a seeded sample of users. ``--densities`` adds the sparsity curve:
+the same SparCode model exported at each target density (1 = every raw score kept, no
+ReLU: the unsparsified model) and searched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from dataclasses import asdict
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from sparcode.engine import Engine
+from sparcode.training.checkpoint import load_data
+from sparcode.training.evaluate import evaluate_engine, evaluate_exact
+from sparcode.training.export import export_index
+from sparcode.training.train import TrainConfig, fit, make_model, tensors, validator
+
+from .harness import device_label
+
+DATASETS = {  # name -> (loader name, headline metric)
+    "gowalla": ("bars", "recall@20"),
+    "ml-1m": ("ml-1m", "recall@50"),
+    "ml-100k": ("ml-100k", "recall@20"),
+    "synthetic": ("synthetic", "recall@20"),
+}
+REFERENCES = {  # ../shared/data/README.md: the BARS leaderboard on gowalla_m1
+    "gowalla": {"source": "BARS leaderboard (../shared/data/README.md)",
+                "YoutubeDNN": {"recall@20": 0.1754, "ndcg@20": 0.1473, "recall@50": 0.2711, "ndcg@50": 0.1772},
+                "MF-BPR": {"recall@20": 0.1627, "ndcg@20": 0.1378},
+                "LightGCN": {"recall@20": 0.1820, "ndcg@20": 0.1547},
+                "SimpleX": {"recall@20": 0.1872, "ndcg@20": 0.1557, "recall@50": 0.2874, "ndcg@50": 0.1868}},
+}
+METRICS = [f"{m}@{k}" for m in ("recall", "ndcg", "precision", "hitrate") for k in (10, 20, 50)]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="accuracy of SparCode, TwoTower and AllToAll on one dataset")
+    p.add_argument("--dataset", required=True, choices=list(DATASETS))
+    p.add_argument("--path", type=Path, default=None, help="dataset directory (not needed for synthetic)")
+    p.add_argument("--out", type=Path, required=True, help="directory for accuracy-<dataset>.json")
+    p.add_argument("--models", nargs="+", default=["two_tower", "sparcode", "all_to_all"],
+                   choices=["two_tower", "sparcode", "all_to_all"])
+    p.add_argument("--device", default=None)
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--time-budget", type=float, default=None, help="training seconds per model (same for all)")
+    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--negatives", type=int, default=100)
+    p.add_argument("--sampling", default="uniform", choices=["uniform", "popularity", "in-batch"])
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--patience", type=int, default=5)
+    p.add_argument("--tokens", type=int, default=4)
+    p.add_argument("--codewords", type=int, default=None, help="C per sub-codebook (default 256 on CUDA, 64 on CPU)")
+    p.add_argument("--hidden", type=int, nargs="+", default=[256, 256, 256], help="scorer MLP widths")
+    p.add_argument("--all-to-all-sample", type=int, default=5000, help="users scored exactly for AllToAll")
+    p.add_argument("--density", type=float, default=None,
+                   help="SparCode export: target density (default: the model's own ReLU bias)")
+    p.add_argument("--densities", type=float, nargs="*", default=[], help="sparsity curve: target densities")
+    p.add_argument("--synthetic-size", type=int, nargs=2, default=[2000, 800], metavar=("USERS", "ITEMS"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> dict:
+    started = time.perf_counter()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 products: the scorer MLP dominates
+        torch.backends.cudnn.allow_tf32 = True
+    codewords = args.codewords or (256 if device == "cuda" else 64)
+    loader, headline = DATASETS[args.dataset]
+    data = load_data(loader, args.path, args.seed, tuple(args.synthetic_size))
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, negatives=args.negatives, sampling=args.sampling,
+                      lr=args.lr, patience=args.patience, seed=args.seed, device=device, progress=not args.no_progress,
+                      time_budget=args.time_budget)
+    model_kwargs = {"n_tokens": args.tokens, "n_words": codewords, "hidden": tuple(args.hidden)}
+    validate = validator(data, cfg)
+    report: dict = {"dataset": args.dataset, "command": "python -m sparcode.bench.accuracy " + shlex.join(argv),
+                    "date": date.today().isoformat(), "device": device_label(device), "torch": torch.__version__,
+                    "seed": args.seed, "headline_metric": headline,
+                    "data": {"users": data.n_users, "items": data.n_items, "train": int(data.train.items.size),
+                             "valid": int(data.valid.items.size), "test": int(data.test.items.size)},
+                    "config": {"train": asdict(cfg), "model": {**model_kwargs, "codes": codewords**2}}, "models": {}}
+    if args.dataset in REFERENCES:
+        report["references"] = REFERENCES[args.dataset]
+    for kind in args.models:
+        torch.manual_seed(args.seed)
+        model = make_model(kind, data, **({"n_tokens": args.tokens} if kind == "two_tower" else model_kwargs))
+        info = fit(model, data, cfg, validate)
+        model.eval()
+        entry = {"epochs": info["epochs"], "train_seconds": info["train_seconds"],
+                 "best_valid_recall@20": info["best_valid_recall@20"], "valid_history": info["history"]}
+        if kind == "sparcode":
+            item_features = tensors(data, cfg)["item_features"]
+            index, export = export_index(model, item_features, data.n_items, density=args.density, seed=args.seed)
+            metrics = evaluate_engine(Engine(index, model.encoder), model, data, cfg)
+            entry.update(export_seconds=export["seconds"], density=export["density"], index_bytes=export["index_bytes"],
+                         nnz=export["nnz"], bias=export["bias"], target_density=args.density)
+            del index
+        elif kind == "all_to_all":
+            metrics = evaluate_exact(model, data, cfg, sample=args.all_to_all_sample, seed=args.seed)
+        else:
+            metrics = evaluate_exact(model, data, cfg)
+        entry.update({k: metrics[k] for k in METRICS}, queries_per_s=metrics["queries_per_s"])
+        if kind == "all_to_all":
+            entry["sample_users"] = metrics["sample_users"]
+        report["models"][kind] = entry
+        print(f"[accuracy] {args.dataset} {kind}: {headline} {metrics[headline]:.4f} recall@20 {metrics['recall@20']:.4f} "
+              f"({info['epochs']} epochs, {info['train_seconds']:.0f} s)", flush=True)
+        write(args.out, report, started)  # after every model: an interrupted run keeps what finished
+        if kind == "sparcode" and args.densities:
+            sparsity_curve(args, model, data, cfg, tensors(data, cfg)["item_features"], report, started)
+        del model
+    return report
+
+
+def sparsity_curve(args, model, data, cfg, item_features, report: dict, started: float) -> list[dict]:
+    """The same model exported at each target density and searched; a point that fails
+    (out of memory, say) is recorded with its error instead of ending the run."""
+    curve: list[dict] = []
+    for density in args.densities:
+        try:
+            index, export = export_index(model, item_features, data.n_items, density=density, seed=args.seed)
+            m = evaluate_engine(Engine(index, model.encoder), model, data, cfg)
+            del index
+            curve.append({"target_density": density, "density": export["density"], "index_bytes": export["index_bytes"],
+                          "bias": export["bias"], "export_seconds": export["seconds"],
+                          **{k: m[k] for k in ("recall@20", "ndcg@20", "recall@50")}, "queries_per_s": m["queries_per_s"]})
+        except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+            curve.append({"target_density": density, "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        print(f"[accuracy] density {density:g}: {curve[-1]}", flush=True)
+        report["sparsity_curve"] = curve
+        write(args.out, report, started)
+    return curve
+
+
+def write(out: Path, report: dict, started: float) -> None:
+    report["wall_seconds"] = time.perf_counter() - started
+    out.mkdir(parents=True, exist_ok=True)
+    file = out / f"accuracy-{report['dataset']}.json"
+    tmp = file.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(file)
+
+
+def table(report: dict) -> str:
+    lines = [f"{report['dataset']} on {report['device']}",
+             f"{'model':<12}{'Recall@20':>10}{'NDCG@20':>9}{'Recall@50':>10}{'NDCG@50':>9}  note"]
+    for name, m in report["models"].items():
+        note = f"{m['epochs']} epochs"
+        if "density" in m:
+            note += f", density {m['density']:.2%}, {m['index_bytes'] / 2**20:.0f} MB"
+        if "sample_users" in m:
+            note += f", {m['sample_users']} users sampled"
+        lines.append(f"{name:<12}{m['recall@20']:>10.4f}{m['ndcg@20']:>9.4f}{m['recall@50']:>10.4f}{m['ndcg@50']:>9.4f}  {note}")
+    for point in report.get("sparsity_curve", []):
+        if "error" in point:
+            lines.append(f"  density {point['target_density']:g}: {point['error']}")
+            continue
+        lines.append(f"  density {point['density']:.4%}: Recall@20 {point['recall@20']:.4f}, "
+                     f"{point['index_bytes'] / 2**20:.1f} MB")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.dataset != "synthetic" and args.path is None:
+        print(f"accuracy: --path: the {args.dataset} dataset directory is needed", file=sys.stderr)
+        return 2
+    report = run(args, argv)
+    print(table(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Accuracy runs on the lent GPU, one call per dataset: trains TwoTower, SparCode and
+# AllToAll with the same per-model time budget and writes $OUT/accuracy-<dataset>.json
+# (then commit it under bench/results/). The datasets are read from $DATA (default
+# ../shared/data; on the device machine a carried .data/<name> path, never committed).
+#   OUT=/tmp/acc bash bench/accuracy_gpu.sh ml-1m
+#   OUT=/tmp/acc bash bench/accuracy_gpu.sh gowalla
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/out}"
+DATA="${DATA:-../shared/data}"
+mkdir -p "$OUT"
+PY=$(command -v python3 || command -v python)
+"$PY" -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || {
+  echo "accuracy_gpu: install failed, see $OUT/install.log"; tail -5 "$OUT/install.log"; exit 1; }
+"$PY" -c "import torch; print('device:', torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU (no CUDA)')"
+status=0
+for dataset in "$@"; do
+  case "$dataset" in
+    ml-1m) args=(--path "$DATA/ml-1m" --time-budget "${BUDGET:-35}" --density 0.1) ;;
+    gowalla) args=(--path "$DATA/gowalla_m1" --time-budget "${BUDGET:-75}" --density 0.01 --densities 1 0.1 0.001) ;;
+    synthetic) args=(--time-budget "${BUDGET:-30}") ;;
+    *) echo "accuracy_gpu: unknown dataset $dataset"; exit 2 ;;
+  esac
+  "$PY" -m sparcode.bench.accuracy --dataset "$dataset" --out "$OUT" --negatives 100 --no-progress \
+    "${args[@]}" ${EXTRA:-} 2>&1 | grep -v "Warning" | tee "$OUT/accuracy-$dataset.log" | tail -20
+  status=$((status | PIPESTATUS[0]))
+done
+exit $status

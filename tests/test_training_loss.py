@@ -1,0 +1,109 @@
+"""Training internals: negative sampling and its log-Q correction, the training and
+serving activations, the scorer's starting point, the validation split, and the
+accuracy runner end to end on tiny synthetic data."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sparcode.bench import accuracy
+from sparcode.training import data as datasets
+from sparcode.training.data import CSR
+from sparcode.training.models import Scorer, SparCode
+from sparcode.training.train import NegativeSampler, TrainConfig
+
+
+def test_train_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="sampling: expected one of uniform, popularity, in-batch"):
+        TrainConfig(sampling="hard")
+    with pytest.raises(ValueError, match="negatives: expected >= 1"):
+        TrainConfig(negatives=0)
+    with pytest.raises(ValueError, match="batch_size: expected >= 1"):
+        TrainConfig(batch_size=0)
+    TrainConfig(sampling="in-batch", negatives=0)  # in-batch needs no sampled negatives
+
+
+def test_popularity_sampling_follows_training_frequency():
+    train = CSR.from_lists([np.array([0] * 8 + [1] * 2)])  # item 0: 8 + 1, item 1: 2 + 1, item 2: 0 + 1 (add-one)
+    sampler = NegativeSampler(TrainConfig(negatives=60_000, sampling="popularity"), train, 3)
+    torch.manual_seed(0)
+    counts = torch.bincount(sampler.candidates(torch.tensor([0])), minlength=3).double() / 60_000
+    torch.testing.assert_close(counts, torch.tensor([9 / 13, 3 / 13, 1 / 13], dtype=torch.float64), atol=0.01, rtol=0)
+    assert torch.equal(NegativeSampler(TrainConfig(sampling="in-batch"), train, 3).candidates(torch.tensor([2, 0])),
+                       torch.tensor([2, 0]))
+
+
+@pytest.mark.parametrize("sampling", ["uniform", "popularity", "in-batch"])
+def test_loss_is_softmax_with_log_q_and_own_positive_masked(sampling):
+    train = CSR.from_lists([np.array([0, 0, 0, 1])])
+    sampler = NegativeSampler(TrainConfig(sampling=sampling), train, 3)
+    q = torch.tensor([4 / 7, 2 / 7, 1 / 7])
+    pos = torch.tensor([0, 2])
+    neg = torch.tensor([0, 1, 2])  # holds both positives: each is masked for its own row
+    pos_scores = torch.tensor([1.0, 2.0])
+    neg_scores = torch.tensor([[5.0, 0.5, -1.0], [0.3, 0.2, 9.0]])
+    got = sampler.loss(pos_scores, neg_scores, pos, neg)
+    shift = torch.zeros(3) if sampling == "uniform" else q.log()
+    want = 0.0
+    for r in range(2):
+        logits = [float(pos_scores[r] - shift[pos[r]])]
+        logits += [float(neg_scores[r, j] - shift[neg[j]]) for j in range(3) if neg[j] != pos[r]]
+        want += -logits[0] + math.log(sum(math.exp(v) for v in logits))
+    assert got.item() == pytest.approx(want / 2, rel=1e-5)
+
+
+def test_sparcode_trains_with_softplus_and_serves_with_relu():
+    torch.manual_seed(0)
+    data = datasets.synthetic(40, 30, per_user=8, seed=0)
+    model = SparCode(data, n_words=4, hidden=(16,), quantize=False)
+    tokens, items = torch.randn(3, 4, 64), torch.randn(5, 64)
+    with torch.no_grad():
+        raw = model.scorer(tokens, items)
+        model.train()
+        torch.testing.assert_close(model.score(tokens, items), F.softplus(raw).sum(1))
+        model.eval()
+        torch.testing.assert_close(model.score(tokens, items), torch.relu(raw).sum(1))
+
+
+def test_scorer_starts_as_a_scaled_dot_product_and_has_a_plain_variant():
+    torch.manual_seed(0)
+    tokens, items = torch.randn(2, 3, 8), torch.randn(5, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(Scorer(8, (16, 16))(tokens, items), tokens @ items.T / math.sqrt(8))
+        per_query = torch.randn(2, 5, 8)
+        assert Scorer(8, (16,), product=False)(tokens, per_query).shape == (2, 3, 5)
+        # shared items and the same items given per query score alike
+        scorer = Scorer(8, (16,))
+        torch.nn.init.normal_(scorer.rest[-1].weight)
+        torch.testing.assert_close(scorer(tokens, items), scorer(tokens, items.expand(2, 5, 8)))
+
+
+def test_validation_takes_items_of_at_most_max_users():
+    lists = [np.arange(10) + u for u in range(50)]
+    kept, valid = datasets.split_validation(lists, 0.3, seed=0, max_users=7)
+    assert sum(len(v) > 0 for v in valid) <= 7
+    for original, k, v in zip(lists, kept, valid):
+        assert sorted(np.concatenate([k, v]).tolist()) == original.tolist() and len(k) > 0
+
+
+def test_accuracy_runner_tiny(tmp_path, capsys):
+    argv = ["--dataset", "synthetic", "--out", str(tmp_path), "--epochs", "1", "--hidden", "16", "--negatives", "8",
+            "--synthetic-size", "200", "150", "--codewords", "4", "--density", "0.2", "--densities", "1", "0.05",
+            "--all-to-all-sample", "50", "--no-progress"]
+    assert accuracy.main(argv) == 0
+    report = json.loads((tmp_path / "accuracy-synthetic.json").read_text())
+    assert report["command"].startswith("python -m sparcode.bench.accuracy --dataset synthetic")
+    assert set(report["models"]) == {"two_tower", "sparcode", "all_to_all"}
+    sparcode = report["models"]["sparcode"]
+    assert sparcode["density"] == pytest.approx(0.2, rel=0.05) and sparcode["index_bytes"] > 0
+    assert report["models"]["all_to_all"]["sample_users"] == 50
+    for m in report["models"].values():
+        assert 0 <= m["recall@20"] <= 1 and m["epochs"] == 1
+    curve = report["sparsity_curve"]
+    assert [p["target_density"] for p in curve] == [1.0, 0.05] and curve[0]["density"] == 1.0
+    assert curve[0]["index_bytes"] > curve[1]["index_bytes"]
+    assert "two_tower" in capsys.readouterr().out
