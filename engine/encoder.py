@@ -5,11 +5,13 @@ T token embeddings and quantizes each with a product quantizer shared by all tok
 P sub-vectors, each replaced by its nearest of C codewords (L2), so a token's code is
 one of V = C**P. Training updates the codebooks by EMA (decay 0.99, eps 1e-5) with
 straight-through gradients, a commitment loss, and restarts of dead codewords from
-batch vectors; the codebooks start from k-means on the first batch.
+batch vectors; the codebooks start from k-means on the first batch (faiss when
+installed, torch otherwise).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -90,18 +92,40 @@ class ProductQuantizer(nn.Module):
     def _kmeans_init(self, z: torch.Tensor, iters: int = 10) -> None:
         sub = z.reshape(-1, self.n_sub, self.sub_dim)
         for p in range(self.n_sub):
-            x = sub[:, p]
-            centers = x[torch.randint(0, x.shape[0], (self.n_words,), device=x.device)].clone()
-            for _ in range(iters):
-                assign = torch.cdist(x, centers).argmin(1)
-                counts = torch.bincount(assign, minlength=self.n_words).to(x.dtype)
-                sums = torch.zeros_like(centers).index_add_(0, assign, x)
-                filled = counts > 0
-                centers[filled] = sums[filled] / counts[filled].unsqueeze(1)
+            centers = kmeans(sub[:, p], self.n_words, iters)
             self.codebooks[p].copy_(centers)
             self.embed_sum[p].copy_(centers)
             self.cluster_size[p].fill_(1.0)
         self.initialized.fill_(True)
+
+
+def kmeans(x: torch.Tensor, k: int, iters: int = 10, seed: int = 0) -> torch.Tensor:
+    """(k, d) centres of ``x`` (n, d): faiss k-means (best of 3 starts) when faiss is
+    installed and there are at least k points, else Lloyd's iterations in torch from a
+    k-means++ start."""
+    try:
+        import faiss  # optional (the cpu extra); serving never gets here
+    except ImportError:
+        faiss = None
+    if faiss is not None and x.shape[0] >= k:
+        km = faiss.Kmeans(x.shape[1], k, niter=iters, seed=seed, nredo=3, verbose=False)
+        km.train(np.ascontiguousarray(x.detach().cpu().float().numpy()))
+        return torch.from_numpy(km.centroids).to(x)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    picks = [int(torch.randint(0, x.shape[0], (1,), generator=gen))]
+    nearest = torch.cdist(x, x[picks[0]].unsqueeze(0)).squeeze(1).pow(2)
+    for _ in range(1, k):  # k-means++: each next start drawn in proportion to squared distance
+        weights = nearest.cpu() if float(nearest.sum()) > 0 else torch.ones(x.shape[0])
+        picks.append(int(torch.multinomial(weights, 1, generator=gen)))
+        nearest = torch.minimum(nearest, torch.cdist(x, x[picks[-1]].unsqueeze(0)).squeeze(1).pow(2))
+    centers = x[picks].clone()
+    for _ in range(iters):
+        assign = torch.cdist(x, centers).argmin(1)
+        counts = torch.bincount(assign, minlength=k).to(x.dtype)
+        sums = torch.zeros_like(centers).index_add_(0, assign, x)
+        filled = counts > 0
+        centers[filled] = sums[filled] / counts[filled].unsqueeze(1)
+    return centers
 
 
 class Tokenizer(nn.Module):

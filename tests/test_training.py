@@ -169,3 +169,21 @@ def test_train_export_evaluate_commands(tmp_path, capsys):
     assert 0 <= metrics["recall@20"] <= 1 and metrics["users"] > 0
     assert main(["evaluate", str(ckpt)]) == 2  # SparCode is evaluated through its index
     assert "--index" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("use_faiss", [True, False])
+def test_kmeans_finds_separated_clusters(use_faiss, monkeypatch):
+    import sys
+
+    from sparcode.engine.encoder import kmeans
+
+    if use_faiss:
+        pytest.importorskip("faiss")
+    else:
+        monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss now raises ImportError
+    torch.manual_seed(0)
+    truth = torch.tensor([[10.0, 0.0], [-10.0, 0.0], [0.0, 10.0], [0.0, -10.0]])
+    x = (truth.repeat(100, 1) + 0.1 * torch.randn(400, 2))[torch.randperm(400)]
+    found = kmeans(x, 4, iters=20)
+    assert found.shape == (4, 2) and found.dtype == x.dtype
+    assert (torch.cdist(truth, found).min(1).values < 0.5).all()

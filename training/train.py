@@ -138,8 +138,8 @@ def fit(model: torch.nn.Module, data: InteractionData, cfg: TrainConfig, evaluat
         order = rng.permutation(len(positives))
         bar = tqdm(range(0, len(order), cfg.batch_size), desc=f"{type(model).__name__} epoch {epoch + 1}",
                    disable=not cfg.progress, unit="batch", leave=False)
-        seen = 0
-        for lo in bar:
+        seen, loss_sum = 0, torch.zeros((), device=cfg.device)
+        for step, lo in enumerate(bar):
             idx = order[lo : lo + cfg.batch_size]
             users = torch.from_numpy(users_of[idx]).to(cfg.device)
             pos = torch.from_numpy(positives[idx]).to(cfg.device)
@@ -156,10 +156,13 @@ def fit(model: torch.nn.Module, data: InteractionData, cfg: TrainConfig, evaluat
             loss.backward()
             optimizer.step()
             seen += len(idx)
-            bar.set_postfix(loss=f"{loss.item():.3f}", ex_s=f"{seen / max(1e-9, bar.format_dict['elapsed']):,.0f}")
+            loss_sum += loss.detach()
+            if cfg.progress and step % 20 == 0:  # reading the loss waits for the device: not every step
+                bar.set_postfix(loss=f"{loss.item():.3f}", ex_s=f"{seen / max(1e-9, bar.format_dict['elapsed']):,.0f}")
         model.eval()
         metrics = evaluate(model, valid_users, data.valid)
-        history.append({"epoch": epoch + 1, "valid_recall@20": metrics["recall@20"], "loss": float(loss.item())})
+        history.append({"epoch": epoch + 1, "valid_recall@20": metrics["recall@20"],
+                        "loss": float(loss_sum) / max(1, step + 1)})  # mean training loss of the epoch
         if metrics["recall@20"] > best:
             best, bad = metrics["recall@20"], 0
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
