@@ -28,7 +28,7 @@ import torch
 
 from sparcode.engine import Engine
 from sparcode.training.checkpoint import load_data
-from sparcode.training.evaluate import evaluate_engine, evaluate_exact
+from sparcode.training.evaluate import encode_users, evaluate_engine, evaluate_exact
 from sparcode.training.export import export_index
 from sparcode.training.train import TrainConfig, fit, make_model, tensors, validator
 
@@ -92,6 +92,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
                       time_budget=args.time_budget)
     model_kwargs = {"n_tokens": args.tokens, "n_words": codewords, "hidden": tuple(args.hidden)}
     validate = validator(data, cfg)
+    item_features = tensors(data, cfg)["item_features"]
     report: dict = {"dataset": args.dataset, "command": "python -m sparcode.bench.accuracy " + shlex.join(argv),
                     "date": date.today().isoformat(), "device": device_label(device), "torch": torch.__version__,
                     "seed": args.seed, "headline_metric": headline,
@@ -108,37 +109,36 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         entry = {"epochs": info["epochs"], "train_seconds": info["train_seconds"],
                  "best_valid_recall@20": info["best_valid_recall@20"], "valid_history": info["history"]}
         if kind == "sparcode":
-            item_features = tensors(data, cfg)["item_features"]
+            codes = encode_users(model, data, cfg)  # shared by the headline index and the curve
             index, export = export_index(model, item_features, data.n_items, density=args.density, seed=args.seed)
-            metrics = evaluate_engine(Engine(index, model.encoder), model, data, cfg)
+            metrics = evaluate_engine(Engine(index, model.encoder), codes, data)
             entry.update(export_seconds=export["seconds"], density=export["density"], index_bytes=export["index_bytes"],
                          nnz=export["nnz"], bias=export["bias"], target_density=args.density)
             del index
         elif kind == "all_to_all":
             metrics = evaluate_exact(model, data, cfg, sample=args.all_to_all_sample, seed=args.seed)
+            entry["sample_users"] = metrics["sample_users"]
         else:
             metrics = evaluate_exact(model, data, cfg)
         entry.update({k: metrics[k] for k in METRICS}, queries_per_s=metrics["queries_per_s"])
-        if kind == "all_to_all":
-            entry["sample_users"] = metrics["sample_users"]
         report["models"][kind] = entry
         print(f"[accuracy] {args.dataset} {kind}: {headline} {metrics[headline]:.4f} recall@20 {metrics['recall@20']:.4f} "
               f"({info['epochs']} epochs, {info['train_seconds']:.0f} s)", flush=True)
         write(args.out, report, started)  # after every model: an interrupted run keeps what finished
         if kind == "sparcode" and args.densities:
-            sparsity_curve(args, model, data, cfg, tensors(data, cfg)["item_features"], report, started)
+            sparsity_curve(args, model, data, codes, item_features, report, started)
         del model
     return report
 
 
-def sparsity_curve(args, model, data, cfg, item_features, report: dict, started: float) -> list[dict]:
+def sparsity_curve(args, model, data, codes, item_features, report: dict, started: float) -> list[dict]:
     """The same model exported at each target density and searched; a point that fails
     (out of memory, say) is recorded with its error instead of ending the run."""
     curve: list[dict] = []
     for density in args.densities:
         try:
             index, export = export_index(model, item_features, data.n_items, density=density, seed=args.seed)
-            m = evaluate_engine(Engine(index, model.encoder), model, data, cfg)
+            m = evaluate_engine(Engine(index, model.encoder), codes, data)
             del index
             curve.append({"target_density": density, "density": export["density"], "index_bytes": export["index_bytes"],
                           "bias": export["bias"], "export_seconds": export["seconds"],

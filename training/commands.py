@@ -70,7 +70,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if device == "cpu" and args.model != "two_tower" and data.train.items.size > 100_000:
         print(f"train: {data.name} has {data.train.items.size:,} training interactions; the scorer runs on every "
               f"(token, item) pair, so on a CPU an epoch takes long (MovieLens-1M with --hidden 64 64 "
-              f"--negatives 20: ~3 min per epoch on 2 cores). A GPU (--device cuda) or --time-budget is advised.", file=sys.stderr)
+              f"--negatives 20: ~3 min per epoch on 2 cores). A GPU (--device cuda) or --time-budget is advised.",
+              file=sys.stderr)
     torch.manual_seed(args.seed)
     model = make_model(args.model, data, **kwargs)
     info = fit(model, data, cfg, validator(data, cfg))

@@ -36,12 +36,14 @@ def seen_items(data: InteractionData) -> list[np.ndarray]:
 
 
 def evaluate_index(model: SparCode, data: InteractionData, index_path: Path, cfg: TrainConfig, k: int = 50) -> dict:
-    return evaluate_engine(Engine.load(index_path, device=cfg.device), model, data, cfg, k)
+    return evaluate_engine(Engine.load(index_path, device=cfg.device), encode_users(model, data, cfg), data, k)
 
 
-def evaluate_engine(engine: Engine, model: SparCode, data: InteractionData, cfg: TrainConfig, k: int = 50) -> dict:
-    """Every user's top k through ``engine.search`` (train and validation items excluded)."""
-    codes = torch.from_numpy(encode_users(model, data, cfg)).to(engine.index.device)
+def evaluate_engine(engine: Engine, codes: np.ndarray, data: InteractionData, k: int = 50) -> dict:
+    """Every user's top k through ``engine.search`` with their (U, T) ``codes`` (from
+    ``encode_users``; one encoding serves several indexes), train and validation items
+    excluded."""
+    codes = torch.from_numpy(codes).to(engine.index.device)
     seen = seen_items(data)
     start = time.perf_counter()
     ids = engine.search(codes, k=k, exclude=seen).ids.cpu().numpy()

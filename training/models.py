@@ -64,10 +64,10 @@ class Scorer(nn.Module):
         i = items.unsqueeze(-3) if items.dim() == 3 else items  # (B, 1, M, d) or (M, d)
         ip = item_part.unsqueeze(-3) if item_part.dim() == 3 else item_part
         hidden = token_part.unsqueeze(-2) + ip
-        if self.product_in is not None:
-            hidden = hidden + self.product_in(t * i)
-            return self.rest(hidden).squeeze(-1) + (t * i).sum(-1) * self.dot_scale
-        return self.rest(hidden).squeeze(-1)
+        if self.product_in is None:
+            return self.rest(hidden).squeeze(-1)
+        product = t * i  # (B, T, M, d): the largest tensor here, made once
+        return self.rest(hidden + self.product_in(product)).squeeze(-1) + product.sum(-1) * self.dot_scale
 
 
 class SparCode(nn.Module):
