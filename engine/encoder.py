@@ -61,7 +61,7 @@ class ProductQuantizer(nn.Module):
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(quantized with straight-through gradient, codes, commitment loss)."""
         if self.training and not bool(self.initialized):
-            self._kmeans_init(z.detach())
+            self.initialize(z.detach())
         words = self.assign(z.detach())
         quantized = self.lookup(words)
         commit = F.mse_loss(z, quantized.detach())
@@ -89,7 +89,9 @@ class ProductQuantizer(nn.Module):
                 self.cluster_size[p][dead] = 1.0
 
     @torch.no_grad()
-    def _kmeans_init(self, z: torch.Tensor, iters: int = 10) -> None:
+    def initialize(self, z: torch.Tensor, iters: int = 10) -> None:
+        """Codebooks from k-means over token vectors ``z`` (..., dim): the first training
+        batch's by default, or a larger sample after an unquantized warm-up."""
         sub = z.reshape(-1, self.n_sub, self.sub_dim)
         for p in range(self.n_sub):
             centers = kmeans(sub[:, p], self.n_words, iters)

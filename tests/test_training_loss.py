@@ -1,6 +1,6 @@
 """Training internals: negative sampling and its log-Q correction, the training and
-serving activations, the scorer's starting point, the validation split, and the
-accuracy runner end to end on tiny synthetic data."""
+serving activations, the scorer's starting point, the unquantized warm-up, the validation
+split, and the accuracy runner end to end on tiny synthetic data."""
 
 import json
 import math
@@ -14,7 +14,7 @@ from sparcode.bench import accuracy
 from sparcode.training import data as datasets
 from sparcode.training.data import CSR
 from sparcode.training.models import Scorer, SparCode
-from sparcode.training.train import NegativeSampler, TrainConfig
+from sparcode.training.train import NegativeSampler, TrainConfig, fit
 
 
 def test_train_config_rejects_bad_values():
@@ -107,3 +107,37 @@ def test_accuracy_runner_tiny(tmp_path, capsys):
     assert [p["target_density"] for p in curve] == [1.0, 0.05] and curve[0]["density"] == 1.0
     assert curve[0]["index_bytes"] > curve[1]["index_bytes"]
     assert "two_tower" in capsys.readouterr().out
+
+
+def test_warmup_trains_unquantized_then_starts_codebooks_from_learned_tokens(monkeypatch):
+    torch.manual_seed(0)
+    data = datasets.synthetic(60, 40, per_user=8, seed=0)
+    model = SparCode(data, n_words=4, hidden=(16,))
+    seen: list[bool] = []  # quantize flag at each scorer call in training
+    original = model.score
+    monkeypatch.setattr(model, "score", lambda tokens, items: (seen.append(model.quantize), original(tokens, items))[1])
+    initialized_from: list[int] = []
+    init = model.encoder.quantizer.initialize
+    monkeypatch.setattr(model.encoder.quantizer, "initialize", lambda z: (initialized_from.append(z.numel()), init(z))[1])
+    cfg = TrainConfig(epochs=3, warmup=2, batch_size=32, negatives=5, progress=False, patience=1)
+    calls_per_epoch = 2 * -(-len(data.train.items) // 32)  # positives and negatives per step
+    validated = []
+    info = fit(model, data, cfg, lambda m, users, truth: validated.append(m.quantize) or {"recall@20": 0.0})
+    assert seen[: 2 * calls_per_epoch] == [False] * (2 * calls_per_epoch)
+    assert seen[2 * calls_per_epoch:] == [True] * calls_per_epoch and model.quantize
+    assert initialized_from == [data.n_users * 4 * 64]  # every user's 4 tokens, once, at the switch
+    assert [h.get("warmup", False) for h in info["history"]] == [True, True, False]
+    assert validated == [False, False, True]  # patience 1 did not stop the run in the warm-up
+    assert info["best_valid_recall@20"] == 0.0  # the best state is a quantized one
+
+
+def test_warmup_must_leave_quantized_epochs():
+    with pytest.raises(ValueError, match="warmup"):
+        TrainConfig(epochs=3, warmup=3)
+    torch.manual_seed(0)
+    data = datasets.synthetic(60, 40, per_user=8, seed=0)
+    model = SparCode(data, n_words=4, hidden=(16,))
+    cfg = TrainConfig(epochs=5, warmup=4, batch_size=64, negatives=5, progress=False, time_budget=1e-9)
+    info = fit(model, data, cfg, lambda m, users, truth: {"recall@20": 0.0})
+    # half the budget was spent before the first epoch: quantized from the start, then out of time
+    assert info["epochs"] == 1 and "warmup" not in info["history"][0] and model.quantize

@@ -24,6 +24,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--negatives", type=int, default=100, help="negatives shared by each batch")
     train.add_argument("--sampling", default="uniform", choices=["uniform", "popularity", "in-batch"],
                        help="how negatives are drawn (popularity and in-batch get the log-Q correction)")
+    train.add_argument("--warmup", type=int, default=0, help="sparcode: epochs without quantization first")
     train.add_argument("--time-budget", type=float, default=None, help="stop after the epoch that passes this many seconds")
     train.add_argument("--tokens", type=int, default=4, help="T")
     train.add_argument("--codewords", type=int, default=64, help="C per sub-codebook (V = C**2)")
@@ -66,7 +67,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     kwargs = ({"n_tokens": args.tokens} if args.model == "two_tower"
               else {"n_tokens": args.tokens, "n_words": args.codewords, "hidden": list(args.hidden)})
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, negatives=args.negatives, sampling=args.sampling,
-                      lr=args.lr, seed=args.seed, device=device, progress=not args.no_progress, time_budget=args.time_budget)
+                      lr=args.lr, seed=args.seed, device=device, progress=not args.no_progress, time_budget=args.time_budget,
+                      warmup=args.warmup)
     if device == "cpu" and args.model != "two_tower" and data.train.items.size > 100_000:
         print(f"train: {data.name} has {data.train.items.size:,} training interactions; the scorer runs on every "
               f"(token, item) pair, so on a CPU an epoch takes long (MovieLens-1M with --hidden 64 64 "

@@ -34,6 +34,7 @@ class TrainConfig:
     device: str = "cpu"
     progress: bool = True
     time_budget: float | None = None  # seconds of training; stops after the epoch that crosses it
+    warmup: int = 0  # SparCode: epochs without quantization first (ends early at half the time budget)
 
     def __post_init__(self) -> None:
         if self.sampling not in SAMPLINGS:
@@ -43,6 +44,8 @@ class TrainConfig:
                 raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
         if self.negatives < 1 and self.sampling != "in-batch":
             raise ValueError(f"negatives: expected >= 1, got {self.negatives}")
+        if not 0 <= self.warmup < self.epochs:
+            raise ValueError(f"warmup: expected 0 <= warmup < epochs ({self.epochs}), got {self.warmup}")
 
 
 SAMPLINGS = ("uniform", "popularity", "in-batch")
@@ -117,9 +120,27 @@ class NegativeSampler:
         return F.cross_entropy(logits, torch.zeros(len(pos), dtype=torch.long, device=logits.device))
 
 
+@torch.no_grad()
+def start_quantizing(model: SparCode, t: dict, cfg: TrainConfig, rng: np.random.Generator, sample: int = 16384) -> None:
+    """End the warm-up: codebooks from k-means over the tokens of a sample of users (the
+    tokenizer has learned what to say by now, so the codewords start where the tokens are)."""
+    users = torch.from_numpy(np.sort(rng.choice(len(t["history"]), size=min(sample, len(t["history"])), replace=False)))
+    users = users.to(cfg.device)
+    model.eval()
+    z = model.encoder.tokenizer(t["history"][users], None if t["user_features"] is None else t["user_features"][users])
+    model.encoder.quantizer.initialize(z)
+    model.quantize = True
+
+
 def fit(model: torch.nn.Module, data: InteractionData, cfg: TrainConfig, evaluate) -> dict:
     """Train ``model``; ``evaluate(model, users)`` returns validation metrics. Keeps the
-    best state by validation Recall@20."""
+    best state by validation Recall@20.
+
+    SparCode with ``cfg.warmup`` trains unquantized first (the all-to-all model), then
+    starts its codebooks from the learned tokens: straight-through training from the
+    start moves the tokens only as far as the codeword boundaries let the scorer see,
+    and learns several times slower per epoch (NOTES.md). Warm-up epochs are recorded
+    but neither kept as the best state nor counted for early stopping."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     model.to(cfg.device)
@@ -132,8 +153,14 @@ def fit(model: torch.nn.Module, data: InteractionData, cfg: TrainConfig, evaluat
     valid_users = rng.choice(with_valid, size=min(cfg.valid_users, len(with_valid)), replace=False)
     embeddings = [p for n, p in model.named_parameters() if "embedding" in n or ".ids." in n]
     best, best_state, bad, history = -1.0, None, 0, []
+    warm = cfg.warmup if isinstance(model, SparCode) and model.quantize else 0
+    if warm:
+        model.quantize = False
     start = time.perf_counter()
     for epoch in range(cfg.epochs):
+        if warm and (epoch == warm or (cfg.time_budget is not None and time.perf_counter() - start >= cfg.time_budget / 2)):
+            start_quantizing(model, t, cfg, rng)
+            warm = 0
         model.train()
         order = rng.permutation(len(positives))
         bar = tqdm(range(0, len(order), cfg.batch_size), desc=f"{type(model).__name__} epoch {epoch + 1}",
@@ -163,6 +190,9 @@ def fit(model: torch.nn.Module, data: InteractionData, cfg: TrainConfig, evaluat
         metrics = evaluate(model, valid_users, data.valid)
         history.append({"epoch": epoch + 1, "valid_recall@20": metrics["recall@20"],
                         "loss": float(loss_sum) / max(1, step + 1)})  # mean training loss of the epoch
+        if warm:
+            history[-1]["warmup"] = True
+            continue
         if metrics["recall@20"] > best:
             best, bad = metrics["recall@20"], 0
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
