@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from sparcode.engine.encoder import ProductQuantizer
 from sparcode.training import data as datasets
@@ -57,6 +58,18 @@ def test_ml1m_loader(tmp_path):
 def test_synthetic_is_deterministic():
     a, b = datasets.synthetic(50, 40, per_user=10, seed=1), datasets.synthetic(50, 40, per_user=10, seed=1)
     assert np.array_equal(a.train.items, b.train.items) and np.array_equal(a.test.items, b.test.items)
+
+
+def test_synthetic_users_draw_from_their_segments_liked_categories():
+    data, table = datasets.synthetic(400, 300, per_user=10, seed=2), datasets.affinity_table(2)
+    assert table.shape == (256, 256) and (table.sum(1) == 16).all()
+    assert not np.array_equal(table[0], table[1])  # segments differ: a cross, not a popularity ranking
+    segment = data.user_features @ [16, 1]
+    category = data.item_features @ [16, 1]
+    users = np.repeat(np.arange(data.n_users), data.train.lengths)
+    liked = table[segment[users], category[data.train.items]].mean()
+    base = table[segment][:, category].mean()  # share of liked items among all (user, item) pairs
+    assert base < 0.1 and liked > 0.5  # logit +4 for a liked category: most draws are liked
 
 
 def test_metrics_against_hand_computed_cases():
@@ -125,6 +138,14 @@ def test_export_scores_match_the_model_and_density_rule():
         got = torch.zeros(data.n_items)
         got[index.items[lo:hi].long()] = index.scores[lo:hi].float()
         torch.testing.assert_close(got, want.to(torch.float16).float(), rtol=2e-3, atol=1e-5)  # fp16 storage
+    dense, rep = export_index(model, feats, data.n_items, density=1)  # unsparsified: the training activation
+    assert rep["density"] == 1.0 and rep["bias"] is None
+    code = 5
+    with torch.no_grad():
+        want = F.softplus(model.scorer(codes_vec[code][None, None], vectors) + model.bias).reshape(-1)
+    lo, hi = int(dense.indptr[code]), int(dense.indptr[code + 1])
+    assert torch.equal(dense.items[lo:hi].long(), torch.arange(data.n_items))
+    torch.testing.assert_close(dense.scores[lo:hi].float(), want.to(torch.float16).float(), rtol=2e-3, atol=1e-5)
     for target in (0.1, 0.01):
         sparse, rep = export_index(model, feats, data.n_items, density=target)
         assert abs(rep["density"] - target) <= 0.05 * target + 1 / (index.n_codes * data.n_items)

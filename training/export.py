@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 import torch
+import torch.nn.functional as F
 
 from sparcode.engine import CodeIndex
 
@@ -18,8 +19,10 @@ def export_index(model: SparCode, item_features: torch.Tensor | None, n_items: i
     """The index of ReLU(scorer(code vector, item) + b) over all V codes x N items.
 
     ``b`` is the model's bias, or, with ``density``, the bias that keeps that fraction
-    of the scores (estimated from a sample of codes); density 1 keeps every raw score
-    (no ReLU: the unsparsified model). Scores are stored as float16;
+    of the scores (estimated from a sample of codes); density 1 keeps softplus(scorer + b)
+    for every pair: the unsparsified model, the smooth function training optimises
+    (raw scores without an activation rank worse than any sparse index: synthetic
+    Recall@20 0.086 against 0.239 at 10% density, NOTES.md). Scores are stored as float16;
     values that round to 0 are dropped. The first scorer layer is computed once for all
     codes and once for all items. The index is built on the model's device (a GPU
     export stays on the GPU, ready for ``Engine``); ``CodeIndex.save`` writes it out.
@@ -44,17 +47,20 @@ def export_index(model: SparCode, item_features: torch.Tensor | None, n_items: i
     if density is not None:
         if not 0 < density <= 1:
             raise ValueError(f"density: expected a fraction in (0, 1], got {density}")
-        gen = torch.Generator().manual_seed(seed)
-        sample = torch.randperm(n_codes, generator=gen)[: max(1, min(n_codes, 2_000_000 // n_items))].to(device)
-        values = torch.cat([raw(c).reshape(-1) for c in sample.split(chunk)])
-        bias = None if density == 1 else -float(torch.quantile(values.float()[:16_000_000], 1 - density))
+        if density == 1:
+            bias = None
+        else:
+            gen = torch.Generator().manual_seed(seed)
+            sample = torch.randperm(n_codes, generator=gen)[: max(1, min(n_codes, 2_000_000 // n_items))].to(device)
+            values = torch.cat([raw(c).reshape(-1) for c in sample.split(chunk)])
+            bias = -float(torch.quantile(values.float()[:16_000_000], 1 - density))
     indptr = [torch.zeros(1, dtype=torch.int64, device=device)]
     items, scores = [], []
     total = 0
     for codes in torch.arange(n_codes, device=device).split(chunk):
         s = raw(codes)
-        if bias is None:  # density 1: no sparsification, every raw score kept
-            s16 = s.to(torch.float16)
+        if bias is None:  # density 1: no sparsification, the training activation on every pair
+            s16 = F.softplus(s + model.bias).to(torch.float16)
             keep = torch.ones_like(s16, dtype=torch.bool)
         else:
             s16 = torch.relu(s + bias).to(torch.float16)
