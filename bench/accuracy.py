@@ -60,12 +60,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default=None)
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--time-budget", type=float, default=None, help="training seconds per model (same for all)")
+    p.add_argument("--warmup", type=int, default=0, help="SparCode: epochs without quantization first")
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--negatives", type=int, default=100)
     p.add_argument("--sampling", default="uniform", choices=["uniform", "popularity", "in-batch"])
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--patience", type=int, default=5)
     p.add_argument("--tokens", type=int, default=4)
+    p.add_argument("--dim", type=int, default=64, help="token and item embedding size (all models)")
     p.add_argument("--codewords", type=int, default=None, help="C per sub-codebook (default 256 on CUDA, 64 on CPU)")
     p.add_argument("--hidden", type=int, nargs="+", default=[256, 256, 256], help="scorer MLP widths")
     p.add_argument("--all-to-all-sample", type=int, default=5000, help="users scored exactly for AllToAll")
@@ -89,8 +91,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     data = load_data(loader, args.path, args.seed, tuple(args.synthetic_size))
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, negatives=args.negatives, sampling=args.sampling,
                       lr=args.lr, patience=args.patience, seed=args.seed, device=device, progress=not args.no_progress,
-                      time_budget=args.time_budget)
-    model_kwargs = {"n_tokens": args.tokens, "n_words": codewords, "hidden": tuple(args.hidden)}
+                      time_budget=args.time_budget, warmup=args.warmup)
+    model_kwargs = {"dim": args.dim, "n_tokens": args.tokens, "n_words": codewords, "hidden": tuple(args.hidden)}
     validate = validator(data, cfg)
     item_features = tensors(data, cfg)["item_features"]
     report: dict = {"dataset": args.dataset, "command": "python -m sparcode.bench.accuracy " + shlex.join(argv),
@@ -103,7 +105,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         report["references"] = REFERENCES[args.dataset]
     for kind in args.models:
         torch.manual_seed(args.seed)
-        model = make_model(kind, data, **({"n_tokens": args.tokens} if kind == "two_tower" else model_kwargs))
+        model = make_model(kind, data, **({"dim": args.dim, "n_tokens": args.tokens} if kind == "two_tower" else model_kwargs))
         info = fit(model, data, cfg, validate)
         model.eval()
         entry = {"epochs": info["epochs"], "train_seconds": info["train_seconds"],
