@@ -3,7 +3,7 @@
 # AllToAll with the same per-model time budget and writes $OUT/accuracy-<dataset>.json
 # (then commit it under bench/results/). Default budget 150 s per model, so that one
 # dataset fits one 10-minute call of a 15-minute lease (BUDGET=35 / 75 gave the first,
-# budget-bound run). The datasets are read from $DATA (default ../shared/data; on the
+# budget-bound run). SparCode warms up unquantized for up to half its budget. The datasets are read from $DATA (default ../shared/data; on the
 # device machine a carried .data/<name> path, a link ignored by git, never committed).
 #   OUT=/tmp/acc bash bench/accuracy_gpu.sh ml-1m
 #   OUT=/tmp/acc bash bench/accuracy_gpu.sh gowalla
@@ -19,9 +19,10 @@ PY=$(command -v python3 || command -v python)
 status=0
 for dataset in "$@"; do
   case "$dataset" in
-    ml-1m) args=(--path "$DATA/ml-1m" --time-budget "${BUDGET:-150}" --density 0.1) ;;
-    gowalla) args=(--path "$DATA/gowalla_m1" --time-budget "${BUDGET:-150}" --density 0.01 --densities 1 0.1 0.001) ;;
-    synthetic) args=(--time-budget "${BUDGET:-30}") ;;
+    ml-1m) args=(--path "$DATA/ml-1m" --time-budget "${BUDGET:-150}" --warmup 5 --density 0.1 --densities 1) ;;
+    gowalla) args=(--path "$DATA/gowalla_m1" --time-budget "${BUDGET:-150}" --warmup 5 --density 0.01
+                   --densities 1 0.1 0.001) ;;
+    synthetic) args=(--dim 16 --synthetic-size 3000 1000 --epochs 40 --warmup 8 --time-budget "${BUDGET:-150}") ;;
     *) echo "accuracy_gpu: unknown dataset $dataset"; exit 2 ;;
   esac
   "$PY" -m sparcode.bench.accuracy --dataset "$dataset" --out "$OUT" --negatives 100 --no-progress \
