@@ -105,7 +105,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         report["references"] = REFERENCES[args.dataset]
     for kind in args.models:
         torch.manual_seed(args.seed)
-        model = make_model(kind, data, **({"dim": args.dim, "n_tokens": args.tokens} if kind == "two_tower" else model_kwargs))
+        model = make_model(kind, data, **model_kwargs)
         info = fit(model, data, cfg, validate)
         model.eval()
         entry = {"epochs": info["epochs"], "train_seconds": info["train_seconds"],

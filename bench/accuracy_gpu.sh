@@ -3,8 +3,9 @@
 # AllToAll with the same per-model time budget and writes $OUT/accuracy-<dataset>.json
 # (then commit it under bench/results/). Default budget 150 s per model, so that one
 # dataset fits one 10-minute call of a 15-minute lease (BUDGET=35 / 75 gave the first,
-# budget-bound run). SparCode warms up unquantized for up to half its budget. The datasets are read from $DATA (default ../shared/data; on the
-# device machine a carried .data/<name> path, a link ignored by git, never committed).
+# budget-bound run). SparCode warms up unquantized for up to half its budget. The
+# datasets are read from $DATA (default ../shared/data; on the device machine a carried
+# .data/<name> path, a link ignored by git, never committed).
 #   OUT=/tmp/acc bash bench/accuracy_gpu.sh ml-1m
 #   OUT=/tmp/acc bash bench/accuracy_gpu.sh gowalla
 set -uo pipefail
