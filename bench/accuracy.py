@@ -73,6 +73,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--all-to-all-sample", type=int, default=5000, help="users scored exactly for AllToAll")
     p.add_argument("--density", type=float, default=None,
                    help="SparCode export: target density (default: the model's own ReLU bias)")
+    p.add_argument("--train-density", type=float, default=None,
+                   help="SparCode: train for an index of this density (the bias follows a score quantile)")
     p.add_argument("--densities", type=float, nargs="*", default=[], help="sparsity curve: target densities")
     p.add_argument("--synthetic-size", type=int, nargs=2, default=[2000, 800], metavar=("USERS", "ITEMS"))
     p.add_argument("--seed", type=int, default=0)
@@ -91,7 +93,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     data = load_data(loader, args.path, args.seed, tuple(args.synthetic_size))
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, negatives=args.negatives, sampling=args.sampling,
                       lr=args.lr, patience=args.patience, seed=args.seed, device=device, progress=not args.no_progress,
-                      time_budget=args.time_budget, warmup=args.warmup)
+                      time_budget=args.time_budget, warmup=args.warmup, density=args.train_density)
     model_kwargs = {"dim": args.dim, "n_tokens": args.tokens, "n_words": codewords, "hidden": tuple(args.hidden)}
     validate = validator(data, cfg)
     item_features = tensors(data, cfg)["item_features"]

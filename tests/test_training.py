@@ -151,6 +151,28 @@ def test_export_scores_match_the_model_and_density_rule():
         assert abs(rep["density"] - target) <= 0.05 * target + 1 / (index.n_codes * data.n_items)
 
 
+def test_export_cap_keeps_each_codes_highest_scores():
+    torch.manual_seed(0)
+    data = datasets.synthetic(60, 80, per_user=10, seed=0)
+    model = SparCode(data, n_words=8, hidden=(32, 32)).eval()
+    feats = torch.from_numpy(data.item_features)
+    full, _ = export_index(model, feats, data.n_items, density=0.5)
+    capped, rep = export_index(model, feats, data.n_items, density=0.5, cap=7)
+    lengths = capped.indptr[1:] - capped.indptr[:-1]
+    assert rep["longest_list"] == int(lengths.max()) == 7 and capped.nnz < full.nnz
+    for code in range(0, capped.n_codes, 5):
+        lo, hi = int(full.indptr[code]), int(full.indptr[code + 1])
+        scores, items = full.scores[lo:hi].float(), full.items[lo:hi]
+        want = set(items[torch.topk(scores, min(7, hi - lo)).indices].tolist())
+        clo, chi = int(capped.indptr[code]), int(capped.indptr[code + 1])
+        got = capped.items[clo:chi].tolist()
+        assert got == sorted(got) and len(got) == min(7, hi - lo)
+        kth = torch.topk(scores, len(got)).values[-1] if got else None
+        assert all(i in want or float(scores[items == i]) == float(kth) for i in got)  # ties at the cut may swap
+    with pytest.raises(ValueError, match="cap: expected a positive int"):
+        export_index(model, feats, data.n_items, cap=0)
+
+
 @pytest.mark.slow
 def test_demo_end_to_end_tiny(tmp_path, capsys):
     from sparcode.engine.cli import main
@@ -174,13 +196,19 @@ def test_train_export_evaluate_commands(tmp_path, capsys):
     """train -> export -> evaluate through the CLI, under a minute on 2 cores."""
     import json
 
+    from safetensors.torch import load_file
+
     from sparcode.engine import CodeIndex
     from sparcode.engine.cli import main
 
     ckpt, index = tmp_path / "ckpt", tmp_path / "index"
     assert main(["train", "--model", "sparcode", "--epochs", "1", "--codewords", "8", "--hidden", "32", "32",
-                 "--negatives", "10", "--out", str(ckpt), "--no-progress"]) == 0
+                 "--negatives", "10", "--density", "0.3", "--out", str(ckpt), "--no-progress"]) == 0
     assert (ckpt / "model.safetensors").is_file() and json.loads((ckpt / "config.json").read_text())["model"]["kind"] == "sparcode"
+    assert float(load_file(str(ckpt / "model.safetensors"))["bias"]) < 0  # trained for 30%: the bias was kept
+    assert main(["export", str(ckpt), "--out", str(index), "--cap", "100"]) == 0  # the trained bias, capped
+    capped = CodeIndex.load(index)
+    assert int((capped.indptr[1:] - capped.indptr[:-1]).max()) == 100 and 0.05 < capped.nnz / (64 * 800) <= 100 / 800
     assert main(["export", str(ckpt), "--out", str(index), "--density", "0.2"]) == 0
     loaded = CodeIndex.load(index)
     assert loaded.n_codes == 64 and loaded.n_tokens == 4 and abs(loaded.nnz / (64 * 800) - 0.2) < 0.01
@@ -208,3 +236,13 @@ def test_kmeans_finds_separated_clusters(use_faiss, monkeypatch):
     found = kmeans(x, 4, iters=20)
     assert found.shape == (4, 2) and found.dtype == x.dtype
     assert (torch.cdist(truth, found).min(1).values < 0.5).all()
+
+
+def test_checkpoint_records_an_absolute_data_path(tmp_path, monkeypatch):
+    """A checkpoint trained with a relative --path loads from any working directory."""
+    from sparcode.training.checkpoint import checkpoint_config
+    from sparcode.training.train import TrainConfig
+
+    monkeypatch.chdir(tmp_path)
+    config = checkpoint_config("sparcode", {}, "ml-1m", Path("data/ml-1m"), 0, (1, 1), TrainConfig(), {})
+    assert config["data"]["path"] == str(tmp_path / "data" / "ml-1m")

@@ -14,7 +14,7 @@ from sparcode.bench import accuracy
 from sparcode.training import data as datasets
 from sparcode.training.data import CSR
 from sparcode.training.models import Scorer, SparCode
-from sparcode.training.train import NegativeSampler, TrainConfig, fit
+from sparcode.training.train import NegativeSampler, TrainConfig, fit, tensors
 
 
 def test_train_config_rejects_bad_values():
@@ -141,3 +141,30 @@ def test_warmup_must_leave_quantized_epochs():
     info = fit(model, data, cfg, lambda m, users, truth: {"recall@20": 0.0})
     # half the budget was spent before the first epoch: quantized from the start, then out of time
     assert info["epochs"] == 1 and "warmup" not in info["history"][0] and model.quantize
+
+
+def test_density_training_moves_the_bias_to_the_target_quantile():
+    """With ``density`` the bias follows the score quantile of the (token, negative)
+    pairs, so about that fraction of them is above zero after the bias, and the bias is
+    part of the state that checkpoints keep."""
+    with pytest.raises(ValueError, match="density: expected a fraction in"):
+        TrainConfig(density=1.0)
+    torch.manual_seed(0)
+    data = datasets.synthetic(80, 60, per_user=8, seed=0)
+    model = SparCode(data, n_words=4, hidden=(16,))
+    cfg = TrainConfig(epochs=4, batch_size=32, negatives=30, progress=False, density=0.1)
+    better = iter(range(100))  # every epoch improves: the last state is kept
+    fit(model, data, cfg, lambda m, users, truth: {"recall@20": next(better)})
+    assert float(model.bias) != 0.0 and "bias" in model.state_dict()
+    model.eval()
+    t = tensors(data, cfg)
+    with torch.no_grad():
+        tokens, _ = model.tokens(t["history"], t["user_features"])
+        raw = model.raw(tokens, model.items(torch.arange(60), t["item_features"]))
+    assert float((raw + model.bias > 0).float().mean()) == pytest.approx(0.1, abs=0.03)
+    all_to_all = SparCode(data, n_words=4, hidden=(16,), quantize=False)
+    fit(all_to_all, data, TrainConfig(epochs=1, batch_size=64, negatives=5, progress=False, density=0.1),
+        lambda m, users, truth: {"recall@20": 0.0})
+    assert float(all_to_all.bias) == 0.0  # the upper bound stays unsparsified
+    with pytest.raises(ValueError, match="density: the bias follows uniform negatives"):
+        fit(model, data, TrainConfig(epochs=1, progress=False, density=0.1, sampling="popularity"), None)

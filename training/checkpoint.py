@@ -60,6 +60,7 @@ def load_checkpoint(path: Path, device: str = "cpu") -> tuple[torch.nn.Module, d
 
 def checkpoint_config(kind: str, kwargs: dict, data_name: str, data_path: Path | None, seed: int,
                       size: tuple[int, int], cfg: TrainConfig, info: dict) -> dict:
+    path = str(Path(data_path).resolve()) if data_path else None  # absolute: the checkpoint loads from any directory
     return {"model": {"kind": kind, "kwargs": kwargs},
-            "data": {"name": data_name, "path": str(data_path) if data_path else None, "seed": seed, "size": list(size)},
+            "data": {"name": data_name, "path": path, "seed": seed, "size": list(size)},
             "train": asdict(cfg), "result": info}

@@ -25,6 +25,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--sampling", default="uniform", choices=["uniform", "popularity", "in-batch"],
                        help="how negatives are drawn (popularity and in-batch get the log-Q correction)")
     train.add_argument("--warmup", type=int, default=0, help="sparcode: epochs without quantization first")
+    train.add_argument("--density", type=float, default=None,
+                       help="sparcode: train for an index of this density (the bias follows a score quantile)")
     train.add_argument("--time-budget", type=float, default=None, help="stop after the epoch that passes this many seconds")
     train.add_argument("--tokens", type=int, default=4, help="T")
     train.add_argument("--codewords", type=int, default=64, help="C per sub-codebook (V = C**2)")
@@ -38,6 +40,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     export.add_argument("checkpoint", type=Path)
     export.add_argument("--out", type=Path, required=True, help="index directory")
     export.add_argument("--density", type=float, default=None, help="target fraction of non-zero scores")
+    export.add_argument("--cap", type=int, default=None, help="keep at most this many items per code")
     export.add_argument("--device", default=None)
     export.set_defaults(run=cmd_export)
 
@@ -68,7 +71,7 @@ def cmd_train(args: argparse.Namespace) -> int:
               else {"n_tokens": args.tokens, "n_words": args.codewords, "hidden": list(args.hidden)})
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, negatives=args.negatives, sampling=args.sampling,
                       lr=args.lr, seed=args.seed, device=device, progress=not args.no_progress, time_budget=args.time_budget,
-                      warmup=args.warmup)
+                      warmup=args.warmup, density=args.density)
     if device == "cpu" and args.model != "two_tower" and data.train.items.size > 100_000:
         print(f"train: {data.name} has {data.train.items.size:,} training interactions; the scorer runs on every "
               f"(token, item) pair, so on a CPU an epoch takes long (MovieLens-1M with --hidden 64 64 "
@@ -95,10 +98,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     if not isinstance(model, SparCode) or not model.quantize:
         raise ValueError(f"{args.checkpoint}: only a SparCode checkpoint has codes to export")
     index, report = export_index(model, tensors(data, TrainConfig(device=device))["item_features"], data.n_items,
-                                 density=args.density)
+                                 density=args.density, cap=args.cap)
     index.save(args.out, overwrite=True, encoder=model.encoder)
     print(f"export: {index.n_codes} codes x {index.n_items} items in {report['seconds']:.1f} s, "
-          f"density {report['density']:.4%}, {report['index_bytes'] / 2**20:.1f} MB; index in {args.out}")
+          f"density {report['density']:.4%}, longest list {report['longest_list']:,}, "
+          f"{report['index_bytes'] / 2**20:.1f} MB; index in {args.out}")
     return 0
 
 

@@ -81,7 +81,8 @@ class SparCode(nn.Module):
         self.encoder = QueryEncoder(tokenizer, ProductQuantizer(dim, n_sub, n_words))
         self.items = ItemTower(data.n_items, data.item_cardinalities, dim)
         self.scorer = Scorer(dim, tuple(hidden), product)
-        self.bias, self.quantize = bias, quantize
+        self.register_buffer("bias", torch.tensor(float(bias)))  # a buffer: training may move it, checkpoints keep it
+        self.quantize = quantize
 
     def tokens(self, history: torch.Tensor, user_features: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(token vectors (B, T, d), commitment loss)."""
@@ -91,8 +92,13 @@ class SparCode(nn.Module):
         quantized, _, commit = self.encoder.quantizer(z)
         return quantized, commit
 
-    def score(self, tokens: torch.Tensor, item_vectors: torch.Tensor) -> torch.Tensor:
-        """tokens (B, T, d), item_vectors (B, M, d) or (M, d) -> (B, M).
+    def raw(self, tokens: torch.Tensor, item_vectors: torch.Tensor) -> torch.Tensor:
+        """tokens (B, T, d), item_vectors (B, M, d) or (M, d) -> scorer outputs (B, T, M)."""
+        return self.scorer(tokens, item_vectors)
+
+    def activate(self, raw: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """Raw scores (B, T, M) -> (B, M): the sum over tokens of the activation at the
+        bias (the model's, or ``bias``: training for a target density passes the batch's).
 
         Training uses softplus, serving and export the plain ReLU (what makes the index
         sparse). A plain ReLU in training stalls once every (token, item) score of a
@@ -102,8 +108,12 @@ class SparCode(nn.Module):
         Softplus passes a gradient everywhere but saturates at 0 below, so nothing can be
         ranked there; it differs from the ReLU by at most log 2, at 0.
         """
-        raw = self.scorer(tokens, item_vectors) + self.bias
+        raw = raw + (self.bias if bias is None else bias)
         return (F.softplus(raw) if self.training else torch.relu(raw)).sum(1)
+
+    def score(self, tokens: torch.Tensor, item_vectors: torch.Tensor) -> torch.Tensor:
+        """tokens (B, T, d), item_vectors (B, M, d) or (M, d) -> (B, M)."""
+        return self.activate(self.raw(tokens, item_vectors))
 
 
 class TwoTower(nn.Module):
