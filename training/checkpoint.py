@@ -54,6 +54,8 @@ def load_checkpoint(path: Path, device: str = "cpu") -> tuple[torch.nn.Module, d
         state = load_file(str(path / "model.safetensors"))
     except Exception as exc:  # safetensors raises its own error types
         raise ValueError(f"{path / 'model.safetensors'}: {exc}") from None
+    if "bias" in model.state_dict() and "bias" not in state:  # saved before the bias was state: its fixed value
+        state["bias"] = model.bias.clone()
     model.load_state_dict(state)
     return model.to(device).eval(), data, config
 

@@ -42,8 +42,9 @@ def export_index(model: SparCode, item_features: torch.Tensor | None, n_items: i
         budget_bytes = 4 * 2**30 if device.type == "cuda" else 256 * 2**20
     chunk = max(1, budget_bytes // (n_items * (hidden + code_vectors.shape[1]) * 4 * 2))
 
-    def raw(codes: torch.Tensor) -> torch.Tensor:  # (c, N)
-        return model.scorer(code_vectors[codes].unsqueeze(1), item_vectors, token_part[codes].unsqueeze(1), item_part)[:, 0]
+    def raw(codes: torch.Tensor, items: slice | torch.Tensor = slice(None)) -> torch.Tensor:  # (c, N) or (c, len(items))
+        return model.scorer(code_vectors[codes].unsqueeze(1), item_vectors[items], token_part[codes].unsqueeze(1),
+                            item_part[items])[:, 0]
 
     if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
         raise ValueError(f"cap: expected a positive int (items per code), got {cap!r}")
@@ -54,10 +55,14 @@ def export_index(model: SparCode, item_features: torch.Tensor | None, n_items: i
         if density == 1:
             bias = None
         else:
+            # a sample of codes x a sample of items, as many values as torch.quantile takes (2**24):
+            # the cut varies from code to code, and 48 codes x all items missed a 0.1% target by
+            # 24% on Gowalla (41k items)
             gen = torch.Generator().manual_seed(seed)
-            sample = torch.randperm(n_codes, generator=gen)[: max(1, min(n_codes, 2_000_000 // n_items))].to(device)
-            values = torch.cat([raw(c).reshape(-1) for c in sample.split(chunk)])
-            bias = -float(torch.quantile(values.float()[:16_000_000], 1 - density))
+            some_items = torch.randperm(n_items, generator=gen)[:4096].to(device)
+            sample = torch.randperm(n_codes, generator=gen)[: 2**24 // len(some_items)].to(device)
+            values = torch.cat([raw(c, some_items).reshape(-1) for c in sample.split(chunk * n_items // len(some_items))])
+            bias = -float(torch.quantile(values.float(), 1 - density))
     indptr = [torch.zeros(1, dtype=torch.int64, device=device)]
     items, scores = [], []
     total = 0
