@@ -246,3 +246,21 @@ def test_checkpoint_records_an_absolute_data_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config = checkpoint_config("sparcode", {}, "ml-1m", Path("data/ml-1m"), 0, (1, 1), TrainConfig(), {})
     assert config["data"]["path"] == str(tmp_path / "data" / "ml-1m")
+
+
+def test_checkpoint_saved_before_the_bias_was_state_loads(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from sparcode.training.checkpoint import checkpoint_config, load_checkpoint, save_checkpoint
+    from sparcode.training.train import TrainConfig
+
+    data = datasets.synthetic(60, 40, seed=0)
+    kwargs = {"n_words": 4, "hidden": [16]}
+    model = SparCode(data, **kwargs)
+    save_checkpoint(tmp_path / "ck", model, checkpoint_config("sparcode", kwargs, "synthetic", None, 0, (60, 40),
+                                                              TrainConfig(), {}))
+    state = load_file(str(tmp_path / "ck" / "model.safetensors"))
+    del state["bias"]
+    save_file(state, str(tmp_path / "ck" / "model.safetensors"))
+    loaded, _, _ = load_checkpoint(tmp_path / "ck")
+    assert float(loaded.bias) == 0.0
