@@ -127,6 +127,8 @@ def test_warmup_trains_unquantized_then_starts_codebooks_from_learned_tokens(mon
     assert seen[2 * calls_per_epoch:] == [True] * calls_per_epoch and model.quantize
     assert initialized_from == [data.n_users * 4 * 64]  # every user's 4 tokens, once, at the switch
     assert [h.get("warmup", False) for h in info["history"]] == [True, True, False]
+    assert "distinct_codes" not in info["history"][0]  # unquantized: no codes yet
+    assert 1 <= info["history"][2]["distinct_codes"] <= 16  # C = 4, P = 2: at most 16 codes
     assert validated == [False, False, True]  # patience 1 did not stop the run in the warm-up
     assert info["best_valid_recall@20"] == 0.0  # the best state is a quantized one
 

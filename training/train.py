@@ -154,6 +154,15 @@ def start_quantizing(model: SparCode, t: dict, cfg: TrainConfig, rng: np.random.
     model.quantize = True
 
 
+@torch.no_grad()
+def distinct_codes(model: SparCode, t: dict, users: np.ndarray, cfg: TrainConfig) -> int:
+    """How many distinct codes the validation users' tokens take: a falling count is a
+    codebook collapsing (on Gowalla SparCode's validation fell while AllToAll's rose)."""
+    u = torch.from_numpy(users).to(cfg.device)
+    codes = model.encoder.encode(t["history"][u], None if t["user_features"] is None else t["user_features"][u])
+    return int(torch.unique(codes).numel())
+
+
 def fit(model: torch.nn.Module, data: InteractionData, cfg: TrainConfig, evaluate) -> dict:
     """Train ``model``; ``evaluate(model, users)`` returns validation metrics. Keeps the
     best state by validation Recall@20.
@@ -226,6 +235,8 @@ def fit(model: torch.nn.Module, data: InteractionData, cfg: TrainConfig, evaluat
         metrics = evaluate(model, valid_users, data.valid)
         history.append({"epoch": epoch + 1, "valid_recall@20": metrics["recall@20"],
                         "loss": float(loss_sum) / max(1, step + 1)})  # mean training loss of the epoch
+        if isinstance(model, SparCode) and model.quantize:
+            history[-1]["distinct_codes"] = distinct_codes(model, t, valid_users, cfg)
         if warm:
             history[-1]["warmup"] = True
             continue
