@@ -19,7 +19,7 @@ def export_index(model: SparCode, item_features: torch.Tensor | None, n_items: i
     """The index of ReLU(scorer(code vector, item) + b) over all V codes x N items.
 
     ``b`` is the model's bias, or, with ``density``, the bias that keeps that fraction
-    of the scores (estimated from a sample of codes); ``cap`` keeps at most that many
+    of the scores (estimated from a sample of codes x items); ``cap`` keeps at most that many
     items per code (its highest scores), bounding the longest posting list and so the
     work of a query. density 1 keeps softplus(scorer + b)
     for every pair: the unsparsified model, the smooth function training optimises

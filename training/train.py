@@ -49,6 +49,8 @@ class TrainConfig:
             raise ValueError(f"warmup: expected 0 <= warmup < epochs ({self.epochs}), got {self.warmup}")
         if self.density is not None and not 0 < self.density < 1:
             raise ValueError(f"density: expected a fraction in (0, 1), got {self.density}")
+        if self.density is not None and self.sampling != "uniform":
+            raise ValueError(f"density: the bias follows uniform negatives; sampling {self.sampling!r} is not uniform")
 
 
 SAMPLINGS = ("uniform", "popularity", "in-batch")
@@ -98,7 +100,10 @@ def follow_density(model: SparCode, raw_negatives: torch.Tensor, density: float,
     flat = raw_negatives.float().reshape(-1)[: 2**24]  # torch.quantile's limit
     bias = -torch.quantile(flat, 1 - density)
     with torch.no_grad():
-        model.bias.copy_(bias) if first else model.bias.lerp_(bias.detach(), rate)
+        if first:
+            model.bias.copy_(bias)
+        else:
+            model.bias.lerp_(bias, rate)
     return bias
 
 
@@ -189,8 +194,6 @@ def fit(model: torch.nn.Module, data: InteractionData, cfg: TrainConfig, evaluat
     sparse = quantized and cfg.density is not None
     if warm:
         model.quantize = False
-    if sparse and cfg.sampling != "uniform":
-        raise ValueError(f"density: the bias follows uniform negatives; sampling {cfg.sampling!r} is not uniform")
     start = time.perf_counter()
     for epoch in range(cfg.epochs):
         if warm and (epoch == warm or (cfg.time_budget is not None and time.perf_counter() - start >= cfg.time_budget / 2)):
@@ -210,18 +213,18 @@ def fit(model: torch.nn.Module, data: InteractionData, cfg: TrainConfig, evaluat
             neg = sampler.candidates(pos)
             ufeat = None if t["user_features"] is None else t["user_features"][users]
             user, aux = user_side(model, hist, ufeat)
+            pos_vectors = model.items(pos, t["item_features"]).unsqueeze(1)
+            neg_vectors = model.items(neg, t["item_features"])
             if sparse:
-                raw_neg = model.raw(user, model.items(neg, t["item_features"]))
+                raw_pos, raw_neg = model.raw(user, pos_vectors), model.raw(user, neg_vectors)
                 bias = follow_density(model, raw_neg, cfg.density, first=epoch == 0 and step == 0)
-                raw_pos = model.raw(user, model.items(pos, t["item_features"]).unsqueeze(1))
-                neg_scores = model.activate(raw_neg, bias)
-                pos_scores = model.activate(raw_pos, bias)[:, 0]
+                pos_scores, neg_scores = model.activate(raw_pos, bias)[:, 0], model.activate(raw_neg, bias)
                 zero = torch.zeros((), device=cfg.device)  # plus the dense loss: every negative still teaches
                 dense = sampler.loss(model.activate(raw_pos, zero)[:, 0], model.activate(raw_neg, zero), pos, neg)
             else:
                 dense = 0.0
-                neg_scores = score_items(model, user, model.items(neg, t["item_features"]))
-                pos_scores = score_items(model, user, model.items(pos, t["item_features"]).unsqueeze(1))[:, 0]
+                pos_scores = score_items(model, user, pos_vectors)[:, 0]
+                neg_scores = score_items(model, user, neg_vectors)
             loss = sampler.loss(pos_scores, neg_scores, pos, neg) + dense
             loss = loss + cfg.commitment * aux + cfg.l2 * sum(p.pow(2).sum() for p in embeddings)
             optimizer.zero_grad()
