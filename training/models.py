@@ -36,7 +36,8 @@ class Scorer(nn.Module):
     what a two-tower model can express and the MLP learns the rest. ``product=False``
     gives the paper's plain MLP. The first layer is split into a token part, an item
     part and the product part, so export computes the first two once per code and once
-    per item.
+    per item; for items shared by a batch the token and product parts fold into one
+    matmul (``_folded``).
     """
 
     def __init__(self, dim: int, hidden: tuple[int, ...] = (256, 256, 256), product: bool = True) -> None:
@@ -58,16 +59,32 @@ class Scorer(nn.Module):
         """tokens (B, T, d) with items (M, d) shared by the batch or (B, M, d) per query
         -> raw scores (B, T, M). ``token_part`` / ``item_part``: precomputed first-layer
         halves (export passes them to avoid recomputing per chunk)."""
-        token_part = self.token_in(tokens) if token_part is None else token_part
         item_part = self.item_in(items) if item_part is None else item_part
-        t = tokens.unsqueeze(-2)  # (B, T, 1, d)
-        i = items.unsqueeze(-3) if items.dim() == 3 else items  # (B, 1, M, d) or (M, d)
-        ip = item_part.unsqueeze(-3) if item_part.dim() == 3 else item_part
+        ip = item_part.unsqueeze(-3) if item_part.dim() == 3 else item_part  # (B, 1, M, h) or (M, h)
+        dot = tokens @ items.transpose(-1, -2) * self.dot_scale  # (B, T, M): a matmul, not a sum over a product
+        if self.product_in is not None and token_part is None and self._folds(tokens, items):
+            return self.rest(self._folded(tokens, items) + (ip + self.token_in.bias)).squeeze(-1) + dot
+        token_part = self.token_in(tokens) if token_part is None else token_part
         hidden = token_part.unsqueeze(-2) + ip
         if self.product_in is None:
             return self.rest(hidden).squeeze(-1)
-        product = t * i  # (B, T, M, d): the largest tensor here, made once
-        return self.rest(hidden + self.product_in(product)).squeeze(-1) + product.sum(-1) * self.dot_scale
+        i = items.unsqueeze(-3) if items.dim() == 3 else items  # (B, 1, M, d) or (M, d)
+        return self.rest(hidden + self.product_in(tokens.unsqueeze(-2) * i)).squeeze(-1) + dot
+
+    def _folds(self, tokens: torch.Tensor, items: torch.Tensor) -> bool:
+        """Fold when the items are shared and there are more token rows than hidden units:
+        the folded weights (M, d, h) are then smaller than the product (B T, M, d)."""
+        return items.dim() == 2 and tokens.shape[:-1].numel() >= self.token_in.out_features
+
+    def _folded(self, tokens: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """token_in(t) + product_in(t * i) less the bias, for shared items as one matmul, t @ (W_token +
+        i_m * W_product) for each item m: the same arithmetic without the (B, T, M, d)
+        product or its elementwise passes (training's shared negatives; the scorer's
+        training step with hidden (64, 64) went 1.75x faster on 2 CPU cores, bench/NOTES.md)."""
+        d, h = self.token_in.in_features, self.token_in.out_features
+        weights = self.token_in.weight.T + items.unsqueeze(-1) * self.product_in.weight.T  # (M, d, h)
+        flat = tokens.reshape(-1, d) @ weights.permute(1, 0, 2).reshape(d, -1)  # (B T, M h)
+        return flat.view(*tokens.shape[:-1], len(items), h)
 
 
 class SparCode(nn.Module):
