@@ -82,6 +82,27 @@ def test_scorer_starts_as_a_scaled_dot_product_and_has_a_plain_variant():
         torch.testing.assert_close(scorer(tokens, items), scorer(tokens, items.expand(2, 5, 8)))
 
 
+def test_scorer_folded_first_layer_matches_the_product_path():
+    """Shared items with more token rows than hidden units take the folded matmul; the
+    same items given per query take the product path: scores and gradients agree."""
+    torch.manual_seed(0)
+    scorer = Scorer(8, (4, 4)).double()
+    torch.nn.init.normal_(scorer.rest[-1].weight)
+    tokens, items = torch.randn(3, 2, 8, dtype=torch.float64), torch.randn(5, 8, dtype=torch.float64)
+    assert scorer._folds(tokens, items) and not scorer._folds(tokens, items.expand(3, 5, 8))
+    assert not scorer._folds(tokens[:1, :1], items)  # one token row, four hidden units
+    grads = []
+    for given in (items, items.expand(3, 5, 8)):
+        t, i = tokens.clone().requires_grad_(), given.clone().requires_grad_()
+        out = scorer(t, i)
+        (out * torch.arange(out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        grads.append((out.detach(), t.grad, i.grad.sum(0) if i.dim() == 3 else i.grad,
+                      scorer.product_in.weight.grad.clone(), scorer.token_in.bias.grad.clone()))
+        scorer.zero_grad()
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
 def test_validation_takes_items_of_at_most_max_users():
     lists = [np.arange(10) + u for u in range(50)]
     kept, valid = datasets.split_validation(lists, 0.3, seed=0, max_users=7)
