@@ -61,6 +61,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--time-budget", type=float, default=None, help="training seconds per model (same for all)")
     p.add_argument("--warmup", type=int, default=0, help="SparCode: epochs without quantization first")
+    p.add_argument("--commitment", type=float, default=TrainConfig.commitment,
+                   help="SparCode: weight of the quantizer's commitment loss")
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--negatives", type=int, default=100)
     p.add_argument("--sampling", default="uniform", choices=["uniform", "popularity", "in-batch"])
@@ -93,7 +95,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     data = load_data(loader, args.path, args.seed, tuple(args.synthetic_size))
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, negatives=args.negatives, sampling=args.sampling,
                       lr=args.lr, patience=args.patience, seed=args.seed, device=device, progress=not args.no_progress,
-                      time_budget=args.time_budget, warmup=args.warmup, density=args.train_density)
+                      time_budget=args.time_budget, warmup=args.warmup, density=args.train_density,
+                      commitment=args.commitment)
     model_kwargs = {"dim": args.dim, "n_tokens": args.tokens, "n_words": codewords, "hidden": tuple(args.hidden)}
     validate = validator(data, cfg)
     item_features = tensors(data, cfg)["item_features"]

@@ -4,8 +4,9 @@
 T token embeddings and quantizes each with a product quantizer shared by all tokens:
 P sub-vectors, each replaced by its nearest of C codewords (L2), so a token's code is
 one of V = C**P. Training updates the codebooks by EMA (decay 0.99, eps 1e-5) with
-straight-through gradients, a commitment loss, and restarts of dead codewords from
-batch vectors; the codebooks start from k-means on the first batch (faiss when
+straight-through gradients, a commitment loss (returned; its weight is the trainer's,
+0 by default because with normalised tokens it collapses them) and restarts of dead
+codewords from batch vectors; the codebooks start from k-means on the first batch (faiss when
 installed, torch otherwise).
 """
 

@@ -203,8 +203,10 @@ def test_train_export_evaluate_commands(tmp_path, capsys):
 
     ckpt, index = tmp_path / "ckpt", tmp_path / "index"
     assert main(["train", "--model", "sparcode", "--epochs", "1", "--codewords", "8", "--hidden", "32", "32",
-                 "--negatives", "10", "--density", "0.3", "--out", str(ckpt), "--no-progress"]) == 0
-    assert (ckpt / "model.safetensors").is_file() and json.loads((ckpt / "config.json").read_text())["model"]["kind"] == "sparcode"
+                 "--negatives", "10", "--density", "0.3", "--commitment", "0.25", "--out", str(ckpt), "--no-progress"]) == 0
+    config = json.loads((ckpt / "config.json").read_text())
+    assert (ckpt / "model.safetensors").is_file() and config["model"]["kind"] == "sparcode"
+    assert config["train"]["commitment"] == 0.25
     assert float(load_file(str(ckpt / "model.safetensors"))["bias"]) < 0  # trained for 30%: the bias was kept
     assert main(["export", str(ckpt), "--out", str(index), "--cap", "100"]) == 0  # the trained bias, capped
     capped = CodeIndex.load(index)

@@ -24,6 +24,8 @@ def test_train_config_rejects_bad_values():
         TrainConfig(negatives=0)
     with pytest.raises(ValueError, match="batch_size: expected >= 1"):
         TrainConfig(batch_size=0)
+    with pytest.raises(ValueError, match="commitment: expected a weight >= 0"):
+        TrainConfig(commitment=-0.5)
     TrainConfig(sampling="in-batch", negatives=0)  # in-batch needs no sampled negatives
 
 

@@ -27,6 +27,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--warmup", type=int, default=0, help="sparcode: epochs without quantization first")
     train.add_argument("--density", type=float, default=None,
                        help="sparcode: train for an index of this density (the bias follows a score quantile)")
+    train.add_argument("--commitment", type=float, default=None,
+                       help="sparcode: weight of the quantizer's commitment loss (default: TrainConfig's)")
     train.add_argument("--time-budget", type=float, default=None, help="stop after the epoch that passes this many seconds")
     train.add_argument("--tokens", type=int, default=4, help="T")
     train.add_argument("--codewords", type=int, default=64, help="C per sub-codebook (V = C**2)")
@@ -71,7 +73,8 @@ def cmd_train(args: argparse.Namespace) -> int:
               else {"n_tokens": args.tokens, "n_words": args.codewords, "hidden": list(args.hidden)})
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, negatives=args.negatives, sampling=args.sampling,
                       lr=args.lr, seed=args.seed, device=device, progress=not args.no_progress, time_budget=args.time_budget,
-                      warmup=args.warmup, density=args.density)
+                      warmup=args.warmup, density=args.density,
+                      **({} if args.commitment is None else {"commitment": args.commitment}))
     if device == "cpu" and args.model != "two_tower" and data.train.items.size > 100_000:
         print(f"train: {data.name} has {data.train.items.size:,} training interactions; the scorer runs on every "
               f"(token, item) pair, so on a CPU an epoch takes long (MovieLens-1M with --hidden 64 64 "

@@ -25,7 +25,12 @@ class TrainConfig:
     negatives: int = 100  # shared by the batch; "in-batch" uses the batch's positives instead
     sampling: str = "uniform"  # uniform | popularity | in-batch
     lr: float = 1e-3
-    commitment: float = 1.0
+    # Off by default, unlike the paper's 1.0: our tokens are batch-normalised (unit variance
+    # per dimension), so the only way left to shrink the quantization error is to put every
+    # token on a line, and the commitment loss drove exactly that (Gowalla: tokens of rank
+    # ~1, 155 codes for 29,858 users, validation falling; bench/NOTES.md). The EMA codebook
+    # follows the tokens without it, and the normalisation bounds their scale.
+    commitment: float = 0.0
     l2: float = 1e-6
     history: int = 20
     patience: int = 3
@@ -47,6 +52,8 @@ class TrainConfig:
             raise ValueError(f"negatives: expected >= 1, got {self.negatives}")
         if not 0 <= self.warmup < self.epochs:
             raise ValueError(f"warmup: expected 0 <= warmup < epochs ({self.epochs}), got {self.warmup}")
+        if self.commitment < 0:
+            raise ValueError(f"commitment: expected a weight >= 0, got {self.commitment}")
         if self.density is not None and not 0 < self.density < 1:
             raise ValueError(f"density: expected a fraction in (0, 1), got {self.density}")
         if self.density is not None and self.sampling != "uniform":
