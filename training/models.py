@@ -61,15 +61,17 @@ class Scorer(nn.Module):
         halves (export passes them to avoid recomputing per chunk)."""
         item_part = self.item_in(items) if item_part is None else item_part
         ip = item_part.unsqueeze(-3) if item_part.dim() == 3 else item_part  # (B, 1, M, h) or (M, h)
-        dot = tokens @ items.transpose(-1, -2) * self.dot_scale  # (B, T, M): a matmul, not a sum over a product
-        if self.product_in is not None and token_part is None and self._folds(tokens, items):
-            return self.rest(self._folded(tokens, items) + (ip + self.token_in.bias)).squeeze(-1) + dot
-        token_part = self.token_in(tokens) if token_part is None else token_part
-        hidden = token_part.unsqueeze(-2) + ip
         if self.product_in is None:
-            return self.rest(hidden).squeeze(-1)
-        i = items.unsqueeze(-3) if items.dim() == 3 else items  # (B, 1, M, d) or (M, d)
-        return self.rest(hidden + self.product_in(tokens.unsqueeze(-2) * i)).squeeze(-1) + dot
+            token_part = self.token_in(tokens) if token_part is None else token_part
+            return self.rest(token_part.unsqueeze(-2) + ip).squeeze(-1)
+        if token_part is None and self._folds(tokens, items):
+            hidden = self._folded(tokens, items) + (ip + self.token_in.bias)
+        else:
+            token_part = self.token_in(tokens) if token_part is None else token_part
+            i = items.unsqueeze(-3) if items.dim() == 3 else items  # (B, 1, M, d) or (M, d)
+            hidden = token_part.unsqueeze(-2) + ip + self.product_in(tokens.unsqueeze(-2) * i)
+        dot = tokens @ items.transpose(-1, -2) * self.dot_scale  # (B, T, M): a matmul, not a sum over a product
+        return self.rest(hidden).squeeze(-1) + dot
 
     def _folds(self, tokens: torch.Tensor, items: torch.Tensor) -> bool:
         """Fold when the items are shared and there are more token rows than hidden units:
