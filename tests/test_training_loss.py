@@ -14,7 +14,7 @@ from sparcode.bench import accuracy
 from sparcode.training import data as datasets
 from sparcode.training.data import CSR
 from sparcode.training.models import Scorer, SparCode
-from sparcode.training.train import NegativeSampler, TrainConfig, fit, tensors
+from sparcode.training.train import NegativeSampler, TrainConfig, fit, full_scores, tensors
 
 
 def test_train_config_rejects_bad_values():
@@ -84,25 +84,69 @@ def test_scorer_starts_as_a_scaled_dot_product_and_has_a_plain_variant():
         torch.testing.assert_close(scorer(tokens, items), scorer(tokens, items.expand(2, 5, 8)))
 
 
-def test_scorer_folded_first_layer_matches_the_product_path():
-    """Shared items with more token rows than hidden units take the folded matmul; the
-    same items given per query take the product path: scores and gradients agree."""
+@pytest.mark.parametrize("n_items, side", [(5, "items"), (9, "tokens")])
+def test_scorer_folded_first_layer_matches_the_product_path(n_items, side):
+    """Shared items fold the first layer over the side with fewer rows (6 token rows
+    here); the same items given per query take the explicit product: scores and
+    gradients (tokens, items, weights) agree."""
     torch.manual_seed(0)
     scorer = Scorer(8, (4, 4)).double()
     torch.nn.init.normal_(scorer.rest[-1].weight)
-    tokens, items = torch.randn(3, 2, 8, dtype=torch.float64), torch.randn(5, 8, dtype=torch.float64)
-    assert scorer._folds(tokens, items) and not scorer._folds(tokens, items.expand(3, 5, 8))
-    assert not scorer._folds(tokens[:1, :1], items)  # one token row, four hidden units
+    tokens, items = torch.randn(3, 2, 8, dtype=torch.float64), torch.randn(n_items, 8, dtype=torch.float64)
+    assert scorer.fold_side(tokens, items) == side and scorer.fold_side(tokens, items.expand(3, n_items, 8)) is None
     grads = []
-    for given in (items, items.expand(3, 5, 8)):
+    for given in (items, items.expand(3, n_items, 8)):
         t, i = tokens.clone().requires_grad_(), given.clone().requires_grad_()
         out = scorer(t, i)
         (out * torch.arange(out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
         grads.append((out.detach(), t.grad, i.grad.sum(0) if i.dim() == 3 else i.grad,
-                      scorer.product_in.weight.grad.clone(), scorer.token_in.bias.grad.clone()))
+                      scorer.product_in.weight.grad.clone(), scorer.item_in.weight.grad.clone(),
+                      scorer.token_in.weight.grad.clone(), scorer.token_in.bias.grad.clone()))
         scorer.zero_grad()
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+
+
+def test_scorer_with_precomputed_halves_folds_over_the_tokens():
+    """Export passes the first layer's code and item halves: the token fold adds them
+    and scores as the scorer alone does, for one code row or many against the items."""
+    torch.manual_seed(0)
+    scorer = Scorer(8, (4,)).double()
+    torch.nn.init.normal_(scorer.rest[-1].weight)
+    codes, items = torch.randn(7, 1, 8, dtype=torch.float64), torch.randn(5, 8, dtype=torch.float64)
+    with torch.no_grad():
+        token_part, item_part = scorer.token_in(codes), scorer.item_in(items)
+        assert scorer.fold_side(codes, items, given=True) == "tokens"
+        want = scorer(codes, items.expand(7, 5, 8))
+        torch.testing.assert_close(scorer(codes, items, token_part, item_part), want)
+        torch.testing.assert_close(scorer(codes[:1], items, token_part[:1], item_part), want[:1])
+
+
+@pytest.mark.parametrize("quantize", [True, False])
+def test_full_scores_equal_the_model_user_by_user(quantize):
+    """Validation's catalogue scores, whatever the chunking (a quantized model scores
+    each distinct code once and adds it to the users holding it; AllToAll runs users in
+    chunks), equal scoring each user's tokens against all items."""
+    torch.manual_seed(0)
+    data = datasets.synthetic(60, 40, per_user=8, seed=0)
+    model = SparCode(data, n_words=3, hidden=(16,), quantize=quantize)
+    torch.nn.init.normal_(model.scorer.rest[-1].weight)
+    cfg = TrainConfig(progress=False)
+    t = tensors(data, cfg)
+    model.train()
+    with torch.no_grad():
+        model.tokens(t["history"], t["user_features"])  # codebooks from the users' tokens, running statistics
+    model.eval()
+    users = np.array([5, 0, 17, 5, 42, 33, 8])
+    with torch.no_grad():
+        tokens, _ = model.tokens(t["history"][users], t["user_features"][users])
+        want = torch.cat([model.score(tokens[r : r + 1], model.items(torch.arange(40), t["item_features"]))
+                          for r in range(len(users))])
+    if quantize:
+        codes = model.encoder.encode(t["history"][users], t["user_features"][users])
+        assert len(torch.unique(codes)) < codes.numel()  # 9 codes for 28 tokens: some are shared
+    for budget in (None, 1, 40 * 80 * 12 * 5):  # everything at once, one token row per call, five
+        torch.testing.assert_close(full_scores(model, data, cfg, users, t, budget), want)
 
 
 def test_validation_takes_items_of_at_most_max_users():

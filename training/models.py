@@ -36,8 +36,8 @@ class Scorer(nn.Module):
     what a two-tower model can express and the MLP learns the rest. ``product=False``
     gives the paper's plain MLP. The first layer is split into a token part, an item
     part and the product part, so export computes the first two once per code and once
-    per item; for items shared by a batch the token and product parts fold into one
-    matmul (``_folded``).
+    per item; for items shared by a batch the product part folds into one matmul
+    (``fold_side``).
     """
 
     def __init__(self, dim: int, hidden: tuple[int, ...] = (256, 256, 256), product: bool = True) -> None:
@@ -59,26 +59,39 @@ class Scorer(nn.Module):
         """tokens (B, T, d) with items (M, d) shared by the batch or (B, M, d) per query
         -> raw scores (B, T, M). ``token_part`` / ``item_part``: precomputed first-layer
         halves (export passes them to avoid recomputing per chunk)."""
-        item_part = self.item_in(items) if item_part is None else item_part
-        ip = item_part.unsqueeze(-3) if item_part.dim() == 3 else item_part  # (B, 1, M, h) or (M, h)
         if self.product_in is None:
+            item_part = self.item_in(items) if item_part is None else item_part
+            ip = item_part.unsqueeze(-3) if item_part.dim() == 3 else item_part  # (B, 1, M, h) or (M, h)
             token_part = self.token_in(tokens) if token_part is None else token_part
             return self.rest(token_part.unsqueeze(-2) + ip).squeeze(-1)
-        if token_part is None and self._folds(tokens, items):
-            hidden = self._folded(tokens, items) + (ip + self.token_in.bias)
+        dot = tokens @ items.transpose(-1, -2) * self.dot_scale  # (B, T, M): a matmul, not a sum over a product
+        side = self.fold_side(tokens, items, given=token_part is not None or item_part is not None)
+        if side == "tokens":
+            token_part = self.token_in(tokens) if token_part is None else token_part
+            hidden = self._fold_tokens(tokens.reshape(-1, tokens.shape[-1]), items,
+                                       token_part.reshape(-1, token_part.shape[-1]), item_part)  # (M, B T, h)
+            return self.rest(hidden).squeeze(-1).T.reshape(dot.shape) + dot
+        item_part = self.item_in(items) if item_part is None else item_part
+        if side == "items":
+            hidden = self._fold_items(tokens, items) + (item_part + self.token_in.bias)
         else:
             token_part = self.token_in(tokens) if token_part is None else token_part
-            i = items.unsqueeze(-3) if items.dim() == 3 else items  # (B, 1, M, d) or (M, d)
+            i, ip = items.unsqueeze(-3), item_part.unsqueeze(-3)  # (B, 1, M, d), (B, 1, M, h)
             hidden = token_part.unsqueeze(-2) + ip + self.product_in(tokens.unsqueeze(-2) * i)
-        dot = tokens @ items.transpose(-1, -2) * self.dot_scale  # (B, T, M): a matmul, not a sum over a product
         return self.rest(hidden).squeeze(-1) + dot
 
-    def _folds(self, tokens: torch.Tensor, items: torch.Tensor) -> bool:
-        """Fold when the items are shared and there are more token rows than hidden units:
-        the folded weights (M, d, h) are then smaller than the product (B T, M, d)."""
-        return items.dim() == 2 and tokens.shape[:-1].numel() >= self.token_in.out_features
+    def fold_side(self, tokens: torch.Tensor, items: torch.Tensor, given: bool = False) -> str | None:
+        """How the first layer is computed. Items shared by the batch fold the product
+        part into a matmul over the side with fewer rows, whose (rows, d, h) weights are
+        then the smallest tensor: "items" for training's shared negatives (many token
+        rows, few items), "tokens" for scoring whole catalogues (validation, export:
+        few token rows, many items; also whenever precomputed halves are ``given``).
+        Per-query items (B, M, d) take the explicit (B, T, M, d) product (None)."""
+        if items.dim() != 2:
+            return None
+        return "tokens" if given or len(items) > tokens.shape[:-1].numel() else "items"
 
-    def _folded(self, tokens: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    def _fold_items(self, tokens: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """token_in(t) + product_in(t * i) less the bias, for shared items as one matmul, t @ (W_token +
         i_m * W_product) for each item m: the same arithmetic without the (B, T, M, d)
         product or its elementwise passes (training's shared negatives; the scorer's
@@ -87,6 +100,20 @@ class Scorer(nn.Module):
         weights = self.token_in.weight.T + items.unsqueeze(-1) * self.product_in.weight.T  # (M, d, h)
         flat = tokens.reshape(-1, d) @ weights.permute(1, 0, 2).reshape(d, -1)  # (B T, M h)
         return flat.view(*tokens.shape[:-1], len(items), h)
+
+    def _fold_tokens(self, tokens: torch.Tensor, items: torch.Tensor, token_part: torch.Tensor,
+                     item_part: torch.Tensor | None) -> torch.Tensor:
+        """The first layer's output for R token rows (R, d) against M shared items as
+        (M, R, h): item_in(i) + product_in(t_r * i) = i @ (W_item + t_r * W_product), one
+        matmul of the items against every row's weights (R, d, h), plus the token part.
+        Laid out item-major so that the matmul's output needs no copy; the rest of the
+        MLP works on the last dimension and does not care."""
+        d, h = self.token_in.in_features, self.token_in.out_features
+        weights = tokens.unsqueeze(-1) * self.product_in.weight.T  # (R, d, h)
+        if item_part is None:
+            weights = weights + self.item_in.weight.T
+        hidden = (items @ weights.permute(1, 0, 2).reshape(d, -1)).view(len(items), len(tokens), h) + token_part
+        return hidden if item_part is None else hidden + item_part.unsqueeze(1)
 
 
 class SparCode(nn.Module):

@@ -268,7 +268,12 @@ def fit(model: torch.nn.Module, data: InteractionData, cfg: TrainConfig, evaluat
 def full_scores(model, data: InteractionData, cfg: TrainConfig, users: np.ndarray, t: dict,
                 budget_bytes: int | None = None) -> torch.Tensor:
     """(len(users), N) scores over every item (exact; for two-tower and all-to-all), the
-    scorer run on as many users at a time as ``budget_bytes`` of activations allow."""
+    scorer run on as many token rows at a time as ``budget_bytes`` of activations allow.
+
+    A quantized SparCode scores each distinct code once and adds its scores to every
+    user whose tokens take it: users share codes (on MovieLens-1M 1,300-2,200 distinct
+    codes for 1,000 users x 4 tokens), and the sum over tokens of the activated scores
+    is the same either way."""
     with torch.no_grad():
         vectors = model.items(torch.arange(data.n_items, device=cfg.device), t["item_features"])
         u = torch.from_numpy(users).to(cfg.device)
@@ -277,12 +282,35 @@ def full_scores(model, data: InteractionData, cfg: TrainConfig, users: np.ndarra
             return model.user_vectors(t["history"][u], ufeat) @ model.item_vectors(vectors).T
         width = model.scorer.token_in.out_features + vectors.shape[1]
         budget_bytes = budget_bytes or (4 * 2**30 if vectors.is_cuda else 2**30)
-        step = max(1, budget_bytes // (model.encoder.tokenizer.n_tokens * data.n_items * width * 4 * 3))
+        rows = max(1, budget_bytes // (data.n_items * width * 4 * 3))  # token rows per scorer call
+        if model.quantize:
+            encoder = model.encoder
+            return code_scores(model, encoder.quantizer.assign(encoder.tokenizer(t["history"][u], ufeat)), vectors, rows)
+        n_tokens = model.encoder.tokenizer.n_tokens
+        step = max(1, rows // n_tokens)
         out = []
         for lo in range(0, len(users), step):
             tokens, _ = model.tokens(t["history"][u[lo : lo + step]], None if ufeat is None else ufeat[lo : lo + step])
             out.append(model.score(tokens, vectors))
         return torch.cat(out)
+
+
+def code_scores(model: SparCode, words: torch.Tensor, vectors: torch.Tensor, rows: int) -> torch.Tensor:
+    """Codeword ids (B, T, P) -> (B, N) scores: each distinct code's vector (exactly
+    what export scores) through the scorer once, ``rows`` codes at a time, its activated
+    scores added to the users that hold it."""
+    n_users, n_tokens, n_sub = words.shape
+    distinct, inverse = torch.unique(words.reshape(-1, n_sub), dim=0, return_inverse=True)
+    order = torch.argsort(inverse)  # token rows grouped by code
+    bounds = torch.cat([inverse.new_zeros(1), torch.bincount(inverse, minlength=len(distinct)).cumsum(0)]).tolist()
+    code_vectors = model.encoder.quantizer.lookup(distinct)  # (codes, d)
+    out = torch.zeros(n_users, len(vectors), device=words.device)
+    for lo in range(0, len(distinct), rows):
+        hi = min(lo + rows, len(distinct))
+        scores = model.activate(model.raw(code_vectors[lo:hi].unsqueeze(1), vectors))  # (codes, N)
+        held = order[bounds[lo] : bounds[hi]]
+        out.index_add_(0, held // n_tokens, scores[inverse[held] - lo])
+    return out
 
 
 def rank_excluding(scores: torch.Tensor, users: np.ndarray, seen: list[CSR], k: int) -> np.ndarray:
