@@ -53,6 +53,12 @@ def test_ml1m_loader(tmp_path):
     assert data.n_users == 2 and data.n_items == 5
     assert len(data.test.row(0)) == 1 and len(data.test.row(1)) == 1
     assert data.user_cardinalities == (2, 2, 2)
+    assert np.array_equal(datasets.load_ml1m(str(tmp_path), seed=3).test.items, data.test.items)  # a str path
+    (tmp_path / "movies.dat").unlink()
+    with pytest.raises(ValueError, match=r"path: .*movies.dat is missing"):
+        datasets.load_ml1m(tmp_path)
+    with pytest.raises(ValueError, match=r"path: .*train.txt is missing"):
+        datasets.load_bars(str(tmp_path))
 
 
 def test_synthetic_is_deterministic():

@@ -88,14 +88,20 @@ def _ints(fields: list[str], file: Path, line_no: int) -> list[int]:
         raise ValueError(f"{file}:{line_no}: expected integers, got {' '.join(fields)[:80]!r}") from None
 
 
-def load_bars(path: Path, *, seed: int = 0) -> InteractionData:
+def _file(path: Path | str, name: str) -> Path:
+    """``path / name``, which must exist (a str path is accepted, as from a notebook)."""
+    file = Path(path) / name
+    if not file.is_file():
+        raise ValueError(f"path: {file} is missing")
+    return file
+
+
+def load_bars(path: Path | str, *, seed: int = 0) -> InteractionData:
     """BARS/LightGCN text format: ``train.txt`` and ``test.txt``, one line per user:
     ``user item item ...`` with dense 0-based ids (Gowalla)."""
     lists: dict[str, dict[int, np.ndarray]] = {}
     for split in ("train", "test"):
-        file = path / f"{split}.txt"
-        if not file.is_file():
-            raise ValueError(f"{file}: missing")
+        file = _file(path, f"{split}.txt")
         rows = {}
         for line_no, line in enumerate(file.read_text().splitlines(), 1):
             if not line.strip():
@@ -119,10 +125,10 @@ def _dense(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return uniq, inverse
 
 
-def load_ml100k(path: Path, *, seed: int = 0) -> InteractionData:
+def load_ml100k(path: Path | str, *, seed: int = 0) -> InteractionData:
     """MovieLens-100K: each user's last 20% of items by time go to test. User features:
     age bucket, gender, occupation; item features: first genre, release decade."""
-    file = path / "u.data"
+    file = _file(path, "u.data")
     rows = []
     for line_no, line in enumerate(file.read_text(encoding="latin-1").splitlines(), 1):
         fields = line.split("\t")
@@ -138,8 +144,8 @@ def load_ml100k(path: Path, *, seed: int = 0) -> InteractionData:
         cut = len(u_items) - max(1, int(round(0.2 * len(u_items))))
         train.append(u_items[:cut])
         test.append(u_items[cut:])
-    ufeat, ucard = _ml100k_users(path / "u.user", user_ids)
-    ifeat, icard = _ml100k_items(path / "u.item", item_ids)
+    ufeat, ucard = _ml100k_users(_file(path, "u.user"), user_ids)
+    ifeat, icard = _ml100k_items(_file(path, "u.item"), item_ids)
     return _finish("ml-100k", len(user_ids), len(item_ids), train, test, seed, user_features=ufeat,
                    user_cardinalities=ucard, item_features=ifeat, item_cardinalities=icard,
                    user_ids=user_ids, item_ids=item_ids)
@@ -177,11 +183,11 @@ def _ml100k_items(file: Path, item_ids: np.ndarray):
     return _categorical([[table[i][j] for i in item_ids] for j in range(2)])
 
 
-def load_ml1m(path: Path, *, seed: int = 0) -> InteractionData:
+def load_ml1m(path: Path | str, *, seed: int = 0) -> InteractionData:
     """MovieLens-1M (``interactions.tsv`` with a header, no timestamps): a seeded random
     20% of each user's items to test. User features: gender, age, occupation; item
     features: first genre, year decade."""
-    file = path / "interactions.tsv"
+    file = _file(path, "interactions.tsv")
     lines = file.read_text().splitlines()
     if not lines or lines[0].split("\t") != ["user_id", "movie_id"]:
         raise ValueError(f"{file}:1: expected the header 'user_id<TAB>movie_id'")
@@ -199,14 +205,14 @@ def load_ml1m(path: Path, *, seed: int = 0) -> InteractionData:
         test.append(np.sort(u_items[:n_test]))
         train.append(np.sort(u_items[n_test:]))
     users_table = {}
-    ufile = path / "users.dat"
+    ufile = _file(path, "users.dat")
     for n, line in enumerate(ufile.read_text(encoding="latin-1").splitlines(), 1):
         f = line.split("::")
         if len(f) != 5:
             raise ValueError(f"{ufile}:{n}: expected 5 '::'-separated fields")
         users_table[_ints([f[0]], ufile, n)[0]] = (f[1], f[2], f[3])
     movies = {}
-    mfile = path / "movies.dat"
+    mfile = _file(path, "movies.dat")
     for n, line in enumerate(mfile.read_text(encoding="latin-1").splitlines(), 1):
         f = line.split("::")
         if len(f) != 3:
