@@ -144,7 +144,7 @@ def test_full_scores_equal_the_model_user_by_user(quantize):
                           for r in range(len(users))])
     if quantize:
         codes = model.encoder.encode(t["history"][users], t["user_features"][users])
-        assert len(torch.unique(codes)) < codes.numel()  # 9 codes for 28 tokens: some are shared
+        assert len(torch.unique(codes)) < codes.numel()  # at most 9 codes (C = 3, P = 2) for 28 tokens
     for budget in (None, 1, 40 * 80 * 12 * 5):  # everything at once, one token row per call, five
         torch.testing.assert_close(full_scores(model, data, cfg, users, t, budget), want)
 

@@ -300,9 +300,9 @@ def code_scores(model: SparCode, words: torch.Tensor, vectors: torch.Tensor, row
     what export scores) through the scorer once, ``rows`` codes at a time, its activated
     scores added to the users that hold it."""
     n_users, n_tokens, n_sub = words.shape
-    distinct, inverse = torch.unique(words.reshape(-1, n_sub), dim=0, return_inverse=True)
+    distinct, inverse, counts = torch.unique(words.reshape(-1, n_sub), dim=0, return_inverse=True, return_counts=True)
     order = torch.argsort(inverse)  # token rows grouped by code
-    bounds = torch.cat([inverse.new_zeros(1), torch.bincount(inverse, minlength=len(distinct)).cumsum(0)]).tolist()
+    bounds = [0, *counts.cumsum(0).tolist()]
     code_vectors = model.encoder.quantizer.lookup(distinct)  # (codes, d)
     out = torch.zeros(n_users, len(vectors), device=words.device)
     for lo in range(0, len(distinct), rows):
