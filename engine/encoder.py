@@ -131,6 +131,21 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 10, seed: int = 0) -> torch.Ten
     return centers
 
 
+EMBEDDING_STD = 0.1
+"""Initial scale of every id and feature embedding (tokenizer and item tower), instead
+of torch's N(0, 1). With unit-scale embeddings an all-to-all model starts from random
+logits of unit spread (its first epoch's loss above chance) and Adam's steps of ~lr
+move them slowly: on MovieLens-100K AllToAll reached validation Recall@20 0.167 after
+12 epochs from N(0, 1) and 0.269 from N(0, 0.1) (bench/NOTES.md)."""
+
+
+def embedding(rows: int, dim: int) -> nn.Embedding:
+    """An ``nn.Embedding`` initialised N(0, EMBEDDING_STD**2)."""
+    table = nn.Embedding(rows, dim)
+    nn.init.normal_(table.weight, std=EMBEDDING_STD)
+    return table
+
+
 class Tokenizer(nn.Module):
     """Mean-pooled history item embeddings (+ user feature embeddings) -> MLP -> T heads."""
 
@@ -139,8 +154,8 @@ class Tokenizer(nn.Module):
         super().__init__()
         self.n_items, self.user_cardinalities, self.hidden = n_items, list(user_cardinalities), list(hidden)
         self.normalize = normalize
-        self.item_embedding = nn.Embedding(n_items, dim)
-        self.user_embeddings = nn.ModuleList(nn.Embedding(c, dim) for c in user_cardinalities)
+        self.item_embedding = embedding(n_items, dim)
+        self.user_embeddings = nn.ModuleList(embedding(c, dim) for c in user_cardinalities)
         layers: list[nn.Module] = []
         width = dim * (1 + (1 if user_cardinalities else 0))
         for h in hidden:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparcode.engine.encoder import ProductQuantizer, QueryEncoder, Tokenizer
+from sparcode.engine.encoder import ProductQuantizer, QueryEncoder, Tokenizer, embedding
 
 from .data import InteractionData
 
@@ -17,8 +17,8 @@ class ItemTower(nn.Module):
 
     def __init__(self, n_items: int, cardinalities: tuple[int, ...], dim: int) -> None:
         super().__init__()
-        self.ids = nn.Embedding(n_items, dim)
-        self.features = nn.ModuleList(nn.Embedding(c, dim) for c in cardinalities)
+        self.ids = embedding(n_items, dim)
+        self.features = nn.ModuleList(embedding(c, dim) for c in cardinalities)
 
     def forward(self, items: torch.Tensor, item_features: torch.Tensor | None) -> torch.Tensor:
         out = self.ids(items)
@@ -45,7 +45,7 @@ class Scorer(nn.Module):
         self.token_in = nn.Linear(dim, hidden[0])
         self.item_in = nn.Linear(dim, hidden[0], bias=False)
         self.product_in = nn.Linear(dim, hidden[0], bias=False) if product else None
-        self.dot_scale = dim**-0.5  # unit-variance tokens and embeddings: keep the dot near unit scale
+        self.dot_scale = dim**-0.5  # unit-variance tokens: the dot is then on the scale of an item embedding entry
         layers: list[nn.Module] = []
         for a, b in zip(hidden[:-1], hidden[1:]):
             layers += [nn.ReLU(), nn.Linear(a, b)]
