@@ -132,17 +132,19 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 10, seed: int = 0) -> torch.Ten
 
 
 EMBEDDING_STD = 0.1
-"""Initial scale of every id and feature embedding (tokenizer and item tower), instead
-of torch's N(0, 1). With unit-scale embeddings an all-to-all model starts from random
-logits of unit spread (its first epoch's loss above chance) and Adam's steps of ~lr
-move them slowly: on MovieLens-100K AllToAll reached validation Recall@20 0.167 after
-12 epochs from N(0, 1) and 0.269 from N(0, 0.1) (bench/NOTES.md)."""
+"""Initial scale of the id and feature embeddings of an all-to-all model (SparCode,
+AllToAll), instead of torch's N(0, 1). With unit-scale embeddings the scorer starts
+from random logits of unit spread (its first epoch's loss above chance) and Adam's
+steps of ~lr move them slowly: on MovieLens-100K AllToAll reached validation Recall@20
+0.167 after 12 epochs from N(0, 1) and 0.269 from N(0, 0.1). TwoTower keeps N(0, 1):
+a dot product of two small vectors starts near its saddle at zero, and on the
+synthetic data (d = 16) it learned slower from N(0, 0.1) (bench/NOTES.md)."""
 
 
-def embedding(rows: int, dim: int) -> nn.Embedding:
-    """An ``nn.Embedding`` initialised N(0, EMBEDDING_STD**2)."""
+def embedding(rows: int, dim: int, std: float) -> nn.Embedding:
+    """An ``nn.Embedding`` initialised N(0, std**2)."""
     table = nn.Embedding(rows, dim)
-    nn.init.normal_(table.weight, std=EMBEDDING_STD)
+    nn.init.normal_(table.weight, std=std)
     return table
 
 
@@ -150,12 +152,13 @@ class Tokenizer(nn.Module):
     """Mean-pooled history item embeddings (+ user feature embeddings) -> MLP -> T heads."""
 
     def __init__(self, n_items: int, user_cardinalities: list[int], *, dim: int = 64, n_tokens: int = 4,
-                 hidden: tuple[int, ...] = (256, 256), normalize: bool = True) -> None:
+                 hidden: tuple[int, ...] = (256, 256), normalize: bool = True,
+                 embedding_std: float = EMBEDDING_STD) -> None:
         super().__init__()
         self.n_items, self.user_cardinalities, self.hidden = n_items, list(user_cardinalities), list(hidden)
         self.normalize = normalize
-        self.item_embedding = embedding(n_items, dim)
-        self.user_embeddings = nn.ModuleList(embedding(c, dim) for c in user_cardinalities)
+        self.item_embedding = embedding(n_items, dim, embedding_std)
+        self.user_embeddings = nn.ModuleList(embedding(c, dim, embedding_std) for c in user_cardinalities)
         layers: list[nn.Module] = []
         width = dim * (1 + (1 if user_cardinalities else 0))
         for h in hidden:

@@ -7,12 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sparcode.engine.encoder import ProductQuantizer
+from sparcode.engine.encoder import EMBEDDING_STD, ProductQuantizer
 from sparcode.training import data as datasets
 from sparcode.training.data import CSR
 from sparcode.training.export import export_index
 from sparcode.training.metrics import ranking_metrics
-from sparcode.training.models import SparCode
+from sparcode.training.models import SparCode, TwoTower
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -272,3 +272,13 @@ def test_checkpoint_saved_before_the_bias_was_state_loads(tmp_path):
     save_file(state, str(tmp_path / "ck" / "model.safetensors"))
     loaded, _, _ = load_checkpoint(tmp_path / "ck")
     assert float(loaded.bias) == 0.0
+
+
+def test_embeddings_start_small_for_the_all_to_all_models_and_at_unit_scale_for_two_tower():
+    torch.manual_seed(0)
+    data = datasets.synthetic(200, 300, per_user=4, seed=0)
+    for model, std in ((SparCode(data, hidden=(8,)), EMBEDDING_STD), (TwoTower(data), 1.0)):
+        tables = [m.weight for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+        assert len(tables) == 2 + len(data.user_cardinalities) + len(data.item_cardinalities)
+        for w in tables:
+            assert float(w.std()) == pytest.approx(std, rel=0.15)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparcode.engine.encoder import ProductQuantizer, QueryEncoder, Tokenizer, embedding
+from sparcode.engine.encoder import EMBEDDING_STD, ProductQuantizer, QueryEncoder, Tokenizer, embedding
 
 from .data import InteractionData
 
@@ -15,10 +15,10 @@ from .data import InteractionData
 class ItemTower(nn.Module):
     """Item id embedding + categorical feature embeddings -> (N, dim)."""
 
-    def __init__(self, n_items: int, cardinalities: tuple[int, ...], dim: int) -> None:
+    def __init__(self, n_items: int, cardinalities: tuple[int, ...], dim: int, std: float = EMBEDDING_STD) -> None:
         super().__init__()
-        self.ids = embedding(n_items, dim)
-        self.features = nn.ModuleList(embedding(c, dim) for c in cardinalities)
+        self.ids = embedding(n_items, dim, std)
+        self.features = nn.ModuleList(embedding(c, dim, std) for c in cardinalities)
 
     def forward(self, items: torch.Tensor, item_features: torch.Tensor | None) -> torch.Tensor:
         out = self.ids(items)
@@ -168,8 +168,9 @@ class TwoTower(nn.Module):
 
     def __init__(self, data: InteractionData, *, dim: int = 64, n_tokens: int = 4) -> None:
         super().__init__()
-        self.tokenizer = Tokenizer(data.n_items, list(data.user_cardinalities), dim=dim, n_tokens=n_tokens, normalize=False)
-        self.items = ItemTower(data.n_items, data.item_cardinalities, dim)
+        self.tokenizer = Tokenizer(data.n_items, list(data.user_cardinalities), dim=dim, n_tokens=n_tokens, normalize=False,
+                                   embedding_std=1.0)  # torch's default: see EMBEDDING_STD
+        self.items = ItemTower(data.n_items, data.item_cardinalities, dim, std=1.0)
         self.item_mlp = nn.Sequential(nn.Linear(dim, 256), nn.ReLU(), nn.Linear(256, dim))
 
     def user_vectors(self, history: torch.Tensor, user_features: torch.Tensor | None) -> torch.Tensor:
