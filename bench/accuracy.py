@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from sparcode.engine import Engine
+from sparcode.engine.encoder import EMBEDDING_STD
 from sparcode.training.checkpoint import load_data
 from sparcode.training.evaluate import encode_users, evaluate_engine, evaluate_exact
 from sparcode.training.export import export_index
@@ -72,6 +73,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dim", type=int, default=64, help="token and item embedding size (all models)")
     p.add_argument("--codewords", type=int, default=None, help="C per sub-codebook (default 256 on CUDA, 64 on CPU)")
     p.add_argument("--hidden", type=int, nargs="+", default=[256, 256, 256], help="scorer MLP widths")
+    p.add_argument("--embedding-std", type=float, default=EMBEDDING_STD,
+                   help="SparCode and AllToAll: initial std of the embeddings (TwoTower keeps 1)")
     p.add_argument("--all-to-all-sample", type=int, default=5000, help="users scored exactly for AllToAll")
     p.add_argument("--density", type=float, default=None,
                    help="SparCode export: target density (default: the model's own ReLU bias)")
@@ -97,7 +100,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
                       lr=args.lr, patience=args.patience, seed=args.seed, device=device, progress=not args.no_progress,
                       time_budget=args.time_budget, warmup=args.warmup, density=args.train_density,
                       commitment=args.commitment)
-    model_kwargs = {"dim": args.dim, "n_tokens": args.tokens, "n_words": codewords, "hidden": tuple(args.hidden)}
+    model_kwargs = {"dim": args.dim, "n_tokens": args.tokens, "n_words": codewords, "hidden": tuple(args.hidden),
+                    "embedding_std": args.embedding_std}
     validate = validator(data, cfg)
     item_features = tensors(data, cfg)["item_features"]
     report: dict = {"dataset": args.dataset, "command": "python -m sparcode.bench.accuracy " + shlex.join(argv),

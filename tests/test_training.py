@@ -209,10 +209,11 @@ def test_train_export_evaluate_commands(tmp_path, capsys):
 
     ckpt, index = tmp_path / "ckpt", tmp_path / "index"
     assert main(["train", "--model", "sparcode", "--epochs", "1", "--codewords", "8", "--hidden", "32", "32",
-                 "--negatives", "10", "--density", "0.3", "--commitment", "0.25", "--out", str(ckpt), "--no-progress"]) == 0
+                 "--negatives", "10", "--density", "0.3", "--commitment", "0.25", "--embedding-std", "0.05",
+                 "--out", str(ckpt), "--no-progress"]) == 0
     config = json.loads((ckpt / "config.json").read_text())
     assert (ckpt / "model.safetensors").is_file() and config["model"]["kind"] == "sparcode"
-    assert config["train"]["commitment"] == 0.25
+    assert config["train"]["commitment"] == 0.25 and config["model"]["kwargs"]["embedding_std"] == 0.05
     assert float(load_file(str(ckpt / "model.safetensors"))["bias"]) < 0  # trained for 30%: the bias was kept
     assert main(["export", str(ckpt), "--out", str(index), "--cap", "100"]) == 0  # the trained bias, capped
     capped = CodeIndex.load(index)
@@ -277,7 +278,8 @@ def test_checkpoint_saved_before_the_bias_was_state_loads(tmp_path):
 def test_embeddings_start_small_for_the_all_to_all_models_and_at_unit_scale_for_two_tower():
     torch.manual_seed(0)
     data = datasets.synthetic(200, 300, per_user=4, seed=0)
-    for model, std in ((SparCode(data, hidden=(8,)), EMBEDDING_STD), (TwoTower(data), 1.0)):
+    for model, std in ((SparCode(data, hidden=(8,)), EMBEDDING_STD), (TwoTower(data), 1.0),
+                       (SparCode(data, hidden=(8,), embedding_std=0.5), 0.5)):
         tables = [m.weight for m in model.modules() if isinstance(m, torch.nn.Embedding)]
         assert len(tables) == 2 + len(data.user_cardinalities) + len(data.item_cardinalities)
         for w in tables:
