@@ -69,6 +69,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sampling", default="uniform", choices=["uniform", "popularity", "in-batch"])
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--patience", type=int, default=5)
+    p.add_argument("--valid-users", type=int, default=TrainConfig.valid_users,
+                   help="users whose validation Recall@20 drives early stopping (all models)")
     p.add_argument("--tokens", type=int, default=4)
     p.add_argument("--dim", type=int, default=64, help="token and item embedding size (all models)")
     p.add_argument("--codewords", type=int, default=None, help="C per sub-codebook (default 256 on CUDA, 64 on CPU)")
@@ -99,7 +101,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, negatives=args.negatives, sampling=args.sampling,
                       lr=args.lr, patience=args.patience, seed=args.seed, device=device, progress=not args.no_progress,
                       time_budget=args.time_budget, warmup=args.warmup, density=args.train_density,
-                      commitment=args.commitment)
+                      commitment=args.commitment, valid_users=args.valid_users)
     model_kwargs = {"dim": args.dim, "n_tokens": args.tokens, "n_words": codewords, "hidden": tuple(args.hidden),
                     "embedding_std": args.embedding_std}
     validate = validator(data, cfg)

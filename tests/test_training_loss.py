@@ -26,6 +26,8 @@ def test_train_config_rejects_bad_values():
         TrainConfig(batch_size=0)
     with pytest.raises(ValueError, match="commitment: expected a weight >= 0"):
         TrainConfig(commitment=-0.5)
+    with pytest.raises(ValueError, match="valid_users"):
+        TrainConfig(valid_users=0)
     TrainConfig(sampling="in-batch", negatives=0)  # in-batch needs no sampled negatives
 
 
@@ -160,7 +162,7 @@ def test_validation_takes_items_of_at_most_max_users():
 def test_accuracy_runner_tiny(tmp_path, capsys):
     argv = ["--dataset", "synthetic", "--out", str(tmp_path), "--epochs", "1", "--hidden", "16", "--negatives", "8",
             "--synthetic-size", "200", "150", "--codewords", "4", "--density", "0.2", "--densities", "1", "0.05",
-            "--all-to-all-sample", "50", "--no-progress"]
+            "--all-to-all-sample", "50", "--valid-users", "30", "--no-progress"]
     assert accuracy.main(argv) == 0
     report = json.loads((tmp_path / "accuracy-synthetic.json").read_text())
     assert report["command"].startswith("python -m sparcode.bench.accuracy --dataset synthetic")
@@ -168,6 +170,7 @@ def test_accuracy_runner_tiny(tmp_path, capsys):
     sparcode = report["models"]["sparcode"]
     assert sparcode["density"] == pytest.approx(0.2, rel=0.05) and sparcode["index_bytes"] > 0
     assert report["models"]["all_to_all"]["sample_users"] == 50
+    assert report["config"]["train"]["valid_users"] == 30
     for m in report["models"].values():
         assert 0 <= m["recall@20"] <= 1 and m["epochs"] == 1
     curve = report["sparsity_curve"]
