@@ -29,7 +29,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                        help="sparcode: train for an index of this density (the bias follows a score quantile)")
     train.add_argument("--commitment", type=float, default=None,
                        help="sparcode: weight of the quantizer's commitment loss (default: TrainConfig's)")
-    train.add_argument("--valid-users", type=int, default=1000, help="users whose validation Recall@20 drives early stopping")
+    train.add_argument("--valid-users", type=int, default=None,
+                       help="users whose validation Recall@20 drives early stopping (default: TrainConfig's)")
     train.add_argument("--time-budget", type=float, default=None, help="stop after the epoch that passes this many seconds")
     train.add_argument("--tokens", type=int, default=4, help="T")
     train.add_argument("--codewords", type=int, default=64, help="C per sub-codebook (V = C**2)")
@@ -77,8 +78,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                     **({} if args.embedding_std is None else {"embedding_std": args.embedding_std})})
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, negatives=args.negatives, sampling=args.sampling,
                       lr=args.lr, seed=args.seed, device=device, progress=not args.no_progress, time_budget=args.time_budget,
-                      warmup=args.warmup, density=args.density, valid_users=args.valid_users,
-                      **({} if args.commitment is None else {"commitment": args.commitment}))
+                      warmup=args.warmup, density=args.density,
+                      **{name: value for name, value in (("commitment", args.commitment), ("valid_users", args.valid_users))
+                         if value is not None})
     if device == "cpu" and args.model != "two_tower" and data.train.items.size > 100_000:
         print(f"train: {data.name} has {data.train.items.size:,} training interactions; the scorer runs on every "
               f"(token, item) pair, so on a CPU an epoch takes long (MovieLens-1M with --hidden 64 64 "
