@@ -73,7 +73,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="users whose validation Recall@20 drives early stopping (all models)")
     p.add_argument("--tokens", type=int, default=4)
     p.add_argument("--dim", type=int, default=64, help="token and item embedding size (all models)")
-    p.add_argument("--codewords", type=int, default=None, help="C per sub-codebook (default 256 on CUDA, 64 on CPU)")
+    p.add_argument("--codewords", type=int, default=None, help="C per codebook (default 256 on CUDA, 64 on CPU)")
+    p.add_argument("--quantizer", default="product", choices=["product", "residual"],
+                   help="SparCode: product (the paper's) or residual quantization, both V = C**2 codes")
     p.add_argument("--hidden", type=int, nargs="+", default=[256, 256, 256], help="scorer MLP widths")
     p.add_argument("--embedding-std", type=float, default=EMBEDDING_STD,
                    help="SparCode and AllToAll: initial std of the embeddings (TwoTower keeps 1)")
@@ -103,7 +105,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
                       time_budget=args.time_budget, warmup=args.warmup, density=args.train_density,
                       commitment=args.commitment, valid_users=args.valid_users)
     model_kwargs = {"dim": args.dim, "n_tokens": args.tokens, "n_words": codewords, "hidden": tuple(args.hidden),
-                    "embedding_std": args.embedding_std}
+                    "embedding_std": args.embedding_std, "quantizer": args.quantizer}
     validate = validator(data, cfg)
     item_features = tensors(data, cfg)["item_features"]
     report: dict = {"dataset": args.dataset, "command": "python -m sparcode.bench.accuracy " + shlex.join(argv),

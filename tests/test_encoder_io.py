@@ -8,16 +8,16 @@ import pytest
 import torch
 
 from sparcode.engine import Engine
-from sparcode.engine.encoder import ProductQuantizer, QueryEncoder, Tokenizer
+from sparcode.engine.encoder import ProductQuantizer, QueryEncoder, ResidualQuantizer, Tokenizer
 from sparcode.engine.synthetic import random_index
 
 N_ITEMS, HISTORY = 50, 6
 
 
-def make_encoder(n_words: int = 4, seed: int = 0) -> QueryEncoder:
+def make_encoder(n_words: int = 4, seed: int = 0, quantizer: type = ProductQuantizer) -> QueryEncoder:
     torch.manual_seed(seed)
     tokenizer = Tokenizer(N_ITEMS, [3, 5], dim=8, n_tokens=3, hidden=(16,))
-    return QueryEncoder(tokenizer, ProductQuantizer(8, n_sub=2, n_words=n_words), history=HISTORY).eval()
+    return QueryEncoder(tokenizer, quantizer(8, n_sub=2, n_words=n_words), history=HISTORY).eval()
 
 
 def features(batch: int, seed: int = 1) -> torch.Tensor:
@@ -49,6 +49,33 @@ def test_engine_load_restores_the_encoder_and_search_takes_features(saved):
     assert torch.equal(by_features.ids, by_codes.ids) and torch.equal(by_features.scores, by_codes.scores)
     history, user = feats[:, :HISTORY].long(), feats[:, HISTORY:].long()
     assert torch.equal(encoder.encode(history, user), codes)
+
+
+def test_residual_encoder_round_trips(tmp_path):
+    encoder = make_encoder(quantizer=ResidualQuantizer)
+    encoder.quantizer.initialize(torch.randn(200, 8))
+    random_index(16, N_ITEMS, 10, seed=0).save(tmp_path / "rq", encoder=encoder)
+    manifest = json.loads((tmp_path / "rq" / "manifest.json").read_text())
+    assert manifest["encoder"]["quantizer"] == "residual"
+    loaded = Engine.load(tmp_path / "rq", device="cpu").encoder
+    assert isinstance(loaded.quantizer, ResidualQuantizer)
+    torch.testing.assert_close(loaded.quantizer.codebooks, encoder.quantizer.codebooks)
+    feats = features(30)
+    assert torch.equal(loaded(feats), encoder(feats))
+
+
+def test_encoder_quantizer_field_is_checked_and_defaults_to_product(saved):
+    path, encoder = saved
+    manifest = json.loads((path / "manifest.json").read_text())
+    del manifest["encoder"]["quantizer"]  # written before the field existed
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    loaded = Engine.load(path, device="cpu").encoder
+    assert isinstance(loaded.quantizer, ProductQuantizer) and torch.equal(loaded(features(5)), encoder(features(5)))
+    for bad in ("lattice", ["residual"]):
+        manifest["encoder"]["quantizer"] = bad
+        (path / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(ValueError, match="encoder: quantizer: expected one of"):
+            Engine.load(path, device="cpu")
 
 
 def test_index_without_encoder_loads_without_one(tmp_path):

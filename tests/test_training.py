@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sparcode.engine.encoder import EMBEDDING_STD, ProductQuantizer
+from sparcode.engine.encoder import EMBEDDING_STD, ProductQuantizer, ResidualQuantizer
 from sparcode.training import data as datasets
 from sparcode.training.data import CSR
 from sparcode.training.export import export_index
@@ -105,14 +105,59 @@ def test_quantizer_ema_moves_codewords_toward_assigned_vectors():
         assert moved < (before[p, words[p]] - 3.0).abs().mean()
 
 
-def test_quantizer_straight_through_and_codes():
-    pq = ProductQuantizer(8, n_sub=2, n_words=4).eval()
+@pytest.mark.parametrize("kind", [ProductQuantizer, ResidualQuantizer])
+def test_quantizer_straight_through_and_codes(kind):
+    torch.manual_seed(0)
+    pq = kind(8, n_sub=2, n_words=4).eval()
     z = torch.randn(5, 3, 8, requires_grad=True)
     quantized, codes, commit = pq(z)
     quantized.sum().backward()
     assert torch.equal(z.grad, torch.ones_like(z))  # straight-through: identity gradient
     assert codes.shape == (5, 3) and int(codes.max()) < 16
     assert torch.allclose(pq.code_vectors()[codes], quantized.detach())
+    words = pq.assign(z.detach())
+    assert torch.equal(pq.codes(z.detach()), words[..., 0] * 4 + words[..., 1])
+
+
+def test_residual_quantizer_sums_codewords_and_quantizes_what_the_first_stage_left():
+    rq = ResidualQuantizer(4, n_sub=2, n_words=3).eval()
+    rq.codebooks.copy_(torch.tensor([[[0.0, 0, 0, 0], [10, 0, 0, 0], [0, 10, 0, 0]],
+                                     [[0.0, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 1]]]))
+    z = torch.tensor([[10.5, 0.8, 0.0, 0.0], [0.2, 9.0, 1.2, 0.9], [0.1, 0.0, 0.1, 0.0]])
+    words = rq.assign(z)
+    assert words.tolist() == [[1, 1], [2, 2], [0, 0]]  # stage 2 sees z - the stage-1 codeword
+    torch.testing.assert_close(rq.lookup(words), torch.tensor([[11.0, 1, 0, 0], [0, 10, 1, 1], [0, 0, 0, 0]]))
+
+
+def test_residual_quantizer_leaves_less_error_than_product_on_correlated_dimensions():
+    """Tokens along one direction through every dimension: the product quantizer's
+    halves move together, so of its 16 codes only ~4 lie on the line; the residual
+    quantizer's second stage refines the first, 16 levels along it."""
+    torch.manual_seed(0)
+    direction = torch.ones(8) / 8**0.5
+    z = torch.rand(2000, 1) * 2 - 1
+    z = z * direction + 0.01 * torch.randn(2000, 8)
+    errors = {}
+    for kind in (ProductQuantizer, ResidualQuantizer):
+        q = kind(8, n_sub=2, n_words=4)
+        q.initialize(z, iters=20)
+        errors[kind] = float((q.lookup(q.assign(z)) - z).pow(2).sum(1).mean())
+    assert errors[ResidualQuantizer] < 0.25 * errors[ProductQuantizer]
+
+
+@pytest.mark.parametrize("kind", [ProductQuantizer, ResidualQuantizer])
+def test_ema_updates_shrink_the_quantization_error(kind):
+    torch.manual_seed(0)
+    q = kind(8, n_sub=2, n_words=4)
+    q.initialized.fill_(True)
+    q.train()
+    target = torch.randn(4, 8) * 3
+    batch = target.repeat(64, 1).unsqueeze(1)
+    before = float((q.lookup(q.assign(target)) - target).pow(2).sum())
+    for _ in range(100):
+        q(batch)
+    after = float((q.lookup(q.assign(target)) - target).pow(2).sum())
+    assert after < 0.1 * before
 
 
 def test_dead_codewords_restart():
@@ -128,10 +173,11 @@ def test_dead_codewords_restart():
     assert (pq.codebooks[0].abs().sum(1) < 50).all()  # codewords far from all data were moved in
 
 
-def test_export_scores_match_the_model_and_density_rule():
+@pytest.mark.parametrize("quantizer", ["product", "residual"])
+def test_export_scores_match_the_model_and_density_rule(quantizer):
     torch.manual_seed(0)
     data = datasets.synthetic(60, 80, per_user=10, seed=0)
-    model = SparCode(data, n_words=8, hidden=(32, 32), bias=-0.02).eval()
+    model = SparCode(data, n_words=8, hidden=(32, 32), bias=-0.02, quantizer=quantizer).eval()
     feats = torch.from_numpy(data.item_features)
     index, report = export_index(model, feats, data.n_items)
     codes_vec = model.encoder.quantizer.code_vectors()
@@ -155,6 +201,12 @@ def test_export_scores_match_the_model_and_density_rule():
     for target in (0.1, 0.01):
         sparse, rep = export_index(model, feats, data.n_items, density=target)
         assert abs(rep["density"] - target) <= 0.05 * target + 1 / (index.n_codes * data.n_items)
+
+
+def test_sparcode_names_an_unknown_quantizer():
+    data = datasets.synthetic(20, 30, per_user=5, seed=0)
+    with pytest.raises(ValueError, match="quantizer: expected one of"):
+        SparCode(data, quantizer="lattice")
 
 
 def test_export_cap_keeps_each_codes_highest_scores():
@@ -210,10 +262,12 @@ def test_train_export_evaluate_commands(tmp_path, capsys):
     ckpt, index = tmp_path / "ckpt", tmp_path / "index"
     assert main(["train", "--model", "sparcode", "--epochs", "1", "--codewords", "8", "--hidden", "32", "32",
                  "--negatives", "10", "--density", "0.3", "--commitment", "0.25", "--embedding-std", "0.05",
+                 "--quantizer", "residual",
                  "--out", str(ckpt), "--no-progress"]) == 0
     config = json.loads((ckpt / "config.json").read_text())
     assert (ckpt / "model.safetensors").is_file() and config["model"]["kind"] == "sparcode"
     assert config["train"]["commitment"] == 0.25 and config["model"]["kwargs"]["embedding_std"] == 0.05
+    assert config["model"]["kwargs"]["quantizer"] == "residual"
     assert float(load_file(str(ckpt / "model.safetensors"))["bias"]) < 0  # trained for 30%: the bias was kept
     assert main(["export", str(ckpt), "--out", str(index), "--cap", "100"]) == 0  # the trained bias, capped
     capped = CodeIndex.load(index)
@@ -221,6 +275,7 @@ def test_train_export_evaluate_commands(tmp_path, capsys):
     assert main(["export", str(ckpt), "--out", str(index), "--density", "0.2"]) == 0
     loaded = CodeIndex.load(index)
     assert loaded.n_codes == 64 and loaded.n_tokens == 4 and abs(loaded.nnz / (64 * 800) - 0.2) < 0.01
+    assert json.loads((index / "manifest.json").read_text())["encoder"]["quantizer"] == "residual"
     capsys.readouterr()
     assert main(["evaluate", str(ckpt), "--index", str(index), "--out", str(tmp_path / "m.json")]) == 0
     metrics = json.loads((tmp_path / "m.json").read_text())["metrics"]
