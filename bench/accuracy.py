@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from sparcode.engine import Engine
-from sparcode.engine.encoder import EMBEDDING_STD
+from sparcode.engine.encoder import EMBEDDING_STD, QUANTIZERS
 from sparcode.training.checkpoint import load_data
 from sparcode.training.evaluate import encode_users, evaluate_engine, evaluate_exact
 from sparcode.training.export import export_index
@@ -74,7 +74,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tokens", type=int, default=4)
     p.add_argument("--dim", type=int, default=64, help="token and item embedding size (all models)")
     p.add_argument("--codewords", type=int, default=None, help="C per codebook (default 256 on CUDA, 64 on CPU)")
-    p.add_argument("--quantizer", default="product", choices=["product", "residual"],
+    p.add_argument("--quantizer", default="product", choices=sorted(QUANTIZERS),
                    help="SparCode: product (the paper's) or residual quantization, both V = C**2 codes")
     p.add_argument("--hidden", type=int, nargs="+", default=[256, 256, 256], help="scorer MLP widths")
     p.add_argument("--embedding-std", type=float, default=EMBEDDING_STD,

@@ -65,6 +65,7 @@ class Quantizer(nn.Module):
         return self.words_to_codes(self.assign(z))
 
     def words_to_codes(self, words: torch.Tensor) -> torch.Tensor:
+        """(..., P) codeword ids -> (...) code ids."""
         weights = self.n_words ** torch.arange(self.n_sub - 1, -1, -1, device=words.device)
         return (words * weights).sum(-1)
 
@@ -161,6 +162,14 @@ class ResidualQuantizer(Quantizer):
 
 
 QUANTIZERS: dict[str, type[Quantizer]] = {"product": ProductQuantizer, "residual": ResidualQuantizer}
+
+
+def make_quantizer(kind: object, dim: int, n_sub: int, n_words: int, where: str = "quantizer") -> Quantizer:
+    """The quantizer named ``kind`` ("product" or "residual"); any other value is refused
+    with an error that names ``where``."""
+    if not isinstance(kind, str) or kind not in QUANTIZERS:
+        raise ValueError(f"{where}: expected one of {sorted(QUANTIZERS)}, got {kind!r}")
+    return QUANTIZERS[kind](dim, n_sub, n_words)
 
 
 def kmeans(x: torch.Tensor, k: int, iters: int = 10, seed: int = 0) -> torch.Tensor:
@@ -298,9 +307,6 @@ class QueryEncoder(nn.Module):
         expected = {"n_items", "user_cardinalities", "dim", "n_tokens", "hidden", "normalize", "n_sub", "n_words", "history"}
         if set(config) - {"quantizer"} != expected:
             raise ValueError(f"{where}: expected fields {sorted(expected | {'quantizer'})}, got {sorted(config)}")
-        kind = config.get("quantizer", "product")
-        if not isinstance(kind, str) or kind not in QUANTIZERS:
-            raise ValueError(f"{where}: quantizer: expected one of {sorted(QUANTIZERS)}, got {kind!r}")
 
         def positive(value, name: str) -> int:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -318,5 +324,6 @@ class QueryEncoder(nn.Module):
         tokenizer = Tokenizer(positive(config["n_items"], "n_items"), cards, dim=dim,
                               n_tokens=positive(config["n_tokens"], "n_tokens"), hidden=hidden,
                               normalize=config["normalize"])
-        quantizer = QUANTIZERS[kind](dim, positive(config["n_sub"], "n_sub"), positive(config["n_words"], "n_words"))
+        quantizer = make_quantizer(config.get("quantizer", "product"), dim, positive(config["n_sub"], "n_sub"),
+                                   positive(config["n_words"], "n_words"), f"{where}: quantizer")
         return cls(tokenizer, quantizer, positive(config["history"], "history"))

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparcode.engine.encoder import EMBEDDING_STD, QUANTIZERS, QueryEncoder, Tokenizer, embedding
+from sparcode.engine.encoder import EMBEDDING_STD, QueryEncoder, Tokenizer, embedding, make_quantizer
 
 from .data import InteractionData
 
@@ -123,11 +123,9 @@ class SparCode(nn.Module):
                  hidden: tuple[int, ...] = (256, 256, 256), bias: float = 0.0, quantize: bool = True,
                  product: bool = True, embedding_std: float = EMBEDDING_STD, quantizer: str = "product") -> None:
         super().__init__()
-        if quantizer not in QUANTIZERS:
-            raise ValueError(f"quantizer: expected one of {sorted(QUANTIZERS)}, got {quantizer!r}")
         tokenizer = Tokenizer(data.n_items, list(data.user_cardinalities), dim=dim, n_tokens=n_tokens,
                               embedding_std=embedding_std)
-        self.encoder = QueryEncoder(tokenizer, QUANTIZERS[quantizer](dim, n_sub, n_words))
+        self.encoder = QueryEncoder(tokenizer, make_quantizer(quantizer, dim, n_sub, n_words))
         self.items = ItemTower(data.n_items, data.item_cardinalities, dim, embedding_std)
         self.scorer = Scorer(dim, tuple(hidden), product)
         self.register_buffer("bias", torch.tensor(float(bias)))  # a buffer: training may move it, checkpoints keep it
