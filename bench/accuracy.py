@@ -76,6 +76,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--codewords", type=int, default=None, help="C per codebook (default 256 on CUDA, 64 on CPU)")
     p.add_argument("--quantizer", default="product", choices=sorted(QUANTIZERS),
                    help="SparCode: product (the paper's) or residual quantization, both V = C**2 codes")
+    p.add_argument("--per-token-codebooks", action="store_true",
+                   help="SparCode: one quantizer per token position, V = T * C**2 (default: shared by all, V = C**2)")
     p.add_argument("--hidden", type=int, nargs="+", default=[256, 256, 256], help="scorer MLP widths")
     p.add_argument("--embedding-std", type=float, default=EMBEDDING_STD,
                    help="SparCode and AllToAll: initial std of the embeddings (TwoTower keeps 1)")
@@ -105,7 +107,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
                       time_budget=args.time_budget, warmup=args.warmup, density=args.train_density,
                       commitment=args.commitment, valid_users=args.valid_users)
     model_kwargs = {"dim": args.dim, "n_tokens": args.tokens, "n_words": codewords, "hidden": tuple(args.hidden),
-                    "embedding_std": args.embedding_std, "quantizer": args.quantizer}
+                    "embedding_std": args.embedding_std, "quantizer": args.quantizer,
+                    "per_token": args.per_token_codebooks}
+    n_codes = codewords**2 * (args.tokens if args.per_token_codebooks else 1)
     validate = validator(data, cfg)
     item_features = tensors(data, cfg)["item_features"]
     report: dict = {"dataset": args.dataset, "command": "python -m sparcode.bench.accuracy " + shlex.join(argv),
@@ -113,7 +117,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
                     "seed": args.seed, "headline_metric": headline,
                     "data": {"users": data.n_users, "items": data.n_items, "train": int(data.train.items.size),
                              "valid": int(data.valid.items.size), "test": int(data.test.items.size)},
-                    "config": {"train": asdict(cfg), "model": {**model_kwargs, "codes": codewords**2}}, "models": {}}
+                    "config": {"train": asdict(cfg), "model": {**model_kwargs, "codes": n_codes}}, "models": {}}
     if args.dataset in REFERENCES:
         report["references"] = REFERENCES[args.dataset]
     for kind in args.models:

@@ -54,7 +54,8 @@ class CodeIndex:
 
         ``indptr`` (V + 1) int64, ``items`` (nnz) int32, ``scores`` (nnz) float16,
         bfloat16 or float32, all on one device; ``codebooks`` (P, C, d_sub) with
-        C**P == V; ``item_ids`` (N) unique int64 external ids; ``n_tokens`` the T that
+        C**P == V, or (T, P, C, d_sub) with T * C**P == V (one quantizer per token
+        position); ``item_ids`` (N) unique int64 external ids; ``n_tokens`` the T that
         queries must have.
         """
         names = {f: f for f in ("indptr", "items", "scores", "n_items")}

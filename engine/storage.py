@@ -187,9 +187,10 @@ def read_manifest(path: Path) -> dict:
     if tokens is not None and (not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 1):
         fail(f"{where}: n_tokens", f"expected a positive integer or null, got {tokens!r}")
     books = manifest.get("codebooks")
-    valid_books = isinstance(books, list) and len(books) == 3 and all(isinstance(x, int) and x > 0 for x in books)
+    valid_books = isinstance(books, list) and len(books) in (3, 4) and all(
+        isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in books)
     if books is not None and not valid_books:
-        fail(f"{where}: codebooks", f"expected null or [P, C, d_sub], got {books!r}")
+        fail(f"{where}: codebooks", f"expected null, [P, C, d_sub] or [T, P, C, d_sub], got {books!r}")
     dtypes = manifest.get("dtypes")
     if not isinstance(dtypes, dict) or not {"indptr", "items", "scores"} <= set(dtypes):
         fail(f"{where}: dtypes", "expected an object with at least indptr, items, scores")

@@ -91,10 +91,15 @@ def check_item_ids(item_ids: torch.Tensor, n_items: int, where: str) -> None:
 
 
 def check_codebooks(codebooks: torch.Tensor, n_codes: int, where: str) -> None:
-    check_tensor(codebooks, where, ndim=3, dtypes=(torch.float16, torch.bfloat16, torch.float32))
-    n_sub, n_words, _ = codebooks.shape
-    if n_words**n_sub != n_codes:
-        fail(where, f"shape {tuple(codebooks.shape)} gives C**P = {n_words**n_sub} codes, the index has {n_codes}")
+    """(P, C, d) shared by all tokens (V = C**P) or (T, P, C, d) one per token position
+    (V = T * C**P)."""
+    per_token = isinstance(codebooks, torch.Tensor) and codebooks.dim() == 4
+    check_tensor(codebooks, where, ndim=4 if per_token else 3, dtypes=(torch.float16, torch.bfloat16, torch.float32))
+    groups = codebooks.shape[0] if codebooks.dim() == 4 else 1
+    n_sub, n_words, _ = codebooks.shape[-3:]
+    if groups * n_words**n_sub != n_codes:
+        fail(where, f"shape {tuple(codebooks.shape)} gives {groups} x C**P = {groups * n_words**n_sub} codes, "
+                    f"the index has {n_codes}")
     if not bool(torch.isfinite(codebooks).all()):
         fail(where, "contains non-finite values")
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from sparcode.engine import Engine
-from sparcode.engine.encoder import ProductQuantizer, QueryEncoder, ResidualQuantizer, Tokenizer
+from sparcode.engine import CodeIndex, Engine
+from sparcode.engine.encoder import PerTokenQuantizer, ProductQuantizer, QueryEncoder, ResidualQuantizer, Tokenizer
 from sparcode.engine.synthetic import random_index
 
 N_ITEMS, HISTORY = 50, 6
@@ -64,10 +64,34 @@ def test_residual_encoder_round_trips(tmp_path):
     assert torch.equal(loaded(feats), encoder(feats))
 
 
+def test_per_token_encoder_round_trips_with_its_codebooks(tmp_path):
+    torch.manual_seed(0)
+    tokenizer = Tokenizer(N_ITEMS, [3, 5], dim=8, n_tokens=3, hidden=(16,))
+    encoder = QueryEncoder(tokenizer, PerTokenQuantizer("residual", 3, 8, n_sub=2, n_words=4), history=HISTORY).eval()
+    encoder.quantizer.initialize(torch.randn(200, 3, 8))
+    plain = random_index(48, N_ITEMS, 10, seed=0)
+    index = CodeIndex.from_postings(plain.indptr, plain.items, plain.scores, N_ITEMS,  # export stores (T, P, C, d)
+                                    codebooks=encoder.quantizer.codebooks.clone())
+    index.save(tmp_path / "tok", encoder=encoder)
+    manifest = json.loads((tmp_path / "tok" / "manifest.json").read_text())
+    assert manifest["encoder"]["per_token"] is True and manifest["codebooks"] == [3, 2, 4, 8]
+    engine = Engine.load(tmp_path / "tok", device="cpu")
+    assert isinstance(engine.encoder.quantizer, PerTokenQuantizer)
+    torch.testing.assert_close(engine.index.codebooks, encoder.quantizer.codebooks)
+    feats = features(30)
+    codes = engine.encoder(feats)
+    assert torch.equal(codes, encoder(feats))
+    assert bool(((codes >= torch.arange(3) * 16) & (codes < torch.arange(1, 4) * 16)).all())  # position t's range
+    manifest["encoder"]["per_token"] = "yes"
+    (tmp_path / "tok" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="encoder: per_token: expected true or false"):
+        Engine.load(tmp_path / "tok", device="cpu")
+
+
 def test_encoder_quantizer_field_is_checked_and_defaults_to_product(saved):
     path, encoder = saved
     manifest = json.loads((path / "manifest.json").read_text())
-    del manifest["encoder"]["quantizer"]  # written before the field existed
+    del manifest["encoder"]["quantizer"], manifest["encoder"]["per_token"]  # written before the fields existed
     (path / "manifest.json").write_text(json.dumps(manifest))
     loaded = Engine.load(path, device="cpu").encoder
     assert isinstance(loaded.quantizer, ProductQuantizer) and torch.equal(loaded(features(5)), encoder(features(5)))

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sparcode.engine.encoder import EMBEDDING_STD, ProductQuantizer, ResidualQuantizer
+from sparcode.engine.encoder import EMBEDDING_STD, PerTokenQuantizer, ProductQuantizer, ResidualQuantizer
 from sparcode.training import data as datasets
 from sparcode.training.data import CSR
 from sparcode.training.export import export_index
@@ -145,6 +145,31 @@ def test_residual_quantizer_leaves_less_error_than_product_on_correlated_dimensi
     assert errors[ResidualQuantizer] < 0.25 * errors[ProductQuantizer]
 
 
+def test_per_token_quantizer_gives_each_position_its_own_codebooks_and_codes():
+    torch.manual_seed(0)
+    q = PerTokenQuantizer("residual", 3, 8, n_sub=2, n_words=4)
+    assert q.n_codes == 3 * 16 and q.codebooks.shape == (3, 2, 4, 8)
+    centres = torch.tensor([5.0, -5.0, 0.0])  # each position's tokens lie around its own centre
+    z = torch.randn(200, 3, 8) * 0.1 + centres.view(1, 3, 1)
+    q.initialize(z)
+    for t in range(3):  # each position's first-stage codewords were fitted to its own tokens
+        assert (q.parts[t].codebooks[0] - centres[t]).abs().max() < 1
+    q.eval()
+    x = z[:7].clone().requires_grad_(True)
+    quantized, codes, _ = q(x)
+    quantized.sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))  # straight-through
+    for t in range(3):
+        assert torch.equal(codes[:, t], t * 16 + q.parts[t].codes(x.detach()[:, t]))
+    words = q.assign(x.detach())
+    assert words.shape == (7, 3, 3) and torch.equal(words[..., 0], torch.arange(3).expand(7, 3))
+    assert torch.equal(q.words_to_codes(words), codes) and torch.equal(q.codes(x.detach()), codes)
+    torch.testing.assert_close(q.lookup(words), quantized.detach())
+    torch.testing.assert_close(q.code_vectors()[codes], quantized.detach())
+    with pytest.raises(ValueError, match=r"z: expected \(\.\.\., 3 tokens, 8\)"):
+        q.codes(torch.randn(5, 4, 8))
+
+
 @pytest.mark.parametrize("kind", [ProductQuantizer, ResidualQuantizer])
 def test_ema_updates_shrink_the_quantization_error(kind):
     torch.manual_seed(0)
@@ -173,13 +198,14 @@ def test_dead_codewords_restart():
     assert (pq.codebooks[0].abs().sum(1) < 50).all()  # codewords far from all data were moved in
 
 
-@pytest.mark.parametrize("quantizer", ["product", "residual"])
-def test_export_scores_match_the_model_and_density_rule(quantizer):
+@pytest.mark.parametrize("quantizer, per_token", [("product", False), ("residual", False), ("residual", True)])
+def test_export_scores_match_the_model_and_density_rule(quantizer, per_token):
     torch.manual_seed(0)
     data = datasets.synthetic(60, 80, per_user=10, seed=0)
-    model = SparCode(data, n_words=8, hidden=(32, 32), bias=-0.02, quantizer=quantizer).eval()
+    model = SparCode(data, n_words=8, hidden=(32, 32), bias=-0.02, quantizer=quantizer, per_token=per_token).eval()
     feats = torch.from_numpy(data.item_features)
     index, report = export_index(model, feats, data.n_items)
+    assert index.n_codes == 64 * (4 if per_token else 1) and index.codebooks.dim() == (4 if per_token else 3)
     codes_vec = model.encoder.quantizer.code_vectors()
     vectors = model.items(torch.arange(data.n_items), feats)
     rng = np.random.default_rng(0)
@@ -262,20 +288,22 @@ def test_train_export_evaluate_commands(tmp_path, capsys):
     ckpt, index = tmp_path / "ckpt", tmp_path / "index"
     assert main(["train", "--model", "sparcode", "--epochs", "1", "--codewords", "8", "--hidden", "32", "32",
                  "--negatives", "10", "--density", "0.3", "--commitment", "0.25", "--embedding-std", "0.05",
-                 "--quantizer", "residual",
+                 "--quantizer", "residual", "--tokens", "2", "--per-token-codebooks",
                  "--out", str(ckpt), "--no-progress"]) == 0
     config = json.loads((ckpt / "config.json").read_text())
     assert (ckpt / "model.safetensors").is_file() and config["model"]["kind"] == "sparcode"
     assert config["train"]["commitment"] == 0.25 and config["model"]["kwargs"]["embedding_std"] == 0.05
-    assert config["model"]["kwargs"]["quantizer"] == "residual"
+    assert config["model"]["kwargs"]["quantizer"] == "residual" and config["model"]["kwargs"]["per_token"]
     assert float(load_file(str(ckpt / "model.safetensors"))["bias"]) < 0  # trained for 30%: the bias was kept
     assert main(["export", str(ckpt), "--out", str(index), "--cap", "100"]) == 0  # the trained bias, capped
     capped = CodeIndex.load(index)
-    assert int((capped.indptr[1:] - capped.indptr[:-1]).max()) == 100 and 0.05 < capped.nnz / (64 * 800) <= 100 / 800
+    assert int((capped.indptr[1:] - capped.indptr[:-1]).max()) == 100 and 0.05 < capped.nnz / (128 * 800) <= 100 / 800
     assert main(["export", str(ckpt), "--out", str(index), "--density", "0.2"]) == 0
-    loaded = CodeIndex.load(index)
-    assert loaded.n_codes == 64 and loaded.n_tokens == 4 and abs(loaded.nnz / (64 * 800) - 0.2) < 0.01
-    assert json.loads((index / "manifest.json").read_text())["encoder"]["quantizer"] == "residual"
+    loaded = CodeIndex.load(index)  # 2 tokens x 8**2 codes each
+    assert loaded.n_codes == 128 and loaded.n_tokens == 2 and abs(loaded.nnz / (128 * 800) - 0.2) < 0.01
+    assert loaded.codebooks.shape == (2, 2, 8, 64)
+    encoder = json.loads((index / "manifest.json").read_text())["encoder"]
+    assert encoder["quantizer"] == "residual" and encoder["per_token"]
     capsys.readouterr()
     assert main(["evaluate", str(ckpt), "--index", str(index), "--out", str(tmp_path / "m.json")]) == 0
     metrics = json.loads((tmp_path / "m.json").read_text())["metrics"]

@@ -37,6 +37,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--quantizer", default="product", choices=["product", "residual"],
                        help="sparcode: product (the paper's: each codebook quantizes half the token) or residual "
                             "(the second quantizes what the first left; less error for the same V)")
+    train.add_argument("--per-token-codebooks", action="store_true",
+                       help="sparcode: one quantizer per token position, V = T * C**2 (default: shared, V = C**2)")
     train.add_argument("--hidden", type=int, nargs="+", default=[256, 256, 256], help="scorer MLP widths")
     train.add_argument("--embedding-std", type=float, default=None,
                        help="sparcode, all_to_all: initial std of the embeddings (default 0.1; two_tower keeps 1)")
@@ -78,6 +80,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     data = load_data(args.data, args.path, args.seed)
     kwargs = ({"n_tokens": args.tokens} if args.model == "two_tower"
               else {"n_tokens": args.tokens, "n_words": args.codewords, "hidden": list(args.hidden), "quantizer": args.quantizer,
+                    "per_token": args.per_token_codebooks,
                     **({} if args.embedding_std is None else {"embedding_std": args.embedding_std})})
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, negatives=args.negatives, sampling=args.sampling,
                       lr=args.lr, seed=args.seed, device=device, progress=not args.no_progress, time_budget=args.time_budget,

@@ -121,11 +121,13 @@ class SparCode(nn.Module):
 
     def __init__(self, data: InteractionData, *, dim: int = 64, n_tokens: int = 4, n_sub: int = 2, n_words: int = 64,
                  hidden: tuple[int, ...] = (256, 256, 256), bias: float = 0.0, quantize: bool = True,
-                 product: bool = True, embedding_std: float = EMBEDDING_STD, quantizer: str = "product") -> None:
+                 product: bool = True, embedding_std: float = EMBEDDING_STD, quantizer: str = "product",
+                 per_token: bool = False) -> None:
         super().__init__()
         tokenizer = Tokenizer(data.n_items, list(data.user_cardinalities), dim=dim, n_tokens=n_tokens,
                               embedding_std=embedding_std)
-        self.encoder = QueryEncoder(tokenizer, make_quantizer(quantizer, dim, n_sub, n_words))
+        self.encoder = QueryEncoder(tokenizer, make_quantizer(quantizer, dim, n_sub, n_words,
+                                                              per_token=n_tokens if per_token else None))
         self.items = ItemTower(data.n_items, data.item_cardinalities, dim, embedding_std)
         self.scorer = Scorer(dim, tuple(hidden), product)
         self.register_buffer("bias", torch.tensor(float(bias)))  # a buffer: training may move it, checkpoints keep it
