@@ -95,10 +95,11 @@ def check_codebooks(codebooks: torch.Tensor, n_codes: int, where: str) -> None:
     (V = T * C**P)."""
     per_token = isinstance(codebooks, torch.Tensor) and codebooks.dim() == 4
     check_tensor(codebooks, where, ndim=4 if per_token else 3, dtypes=(torch.float16, torch.bfloat16, torch.float32))
-    groups = codebooks.shape[0] if codebooks.dim() == 4 else 1
+    groups = codebooks.shape[0] if per_token else 1
     n_sub, n_words, _ = codebooks.shape[-3:]
     if groups * n_words**n_sub != n_codes:
-        fail(where, f"shape {tuple(codebooks.shape)} gives {groups} x C**P = {groups * n_words**n_sub} codes, "
+        formula = f"T x C**P = {groups} x {n_words**n_sub}" if per_token else "C**P"
+        fail(where, f"shape {tuple(codebooks.shape)} gives {formula} = {groups * n_words**n_sub} codes, "
                     f"the index has {n_codes}")
     if not bool(torch.isfinite(codebooks).all()):
         fail(where, "contains non-finite values")

@@ -47,6 +47,10 @@ def test_from_postings_checks_options():
         CodeIndex.from_postings(indptr, items, scores, 3, item_ids=torch.tensor([4, 5]))
     with pytest.raises(ValueError, match=r"codebooks: shape \(2, 3, 4\) gives C\*\*P = 9 codes, the index has 2"):
         CodeIndex.from_postings(indptr, items, scores, 3, codebooks=torch.zeros(2, 3, 4))
+    with pytest.raises(ValueError, match=r"codebooks: shape \(2, 1, 3, 4\) gives T x C\*\*P = 2 x 3 = 6 codes"):
+        CodeIndex.from_postings(indptr, items, scores, 3, codebooks=torch.zeros(2, 1, 3, 4))  # one per token
+    per_token = CodeIndex.from_postings(indptr, items, scores, 3, codebooks=torch.zeros(2, 1, 1, 4))  # 2 x 1**1 codes
+    assert per_token.codebooks.shape == (2, 1, 1, 4)
     with pytest.raises(ValueError, match="n_tokens: expected a positive int"):
         CodeIndex.from_postings(indptr, items, scores, 3, n_tokens=0)
     with pytest.raises(TypeError, match="indptr: expected a torch.Tensor"):
