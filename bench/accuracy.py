@@ -87,6 +87,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--train-density", type=float, default=None,
                    help="SparCode: train for an index of this density (the bias follows a score quantile)")
     p.add_argument("--densities", type=float, nargs="*", default=[], help="sparsity curve: target densities")
+    p.add_argument("--cap-densities", type=float, nargs="*", default=[],
+                   help="sparsity curve by the per-code rule: each code keeps its top FRACTION x N items "
+                        "(export --density 1 --cap), so no code's list is empty")
     p.add_argument("--synthetic-size", type=int, nargs=2, default=[2000, 800], metavar=("USERS", "ITEMS"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
@@ -144,29 +147,34 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         print(f"[accuracy] {args.dataset} {kind}: {headline} {metrics[headline]:.4f} recall@20 {metrics['recall@20']:.4f} "
               f"({info['epochs']} epochs, {info['train_seconds']:.0f} s)", flush=True)
         write(args.out, report, started)  # after every model: an interrupted run keeps what finished
-        if kind == "sparcode" and args.densities:
+        if kind == "sparcode" and (args.densities or args.cap_densities):
             sparsity_curve(args, model, data, codes, item_features, report, started)
         del model
     return report
 
 
 def sparsity_curve(args, model, data, codes, item_features, report: dict, started: float) -> list[dict]:
-    """The same model exported at each target density and searched; a point that fails
+    """The same model exported at each target density and searched: by one bias for all
+    codes (``--densities``) or by each code's top items (``--cap-densities``: the
+    training activation on the kept pairs, none dropped by the bias). A point that fails
     (out of memory, say) is recorded with its error instead of ending the run."""
     curve: list[dict] = []
-    for density in args.densities:
+    points = [("bias", d, None) for d in args.densities]
+    points += [("cap", d, max(1, round(d * data.n_items))) for d in args.cap_densities]
+    for rule, density, cap in points:
         try:
-            index, export = export_index(model, item_features, data.n_items, density=density, seed=args.seed)
+            index, export = export_index(model, item_features, data.n_items, density=density if cap is None else 1,
+                                         cap=cap, seed=args.seed)
             m = evaluate_engine(Engine(index, model.encoder), codes, data)
             del index
-            curve.append({"target_density": density, "density": export["density"], "index_bytes": export["index_bytes"],
-                          "bias": export["bias"], "export_seconds": export["seconds"],
+            curve.append({"rule": rule, "target_density": density, "cap": cap, "density": export["density"],
+                          "index_bytes": export["index_bytes"], "bias": export["bias"], "export_seconds": export["seconds"],
                           **{k: m[k] for k in ("recall@20", "ndcg@20", "recall@50")}, "queries_per_s": m["queries_per_s"]})
         except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
-            curve.append({"target_density": density, "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
+            curve.append({"rule": rule, "target_density": density, "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-        print(f"[accuracy] density {density:g}: {curve[-1]}", flush=True)
+        print(f"[accuracy] {rule} density {density:g}: {curve[-1]}", flush=True)
         report["sparsity_curve"] = curve
         write(args.out, report, started)
     return curve
@@ -192,10 +200,11 @@ def table(report: dict) -> str:
             note += f", {m['sample_users']} users sampled"
         lines.append(f"{name:<12}{m['recall@20']:>10.4f}{m['ndcg@20']:>9.4f}{m['recall@50']:>10.4f}{m['ndcg@50']:>9.4f}  {note}")
     for point in report.get("sparsity_curve", []):
+        rule = point.get("rule", "bias")
         if "error" in point:
-            lines.append(f"  density {point['target_density']:g}: {point['error']}")
+            lines.append(f"  {rule} density {point['target_density']:g}: {point['error']}")
             continue
-        lines.append(f"  density {point['density']:.4%}: Recall@20 {point['recall@20']:.4f}, "
+        lines.append(f"  {rule} density {point['density']:.4%}: Recall@20 {point['recall@20']:.4f}, "
                      f"{point['index_bytes'] / 2**20:.1f} MB")
     return "\n".join(lines)
 

@@ -162,7 +162,7 @@ def test_validation_takes_items_of_at_most_max_users():
 def test_accuracy_runner_tiny(tmp_path, capsys):
     argv = ["--dataset", "synthetic", "--out", str(tmp_path), "--epochs", "1", "--hidden", "16", "--negatives", "8",
             "--synthetic-size", "200", "150", "--codewords", "4", "--density", "0.2", "--densities", "1", "0.05",
-            "--all-to-all-sample", "50", "--valid-users", "30", "--no-progress"]
+            "--cap-densities", "0.02", "--all-to-all-sample", "50", "--valid-users", "30", "--no-progress"]
     assert accuracy.main(argv) == 0
     report = json.loads((tmp_path / "accuracy-synthetic.json").read_text())
     assert report["command"].startswith("python -m sparcode.bench.accuracy --dataset synthetic")
@@ -174,8 +174,9 @@ def test_accuracy_runner_tiny(tmp_path, capsys):
     for m in report["models"].values():
         assert 0 <= m["recall@20"] <= 1 and m["epochs"] == 1
     curve = report["sparsity_curve"]
-    assert [p["target_density"] for p in curve] == [1.0, 0.05] and curve[0]["density"] == 1.0
-    assert curve[0]["index_bytes"] > curve[1]["index_bytes"]
+    assert [(p["rule"], p["target_density"]) for p in curve] == [("bias", 1.0), ("bias", 0.05), ("cap", 0.02)]
+    assert curve[0]["density"] == 1.0 and curve[0]["index_bytes"] > curve[1]["index_bytes"]
+    assert curve[2]["cap"] == 3 and curve[2]["density"] == pytest.approx(3 / 150)  # 3 of 150 items for every code
     assert "two_tower" in capsys.readouterr().out
 
 
