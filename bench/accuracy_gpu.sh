@@ -5,7 +5,10 @@
 # dataset fits one 10-minute call of a 15-minute lease (BUDGET=35 / 75 gave the first,
 # budget-bound run). SparCode warms up unquantized for up to half its budget. The
 # datasets are read from $DATA (default ../shared/data; on the device machine a carried
-# .data/<name> path, a link ignored by git, never committed).
+# .data/<name> path, a link ignored by git, never committed). SparCode uses the best
+# code space measured on MovieLens-1M (bench/NOTES.md, eleventh session): residual
+# 2 x 128 per token position, V = 65,536 as in the paper; patience 10 lets TwoTower
+# ride out its noisy validation. EXTRA adds or overrides flags.
 #   OUT=/tmp/acc bash bench/accuracy_gpu.sh ml-1m
 #   OUT=/tmp/acc bash bench/accuracy_gpu.sh gowalla
 set -uo pipefail
@@ -22,12 +25,12 @@ for dataset in "$@"; do
   case "$dataset" in
     ml-1m) args=(--path "$DATA/ml-1m" --time-budget "${BUDGET:-150}" --warmup 5 --density 0.1 --densities 1) ;;
     gowalla) args=(--path "$DATA/gowalla_m1" --time-budget "${BUDGET:-150}" --warmup 5 --density 0.01
-                   --densities 1 0.1 0.001) ;;
+                   --densities 1 0.1 0.001 --cap-densities 0.01) ;;
     synthetic) args=(--dim 16 --synthetic-size 3000 1000 --epochs 40 --warmup 8 --time-budget "${BUDGET:-150}") ;;
     *) echo "accuracy_gpu: unknown dataset $dataset"; exit 2 ;;
   esac
   "$PY" -m sparcode.bench.accuracy --dataset "$dataset" --out "$OUT" --negatives 100 --no-progress \
-    "${args[@]}" ${EXTRA:-} 2>&1 | grep -v "Warning" | tee "$OUT/accuracy-$dataset.log" | tail -20
+    --quantizer residual --per-token-codebooks --codewords 128 --patience 10 "${args[@]}" ${EXTRA:-} 2>&1 | grep -v "Warning" | tee "$OUT/accuracy-$dataset.log" | tail -20
   status=$((status | PIPESTATUS[0]))
 done
 exit $status
