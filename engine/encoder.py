@@ -1,8 +1,9 @@
 """The query side of a SparCode model, which serving needs: tokenizer + quantizer.
 
 ``QueryEncoder`` turns a query (a user's history items and categorical features) into
-T token embeddings and quantizes each with a quantizer shared by all tokens: P stages
-of C codewords (L2 nearest), so a token's code is one of V = C**P. The paper's product
+T token embeddings and quantizes each with a quantizer shared by all tokens (the
+paper's) or one per token position: P stages of C codewords (L2 nearest), so a token's
+code is one of V = C**P (T * C**P per position). The paper's product
 quantizer gives each stage a sub-vector; the residual quantizer gives each stage what
 the stages before it left (less error in the same code space). Training updates the
 codebooks by EMA (decay 0.99, eps 1e-5) with straight-through gradients, a commitment
@@ -167,9 +168,10 @@ QUANTIZERS: dict[str, type[Quantizer]] = {"product": ProductQuantizer, "residual
 class PerTokenQuantizer(nn.Module):
     """One quantizer per token position, splitting the code space between them: token t's
     code is t * C**P + its code in quantizer t, so V = T * C**P. The T heads of the
-    tokenizer say different things (a shared codebook spends its codes on all of them at
-    once); on a trained MovieLens-1M model, residual 2 x 128 per position (V = 65,536)
-    lost 4% of validation Recall@20 where shared residual 2 x 256 (the same V) lost 7%
+    tokenizer say different things, and in a shared codebook they crowd each other: on
+    MovieLens-1M the shared codes narrowed during training (3,618 -> 1,483 distinct over
+    1,000 users) and validation fell after epoch 12, while residual 2 x 128 per position
+    (the same V = 65,536) kept ~3,800 codes and lifted Recall@50 from 0.3336 to 0.3643
     (bench/NOTES.md). Words carry the position first: (..., 1 + P)."""
 
     def __init__(self, kind: str, n_tokens: int, dim: int, n_sub: int, n_words: int) -> None:
