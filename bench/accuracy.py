@@ -20,7 +20,7 @@ import json
 import shlex
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import date
 from pathlib import Path
 
@@ -67,6 +67,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--negatives", type=int, default=100)
     p.add_argument("--sampling", default="uniform", choices=["uniform", "popularity", "in-batch"])
+    p.add_argument("--two-tower-sampling", default=None, choices=["uniform", "popularity", "in-batch"],
+                   help="TwoTower's own sampling (default: --sampling). Its dot product makes many negatives cheap, "
+                        "so the baseline can have the stronger recipe that the scorer MLP cannot afford")
+    p.add_argument("--two-tower-negatives", type=int, default=None, help="TwoTower's own --negatives")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--patience", type=int, default=5)
     p.add_argument("--valid-users", type=int, default=TrainConfig.valid_users,
@@ -109,6 +113,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
                       lr=args.lr, patience=args.patience, seed=args.seed, device=device, progress=not args.no_progress,
                       time_budget=args.time_budget, warmup=args.warmup, density=args.train_density,
                       commitment=args.commitment, valid_users=args.valid_users)
+    cfg_two_tower = replace(cfg, sampling=args.two_tower_sampling or cfg.sampling,
+                            negatives=cfg.negatives if args.two_tower_negatives is None else args.two_tower_negatives)
     model_kwargs = {"dim": args.dim, "n_tokens": args.tokens, "n_words": codewords, "hidden": tuple(args.hidden),
                     "embedding_std": args.embedding_std, "quantizer": args.quantizer,
                     "per_token": args.per_token_codebooks}
@@ -121,12 +127,14 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
                     "data": {"users": data.n_users, "items": data.n_items, "train": int(data.train.items.size),
                              "valid": int(data.valid.items.size), "test": int(data.test.items.size)},
                     "config": {"train": asdict(cfg), "model": {**model_kwargs, "codes": n_codes}}, "models": {}}
+    if cfg_two_tower != cfg:
+        report["config"]["train_two_tower"] = asdict(cfg_two_tower)
     if args.dataset in REFERENCES:
         report["references"] = REFERENCES[args.dataset]
     for kind in args.models:
         torch.manual_seed(args.seed)
         model = make_model(kind, data, **model_kwargs)
-        info = fit(model, data, cfg, validate)
+        info = fit(model, data, cfg_two_tower if kind == "two_tower" else cfg, validate)
         model.eval()
         entry = {"epochs": info["epochs"], "train_seconds": info["train_seconds"],
                  "best_valid_recall@20": info["best_valid_recall@20"], "valid_history": info["history"]}
@@ -215,7 +223,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.dataset != "synthetic" and args.path is None:
         print(f"accuracy: --path: the {args.dataset} dataset directory is needed", file=sys.stderr)
         return 2
-    report = run(args, argv)
+    try:
+        report = run(args, argv)
+    except ValueError as exc:  # a bad option value that TrainConfig or a loader names
+        print(f"accuracy: {exc}", file=sys.stderr)
+        return 2
     print(table(report))
     return 0
 

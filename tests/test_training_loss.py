@@ -162,7 +162,7 @@ def test_validation_takes_items_of_at_most_max_users():
 def test_accuracy_runner_tiny(tmp_path, capsys):
     argv = ["--dataset", "synthetic", "--out", str(tmp_path), "--epochs", "1", "--hidden", "16", "--negatives", "8",
             "--synthetic-size", "200", "150", "--codewords", "4", "--density", "0.2", "--densities", "1", "0.05",
-            "--cap-densities", "0.02", "--all-to-all-sample", "50", "--valid-users", "30", "--no-progress"]
+            "--cap-densities", "0.02", "--all-to-all-sample", "50", "--valid-users", "30", "--two-tower-sampling", "in-batch", "--no-progress"]
     assert accuracy.main(argv) == 0
     report = json.loads((tmp_path / "accuracy-synthetic.json").read_text())
     assert report["command"].startswith("python -m sparcode.bench.accuracy --dataset synthetic")
@@ -171,6 +171,8 @@ def test_accuracy_runner_tiny(tmp_path, capsys):
     assert sparcode["density"] == pytest.approx(0.2, rel=0.05) and sparcode["index_bytes"] > 0
     assert report["models"]["all_to_all"]["sample_users"] == 50
     assert report["config"]["train"]["valid_users"] == 30
+    assert report["config"]["train"]["sampling"] == "uniform"  # SparCode and AllToAll
+    assert report["config"]["train_two_tower"]["sampling"] == "in-batch"
     for m in report["models"].values():
         assert 0 <= m["recall@20"] <= 1 and m["epochs"] == 1
     curve = report["sparsity_curve"]
@@ -178,6 +180,13 @@ def test_accuracy_runner_tiny(tmp_path, capsys):
     assert curve[0]["density"] == 1.0 and curve[0]["index_bytes"] > curve[1]["index_bytes"]
     assert curve[2]["cap"] == 3 and curve[2]["density"] == pytest.approx(3 / 150)  # 3 of 150 items for every code
     assert "two_tower" in capsys.readouterr().out
+
+
+def test_accuracy_runner_names_a_bad_two_tower_option(tmp_path, capsys):
+    argv = ["--dataset", "synthetic", "--out", str(tmp_path), "--synthetic-size", "50", "40", "--two-tower-negatives", "0"]
+    assert accuracy.main(argv) == 2
+    assert "negatives: expected >= 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "accuracy-synthetic.json").exists()
 
 
 def test_warmup_trains_unquantized_then_starts_codebooks_from_learned_tokens(monkeypatch):
