@@ -97,7 +97,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--synthetic-size", type=int, nargs=2, default=[2000, 800], metavar=("USERS", "ITEMS"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    try:  # option values that TrainConfig rejects fail here, before any data is read
+        train_configs(args, "cpu")
+    except ValueError as exc:
+        p.error(str(exc))
+    return args
+
+
+def train_configs(args: argparse.Namespace, device: str) -> tuple[TrainConfig, TrainConfig]:
+    """The training config of SparCode and AllToAll, and TwoTower's: the same but for its
+    own negatives when ``--two-tower-sampling`` / ``--two-tower-negatives`` are given."""
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, negatives=args.negatives, sampling=args.sampling,
+                      lr=args.lr, patience=args.patience, seed=args.seed, device=device, progress=not args.no_progress,
+                      time_budget=args.time_budget, warmup=args.warmup, density=args.train_density,
+                      commitment=args.commitment, valid_users=args.valid_users)
+    try:
+        two_tower = replace(cfg, sampling=args.two_tower_sampling or cfg.sampling,
+                            negatives=cfg.negatives if args.two_tower_negatives is None else args.two_tower_negatives)
+    except ValueError as exc:
+        raise ValueError(f"--two-tower-sampling / --two-tower-negatives: {exc}") from None
+    return cfg, two_tower
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> dict:
@@ -109,12 +129,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     codewords = args.codewords or (256 if device == "cuda" else 64)
     loader, headline = DATASETS[args.dataset]
     data = load_data(loader, args.path, args.seed, tuple(args.synthetic_size))
-    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, negatives=args.negatives, sampling=args.sampling,
-                      lr=args.lr, patience=args.patience, seed=args.seed, device=device, progress=not args.no_progress,
-                      time_budget=args.time_budget, warmup=args.warmup, density=args.train_density,
-                      commitment=args.commitment, valid_users=args.valid_users)
-    cfg_two_tower = replace(cfg, sampling=args.two_tower_sampling or cfg.sampling,
-                            negatives=cfg.negatives if args.two_tower_negatives is None else args.two_tower_negatives)
+    cfg, cfg_two_tower = train_configs(args, device)
     model_kwargs = {"dim": args.dim, "n_tokens": args.tokens, "n_words": codewords, "hidden": tuple(args.hidden),
                     "embedding_std": args.embedding_std, "quantizer": args.quantizer,
                     "per_token": args.per_token_codebooks}
@@ -223,11 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dataset != "synthetic" and args.path is None:
         print(f"accuracy: --path: the {args.dataset} dataset directory is needed", file=sys.stderr)
         return 2
-    try:
-        report = run(args, argv)
-    except ValueError as exc:  # a bad option value that TrainConfig or a loader names
-        print(f"accuracy: {exc}", file=sys.stderr)
-        return 2
+    report = run(args, argv)
     print(table(report))
     return 0
 

@@ -184,8 +184,10 @@ def test_accuracy_runner_tiny(tmp_path, capsys):
 
 def test_accuracy_runner_names_a_bad_two_tower_option(tmp_path, capsys):
     argv = ["--dataset", "synthetic", "--out", str(tmp_path), "--synthetic-size", "50", "40", "--two-tower-negatives", "0"]
-    assert accuracy.main(argv) == 2
-    assert "negatives: expected >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        accuracy.main(argv)
+    assert exit_.value.code == 2
+    assert "--two-tower-sampling / --two-tower-negatives: negatives: expected >= 1, got 0" in capsys.readouterr().err
     assert not (tmp_path / "accuracy-synthetic.json").exists()
 
 
