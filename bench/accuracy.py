@@ -72,6 +72,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "so the baseline can have the stronger recipe that the scorer MLP cannot afford")
     p.add_argument("--two-tower-negatives", type=int, default=None, help="TwoTower's own --negatives")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--l2", type=float, default=TrainConfig.l2, help="weight of the embeddings' squared norm (all models)")
     p.add_argument("--patience", type=int, default=5)
     p.add_argument("--valid-users", type=int, default=TrainConfig.valid_users,
                    help="users whose validation Recall@20 drives early stopping (all models)")
@@ -109,8 +110,8 @@ def train_configs(args: argparse.Namespace, device: str) -> tuple[TrainConfig, T
     """The training config of SparCode and AllToAll, and TwoTower's: the same but for its
     own negatives when ``--two-tower-sampling`` / ``--two-tower-negatives`` are given."""
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, negatives=args.negatives, sampling=args.sampling,
-                      lr=args.lr, patience=args.patience, seed=args.seed, device=device, progress=not args.no_progress,
-                      time_budget=args.time_budget, warmup=args.warmup, density=args.train_density,
+                      lr=args.lr, l2=args.l2, patience=args.patience, seed=args.seed, device=device,
+                      progress=not args.no_progress, time_budget=args.time_budget, warmup=args.warmup, density=args.train_density,
                       commitment=args.commitment, valid_users=args.valid_users)
     try:
         two_tower = replace(cfg, sampling=args.two_tower_sampling or cfg.sampling,

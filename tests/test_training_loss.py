@@ -28,6 +28,8 @@ def test_train_config_rejects_bad_values():
         TrainConfig(commitment=-0.5)
     with pytest.raises(ValueError, match="valid_users"):
         TrainConfig(valid_users=0)
+    with pytest.raises(ValueError, match="l2: expected a weight >= 0, got -1"):
+        TrainConfig(l2=-1)
     TrainConfig(sampling="in-batch", negatives=0)  # in-batch needs no sampled negatives
 
 
@@ -162,7 +164,7 @@ def test_validation_takes_items_of_at_most_max_users():
 def test_accuracy_runner_tiny(tmp_path, capsys):
     argv = ["--dataset", "synthetic", "--out", str(tmp_path), "--epochs", "1", "--hidden", "16", "--negatives", "8",
             "--synthetic-size", "200", "150", "--codewords", "4", "--density", "0.2", "--densities", "1", "0.05",
-            "--cap-densities", "0.02", "--all-to-all-sample", "50", "--valid-users", "30", "--two-tower-sampling", "in-batch", "--no-progress"]
+            "--cap-densities", "0.02", "--all-to-all-sample", "50", "--valid-users", "30", "--two-tower-sampling", "in-batch", "--l2", "1e-5", "--no-progress"]
     assert accuracy.main(argv) == 0
     report = json.loads((tmp_path / "accuracy-synthetic.json").read_text())
     assert report["command"].startswith("python -m sparcode.bench.accuracy --dataset synthetic")
@@ -170,7 +172,7 @@ def test_accuracy_runner_tiny(tmp_path, capsys):
     sparcode = report["models"]["sparcode"]
     assert sparcode["density"] == pytest.approx(0.2, rel=0.05) and sparcode["index_bytes"] > 0
     assert report["models"]["all_to_all"]["sample_users"] == 50
-    assert report["config"]["train"]["valid_users"] == 30
+    assert report["config"]["train"]["valid_users"] == 30 and report["config"]["train"]["l2"] == 1e-5
     assert report["config"]["train"]["sampling"] == "uniform"  # SparCode and AllToAll
     assert report["config"]["train_two_tower"]["sampling"] == "in-batch"
     for m in report["models"].values():

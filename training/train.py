@@ -53,6 +53,8 @@ class TrainConfig:
             raise ValueError(f"negatives: expected >= 1, got {self.negatives}")
         if not 0 <= self.warmup < self.epochs:
             raise ValueError(f"warmup: expected 0 <= warmup < epochs ({self.epochs}), got {self.warmup}")
+        if self.l2 < 0:
+            raise ValueError(f"l2: expected a weight >= 0, got {self.l2}")
         if self.commitment < 0:
             raise ValueError(f"commitment: expected a weight >= 0, got {self.commitment}")
         if self.density is not None and not 0 < self.density < 1:
