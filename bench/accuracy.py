@@ -31,7 +31,7 @@ from sparcode.engine.encoder import EMBEDDING_STD, QUANTIZERS
 from sparcode.training.checkpoint import load_data
 from sparcode.training.evaluate import encode_users, evaluate_engine, evaluate_exact
 from sparcode.training.export import export_index
-from sparcode.training.train import TrainConfig, fit, make_model, tensors, validator
+from sparcode.training.train import SAMPLINGS, TrainConfig, fit, make_model, tensors, validator
 
 from .harness import device_label
 
@@ -66,8 +66,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="SparCode: weight of the quantizer's commitment loss")
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--negatives", type=int, default=100)
-    p.add_argument("--sampling", default="uniform", choices=["uniform", "popularity", "in-batch"])
-    p.add_argument("--two-tower-sampling", default=None, choices=["uniform", "popularity", "in-batch"],
+    p.add_argument("--sampling", default="uniform", choices=SAMPLINGS)
+    p.add_argument("--two-tower-sampling", default=None, choices=SAMPLINGS,
                    help="TwoTower's own sampling (default: --sampling). Its dot product makes many negatives cheap, "
                         "so the baseline can have the stronger recipe that the scorer MLP cannot afford")
     p.add_argument("--two-tower-negatives", type=int, default=None, help="TwoTower's own --negatives")

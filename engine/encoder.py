@@ -3,7 +3,7 @@
 ``QueryEncoder`` turns a query (a user's history items and categorical features) into
 T token embeddings and quantizes each with a quantizer shared by all tokens (the
 paper's) or one per token position: P stages of C codewords (L2 nearest), so a token's
-code is one of V = C**P (T * C**P per position). The paper's product
+code is one of V = C**P (T * C**P in all with one per position). The paper's product
 quantizer gives each stage a sub-vector; the residual quantizer gives each stage what
 the stages before it left (less error in the same code space). Training updates the
 codebooks by EMA (decay 0.99, eps 1e-5) with straight-through gradients, a commitment
