@@ -71,6 +71,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="TwoTower's own sampling (default: --sampling). Its dot product makes many negatives cheap, "
                         "so the baseline can have the stronger recipe that the scorer MLP cannot afford")
     p.add_argument("--two-tower-negatives", type=int, default=None, help="TwoTower's own --negatives")
+    p.add_argument("--two-tower-temperature", type=float, default=0.1,
+                   help="TwoTower: its scores are cosine similarities over this temperature")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--l2", type=float, default=TrainConfig.l2, help="weight of the embeddings' squared norm (all models)")
     p.add_argument("--patience", type=int, default=5)
@@ -85,7 +87,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="SparCode: one quantizer per token position, V = T * C**2 (default: shared by all, V = C**2)")
     p.add_argument("--hidden", type=int, nargs="+", default=[256, 256, 256], help="scorer MLP widths")
     p.add_argument("--embedding-std", type=float, default=EMBEDDING_STD,
-                   help="SparCode and AllToAll: initial std of the embeddings (TwoTower keeps 1)")
+                   help="initial std of the embeddings (all models)")
     p.add_argument("--all-to-all-sample", type=int, default=5000, help="users scored exactly for AllToAll")
     p.add_argument("--density", type=float, default=None,
                    help="SparCode export: target density (default: the model's own ReLU bias)")
@@ -99,6 +101,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
+    if not args.two_tower_temperature > 0:
+        p.error(f"--two-tower-temperature: expected a positive number, got {args.two_tower_temperature}")
     try:  # option values that TrainConfig rejects fail here, before any data is read
         train_configs(args, "cpu")
     except ValueError as exc:
@@ -133,7 +137,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     cfg, cfg_two_tower = train_configs(args, device)
     model_kwargs = {"dim": args.dim, "n_tokens": args.tokens, "n_words": codewords, "hidden": tuple(args.hidden),
                     "embedding_std": args.embedding_std, "quantizer": args.quantizer,
-                    "per_token": args.per_token_codebooks}
+                    "per_token": args.per_token_codebooks, "temperature": args.two_tower_temperature}
     n_codes = codewords**2 * (args.tokens if args.per_token_codebooks else 1)
     validate = validator(data, cfg)
     item_features = tensors(data, cfg)["item_features"]

@@ -358,12 +358,53 @@ def test_checkpoint_saved_before_the_bias_was_state_loads(tmp_path):
     assert float(loaded.bias) == 0.0
 
 
-def test_embeddings_start_small_for_the_all_to_all_models_and_at_unit_scale_for_two_tower():
+def test_embeddings_start_small_unless_told_otherwise():
     torch.manual_seed(0)
     data = datasets.synthetic(200, 300, per_user=4, seed=0)
-    for model, std in ((SparCode(data, hidden=(8,)), EMBEDDING_STD), (TwoTower(data), 1.0),
-                       (SparCode(data, hidden=(8,), embedding_std=0.5), 0.5)):
+    for model, std in ((SparCode(data, hidden=(8,)), EMBEDDING_STD), (TwoTower(data), EMBEDDING_STD),
+                       (SparCode(data, hidden=(8,), embedding_std=0.5), 0.5), (TwoTower(data, embedding_std=1.0), 1.0)):
         tables = [m.weight for m in model.modules() if isinstance(m, torch.nn.Embedding)]
         assert len(tables) == 2 + len(data.user_cardinalities) + len(data.item_cardinalities)
         for w in tables:
             assert float(w.std()) == pytest.approx(std, rel=0.15)
+
+
+def test_two_tower_scores_cosine_over_its_temperature():
+    torch.manual_seed(0)
+    data = datasets.synthetic(50, 40, per_user=4, seed=0)
+    history = torch.randint(-1, 40, (6, 5))
+    user_features = torch.from_numpy(data.user_features[:6])
+    items = torch.randn(9, 64)
+    model = TwoTower(data, temperature=0.25).eval()
+    pooled = model.tokenizer(history, user_features).mean(1)
+    scores = model.user_vectors(history, user_features) @ model.item_vectors(items).T
+    items_out = model.item_mlp(items)  # synthetic items have features
+    torch.testing.assert_close(scores, F.cosine_similarity(pooled.unsqueeze(1), items_out.unsqueeze(0), dim=-1) / 0.25)
+    raw = TwoTower(data, temperature=None).eval()
+    raw.load_state_dict(model.state_dict())
+    torch.testing.assert_close(raw.user_vectors(history, user_features) @ raw.item_vectors(items).T, pooled @ items_out.T)
+    for bad in (0.0, -1.0):
+        with pytest.raises(ValueError, match="temperature"):
+            TwoTower(data, temperature=bad)
+
+
+def test_two_tower_crosses_item_features_in_an_mlp_and_takes_a_bare_id_as_it_is():
+    with_features = datasets.synthetic(50, 40, per_user=4, seed=0)
+    assert with_features.item_cardinalities and isinstance(TwoTower(with_features).item_mlp, torch.nn.Sequential)
+    ids_only = datasets.InteractionData("ids", with_features.n_users, with_features.n_items, with_features.train,
+                                        with_features.valid, with_features.test)
+    model = TwoTower(ids_only, temperature=None)
+    vectors = torch.randn(5, 64)
+    assert isinstance(model.item_mlp, torch.nn.Identity)
+    torch.testing.assert_close(model.item_vectors(vectors), vectors)
+
+
+def test_checkpoint_of_another_model_shape_is_refused_by_name(tmp_path):
+    from sparcode.training.checkpoint import checkpoint_config, load_checkpoint, save_checkpoint
+    from sparcode.training.train import TrainConfig
+
+    data = datasets.synthetic(60, 40, seed=0)
+    config = checkpoint_config("two_tower", {"n_tokens": 2}, "synthetic", None, 0, (60, 40), TrainConfig(), {})
+    save_checkpoint(tmp_path / "ck", TwoTower(data, n_tokens=4), config)  # weights of 4 token heads, config says 2
+    with pytest.raises(ValueError, match="model.safetensors: does not fit the two_tower model"):
+        load_checkpoint(tmp_path / "ck")

@@ -175,6 +175,7 @@ def test_accuracy_runner_tiny(tmp_path, capsys):
     assert report["config"]["train"]["valid_users"] == 30 and report["config"]["train"]["l2"] == 1e-5
     assert report["config"]["train"]["sampling"] == "uniform"  # SparCode and AllToAll
     assert report["config"]["train_two_tower"]["sampling"] == "in-batch"
+    assert report["config"]["model"]["temperature"] == 0.1
     for m in report["models"].values():
         assert 0 <= m["recall@20"] <= 1 and m["epochs"] == 1
     curve = report["sparsity_curve"]
@@ -191,6 +192,9 @@ def test_accuracy_runner_names_a_bad_two_tower_option(tmp_path, capsys):
     assert exit_.value.code == 2
     assert "--two-tower-sampling / --two-tower-negatives: negatives: expected >= 1, got 0" in capsys.readouterr().err
     assert not (tmp_path / "accuracy-synthetic.json").exists()
+    with pytest.raises(SystemExit) as exit_:
+        accuracy.main(argv[:-2] + ["--two-tower-temperature", "0"])
+    assert exit_.value.code == 2 and "--two-tower-temperature: expected a positive number" in capsys.readouterr().err
 
 
 def test_warmup_trains_unquantized_then_starts_codebooks_from_learned_tokens(monkeypatch):

@@ -41,7 +41,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                        help="sparcode: one quantizer per token position, V = T * C**2 (default: shared, V = C**2)")
     train.add_argument("--hidden", type=int, nargs="+", default=[256, 256, 256], help="scorer MLP widths")
     train.add_argument("--embedding-std", type=float, default=None,
-                       help="sparcode, all_to_all: initial std of the embeddings (default 0.1; two_tower keeps 1)")
+                       help="initial std of the embeddings (default 0.1)")
+    train.add_argument("--temperature", type=float, default=0.1,
+                       help="two_tower: scores are cosine similarities over this temperature")
     train.add_argument("--device", default=None)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--no-progress", action="store_true")
@@ -78,10 +80,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     device = _device(args.device)
     data = load_data(args.data, args.path, args.seed)
-    kwargs = ({"n_tokens": args.tokens} if args.model == "two_tower"
+    std = {} if args.embedding_std is None else {"embedding_std": args.embedding_std}
+    kwargs = ({"n_tokens": args.tokens, "temperature": args.temperature, **std} if args.model == "two_tower"
               else {"n_tokens": args.tokens, "n_words": args.codewords, "hidden": list(args.hidden), "quantizer": args.quantizer,
-                    "per_token": args.per_token_codebooks,
-                    **({} if args.embedding_std is None else {"embedding_std": args.embedding_std})})
+                    "per_token": args.per_token_codebooks, **std})
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, negatives=args.negatives, sampling=args.sampling,
                       lr=args.lr, seed=args.seed, device=device, progress=not args.no_progress, time_budget=args.time_budget,
                       warmup=args.warmup, density=args.density,

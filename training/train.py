@@ -339,10 +339,15 @@ def validator(data: InteractionData, cfg: TrainConfig):
 
 
 def make_model(kind: str, data: InteractionData, **kwargs) -> torch.nn.Module:
+    """The model ``kind`` with the keyword arguments that apply to it: TwoTower takes dim,
+    n_tokens, embedding_std and temperature and ignores the scorer's and quantizer's; the
+    all-to-all models take everything but temperature."""
+    if kind in ("sparcode", "all_to_all"):
+        kwargs = {k: v for k, v in kwargs.items() if k != "temperature"}
     if kind == "sparcode":
         return SparCode(data, **kwargs)
     if kind == "all_to_all":
         return SparCode(data, quantize=False, **kwargs)
     if kind == "two_tower":
-        return TwoTower(data, **{k: v for k, v in kwargs.items() if k in ("dim", "n_tokens")})
+        return TwoTower(data, **{k: v for k, v in kwargs.items() if k in ("dim", "n_tokens", "embedding_std", "temperature")})
     raise ValueError(f"model: expected sparcode, two_tower or all_to_all, got {kind!r}")
