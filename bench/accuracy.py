@@ -9,8 +9,9 @@ training items excluded), and write ``accuracy-<dataset>.json``.
 SparCode is measured through its exported index and ``Engine.search`` (what is served is
 what is measured); TwoTower by exact maximum inner product over all items; AllToAll by
 scoring every item for a seeded sample of users. ``--densities`` adds the sparsity curve:
-the same SparCode model exported at each target density (1 = every raw score kept, no
-ReLU: the unsparsified model) and searched.
+the same SparCode model exported at each target density (1 = every pair kept, as
+softplus(scorer + b): the unsparsified model) and searched. The headline index and the
+curve's come from one scoring pass over all codes x items.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from sparcode.engine import Engine
 from sparcode.engine.encoder import EMBEDDING_STD, QUANTIZERS
 from sparcode.training.checkpoint import load_data
 from sparcode.training.evaluate import encode_users, evaluate_engine, evaluate_exact
-from sparcode.training.export import export_index
+from sparcode.training.export import ExportRule, export_indexes
 from sparcode.training.train import SAMPLINGS, TrainConfig, fit, make_model, tensors, validator
 
 from .harness import device_label
@@ -160,10 +161,15 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
                  "best_valid_recall@20": info["best_valid_recall@20"], "valid_history": info["history"]}
         if kind == "sparcode":
             codes = encode_users(model, data, cfg)  # shared by the headline index and the curve
-            index, export = export_index(model, item_features, data.n_items, density=args.density, seed=args.seed)
+            rules = [ExportRule(args.density)] + [rule for _, _, rule in curve_points(args, data)]
+            exports = export_all(model, item_features, data.n_items, rules, seed=args.seed, progress=not args.no_progress)
+            index, export = exports.pop(0)
+            if isinstance(index, Exception):
+                raise index
             metrics = evaluate_engine(Engine(index, model.encoder), codes, data)
-            entry.update(export_seconds=export["seconds"], density=export["density"], index_bytes=export["index_bytes"],
-                         nnz=export["nnz"], bias=export["bias"], target_density=args.density)
+            entry.update(export_seconds=export["seconds"], export_rules_in_pass=export["rules_in_pass"],
+                         density=export["density"], index_bytes=export["index_bytes"], nnz=export["nnz"],
+                         bias=export["bias"], target_density=args.density)
             del index
         elif kind == "all_to_all":
             metrics = evaluate_exact(model, data, cfg, sample=args.all_to_all_sample, seed=args.seed)
@@ -175,36 +181,66 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         print(f"[accuracy] {args.dataset} {kind}: {headline} {metrics[headline]:.4f} recall@20 {metrics['recall@20']:.4f} "
               f"({info['epochs']} epochs, {info['train_seconds']:.0f} s)", flush=True)
         write(args.out, report, started)  # after every model: an interrupted run keeps what finished
-        if kind == "sparcode" and (args.densities or args.cap_densities):
-            sparsity_curve(args, model, data, codes, item_features, report, started)
+        if kind == "sparcode" and exports:
+            sparsity_curve(exports, curve_points(args, data), model, data, codes, report, args.out, started)
         del model
     return report
 
 
-def sparsity_curve(args, model, data, codes, item_features, report: dict, started: float) -> list[dict]:
-    """The same model exported at each target density and searched: by one bias for all
-    codes (``--densities``) or by each code's top items (``--cap-densities``: the
-    training activation on the kept pairs, none dropped by the bias). A point that fails
-    (out of memory, say) is recorded with its error instead of ending the run."""
-    curve: list[dict] = []
-    points = [("bias", d, None) for d in args.densities]
-    points += [("cap", d, max(1, round(d * data.n_items))) for d in args.cap_densities]
-    for rule, density, cap in points:
+def curve_points(args: argparse.Namespace, data) -> list[tuple[str, float, ExportRule]]:
+    """The sparsity curve's (rule name, target density, rule): one bias for all codes
+    (``--densities``) or each code's top items (``--cap-densities``: the training
+    activation on the kept pairs, none dropped by the bias, so no code's list is empty)."""
+    return ([("bias", d, ExportRule(d)) for d in args.densities]
+            + [("cap", d, ExportRule(1, cap=max(1, round(d * data.n_items)))) for d in args.cap_densities])
+
+
+def export_all(model, item_features, n_items: int, rules: list[ExportRule], *, seed: int,
+               progress: bool) -> list[tuple]:
+    """(index, report) per rule from one scoring pass; if the indexes do not fit together
+    (out of memory), one pass per rule, and a rule that fails alone gets its exception in
+    place of its index (its curve point records the error instead of ending the run)."""
+    try:
+        return export_indexes(model, item_features, n_items, rules, seed=seed, progress=progress)
+    except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+        if len(rules) == 1:
+            raise
+        print(f"[accuracy] one export pass for {len(rules)} rules failed ({type(exc).__name__}); one pass each",
+              flush=True)
+    out: list[tuple] = []
+    for rule in rules:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         try:
-            index, export = export_index(model, item_features, data.n_items, density=density if cap is None else 1,
-                                         cap=cap, seed=args.seed)
+            out.extend(export_indexes(model, item_features, n_items, [rule], seed=seed, progress=progress))
+        except (RuntimeError, MemoryError) as exc:
+            out.append((exc, None))
+    return out
+
+
+def sparsity_curve(exports: list[tuple], points: list[tuple[str, float, ExportRule]], model, data, codes,
+                   report: dict, out: Path, started: float) -> list[dict]:
+    """Each exported index of the curve searched through ``Engine`` and freed once measured.
+    A point that fails (out of memory, say) is recorded with its error instead of ending
+    the run."""
+    curve: list[dict] = []
+    for kind, target, rule in points:
+        index, export = exports.pop(0)
+        try:
+            if isinstance(index, Exception):
+                raise index
             m = evaluate_engine(Engine(index, model.encoder), codes, data)
-            del index
-            curve.append({"rule": rule, "target_density": density, "cap": cap, "density": export["density"],
+            curve.append({"rule": kind, "target_density": target, "cap": rule.cap, "density": export["density"],
                           "index_bytes": export["index_bytes"], "bias": export["bias"], "export_seconds": export["seconds"],
                           **{k: m[k] for k in ("recall@20", "ndcg@20", "recall@50")}, "queries_per_s": m["queries_per_s"]})
         except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
-            curve.append({"rule": rule, "target_density": density, "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
+            curve.append({"rule": kind, "target_density": target, "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-        print(f"[accuracy] {rule} density {density:g}: {curve[-1]}", flush=True)
+        del index
+        print(f"[accuracy] {kind} density {target:g}: {curve[-1]}", flush=True)
         report["sparsity_curve"] = curve
-        write(args.out, report, started)
+        write(out, report, started)
     return curve
 
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from sparcode.engine.encoder import EMBEDDING_STD, PerTokenQuantizer, ProductQuantizer, ResidualQuantizer
 from sparcode.training import data as datasets
 from sparcode.training.data import CSR
-from sparcode.training.export import export_index
+from sparcode.training.export import ExportRule, export_index, export_indexes
 from sparcode.training.metrics import ranking_metrics
 from sparcode.training.models import SparCode, TwoTower
 
@@ -255,6 +255,27 @@ def test_export_cap_keeps_each_codes_highest_scores():
         assert all(i in want or float(scores[items == i]) == float(kth) for i in got)  # ties at the cut may swap
     with pytest.raises(ValueError, match="cap: expected a positive int"):
         export_index(model, feats, data.n_items, cap=0)
+
+
+def test_export_indexes_one_pass_equals_one_export_per_rule():
+    torch.manual_seed(0)
+    data = datasets.synthetic(60, 80, per_user=10, seed=0)
+    model = SparCode(data, n_words=8, hidden=(32, 32), bias=-0.02).eval()
+    feats = torch.from_numpy(data.item_features)
+    rules = [ExportRule(), ExportRule(density=1), ExportRule(density=0.1), ExportRule(density=0.01),
+             ExportRule(density=1, cap=5)]
+    together = export_indexes(model, feats, data.n_items, rules, budget_bytes=2**16)  # several chunks
+    assert len(together) == len(rules)
+    for rule, (index, report) in zip(rules, together):
+        alone, want = export_index(model, feats, data.n_items, density=rule.density, cap=rule.cap, budget_bytes=2**16)
+        for name in ("indptr", "items", "scores"):
+            assert torch.equal(getattr(index, name), getattr(alone, name)), (rule, name)
+        assert report["bias"] == want["bias"] and report["nnz"] == want["nnz"] and report["rules_in_pass"] == len(rules)
+    assert together[2][1]["nnz"] > together[3][1]["nnz"] > 0  # the densities differ: not one index shared
+    with pytest.raises(ValueError, match="rules: expected at least one"):
+        export_indexes(model, feats, data.n_items, [])
+    with pytest.raises(ValueError, match="density: expected a fraction"):
+        ExportRule(density=1.5)
 
 
 @pytest.mark.slow

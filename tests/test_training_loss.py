@@ -171,6 +171,7 @@ def test_accuracy_runner_tiny(tmp_path, capsys):
     assert set(report["models"]) == {"two_tower", "sparcode", "all_to_all"}
     sparcode = report["models"]["sparcode"]
     assert sparcode["density"] == pytest.approx(0.2, rel=0.05) and sparcode["index_bytes"] > 0
+    assert sparcode["export_rules_in_pass"] == 4  # the headline index and the curve's three from one pass
     assert report["models"]["all_to_all"]["sample_users"] == 50
     assert report["config"]["train"]["valid_users"] == 30 and report["config"]["train"]["l2"] == 1e-5
     assert report["config"]["train"]["sampling"] == "uniform"  # SparCode and AllToAll
@@ -183,6 +184,26 @@ def test_accuracy_runner_tiny(tmp_path, capsys):
     assert curve[0]["density"] == 1.0 and curve[0]["index_bytes"] > curve[1]["index_bytes"]
     assert curve[2]["cap"] == 3 and curve[2]["density"] == pytest.approx(3 / 150)  # 3 of 150 items for every code
     assert "two_tower" in capsys.readouterr().out
+
+
+def test_accuracy_export_falls_back_to_one_pass_per_rule(monkeypatch):
+    from sparcode.training.export import ExportRule
+
+    calls = []
+
+    def export_indexes(model, item_features, n_items, rules, **kwargs):
+        calls.append(len(rules))
+        if len(rules) > 1 or rules[0].density == 0.5:
+            raise RuntimeError("CUDA out of memory")
+        return [(f"index {rules[0].density}", {})]
+
+    monkeypatch.setattr(accuracy, "export_indexes", export_indexes)
+    out = accuracy.export_all(None, None, 10, [ExportRule(1), ExportRule(0.5), ExportRule(0.1)], seed=0, progress=False)
+    assert calls == [3, 1, 1, 1]
+    assert out[0] == ("index 1", {}) and out[2] == ("index 0.1", {})
+    assert isinstance(out[1][0], RuntimeError)  # the rule that fails alone: its curve point records the error
+    with pytest.raises(RuntimeError, match="out of memory"):  # a single rule (the headline alone) raises
+        accuracy.export_all(None, None, 10, [ExportRule(0.5)], seed=0, progress=False)
 
 
 def test_accuracy_runner_names_a_bad_two_tower_option(tmp_path, capsys):

@@ -55,6 +55,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     export.add_argument("--density", type=float, default=None, help="target fraction of non-zero scores")
     export.add_argument("--cap", type=int, default=None, help="keep at most this many items per code")
     export.add_argument("--device", default=None)
+    export.add_argument("--no-progress", action="store_true")
     export.set_defaults(run=cmd_export)
 
     evaluate = sub.add_parser("evaluate", help="Recall, NDCG, Precision, HitRate @10/20/50 by full ranking")
@@ -115,7 +116,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if not isinstance(model, SparCode) or not model.quantize:
         raise ValueError(f"{args.checkpoint}: only a SparCode checkpoint has codes to export")
     index, report = export_index(model, tensors(data, TrainConfig(device=device))["item_features"], data.n_items,
-                                 density=args.density, cap=args.cap)
+                                 density=args.density, cap=args.cap, progress=not args.no_progress)
     index.save(args.out, overwrite=True, encoder=model.encoder)
     print(f"export: {index.n_codes} codes x {index.n_items} items in {report['seconds']:.1f} s, "
           f"density {report['density']:.4%}, longest list {report['longest_list']:,}, "

@@ -1,34 +1,65 @@
 """Export a trained SparCode model to a CodeIndex: score every (code, item) pair in
-chunks, apply the ReLU-bias sparsity rule, keep the non-zero scores as posting lists."""
+chunks, apply the ReLU-bias sparsity rule, keep the non-zero scores as posting lists.
+Several rules (a sparsity curve) share one scoring pass: the scorer is the cost."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from sparcode.engine import CodeIndex
 
 from .models import SparCode
 
 
-@torch.no_grad()
-def export_index(model: SparCode, item_features: torch.Tensor | None, n_items: int, *, density: float | None = None,
-                 cap: int | None = None, budget_bytes: int | None = None, seed: int = 0) -> tuple[CodeIndex, dict]:
-    """The index of ReLU(scorer(code vector, item) + b) over all V codes x N items.
+@dataclass(frozen=True)
+class ExportRule:
+    """Which scores an index keeps. ``density`` None: the model's own bias; a fraction in
+    (0, 1): the bias that keeps that fraction (estimated from a sample of codes x items);
+    1: every pair, as softplus(scorer + b), the unsparsified model. ``cap`` keeps at most
+    that many items per code (its highest scores), bounding the longest posting list."""
 
-    ``b`` is the model's bias, or, with ``density``, the bias that keeps that fraction
-    of the scores (estimated from a sample of codes x items); ``cap`` keeps at most that many
-    items per code (its highest scores), bounding the longest posting list and so the
-    work of a query. density 1 keeps softplus(scorer + b)
-    for every pair: the unsparsified model, the smooth function training optimises
-    (raw scores without an activation rank worse than any sparse index: synthetic
-    Recall@20 0.086 against 0.239 at 10% density, NOTES.md). Scores are stored as float16;
-    values that round to 0 are dropped. The first scorer layer is computed once for all
-    codes and once for all items. The index is built on the model's device (a GPU
-    export stays on the GPU, ready for ``Engine``); ``CodeIndex.save`` writes it out.
+    density: float | None = None
+    cap: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.density is not None and not 0 < self.density <= 1:
+            raise ValueError(f"density: expected a fraction in (0, 1], got {self.density}")
+        if self.cap is not None and (isinstance(self.cap, bool) or not isinstance(self.cap, int) or self.cap < 1):
+            raise ValueError(f"cap: expected a positive int (items per code), got {self.cap!r}")
+
+
+def export_index(model: SparCode, item_features: torch.Tensor | None, n_items: int, *, density: float | None = None,
+                 cap: int | None = None, budget_bytes: int | None = None, seed: int = 0,
+                 progress: bool = False) -> tuple[CodeIndex, dict]:
+    """The index of ReLU(scorer(code vector, item) + b) over all V codes x N items, under
+    one ``ExportRule(density, cap)``: see ``export_indexes``."""
+    return export_indexes(model, item_features, n_items, [ExportRule(density, cap)], budget_bytes=budget_bytes,
+                          seed=seed, progress=progress)[0]
+
+
+@torch.no_grad()
+def export_indexes(model: SparCode, item_features: torch.Tensor | None, n_items: int, rules: Sequence[ExportRule], *,
+                   budget_bytes: int | None = None, seed: int = 0,
+                   progress: bool = False) -> list[tuple[CodeIndex, dict]]:
+    """One index and its report per rule, from a single pass over all V codes x N items.
+
+    Density 1 keeps softplus(scorer + b) for every pair: the smooth function training
+    optimises (raw scores without an activation rank worse than any sparse index:
+    synthetic Recall@20 0.086 against 0.239 at 10% density, NOTES.md). Scores are stored
+    as float16; values that round to 0 are dropped. The first scorer layer is computed
+    once for all codes and once for all items. The indexes are built on the model's
+    device (a GPU export stays on the GPU, ready for ``Engine``) and held together until
+    the pass ends; ``CodeIndex.save`` writes one out. Each report's ``seconds`` is the
+    whole pass, shared by its ``rules_in_pass`` rules.
     """
+    if not rules:
+        raise ValueError("rules: expected at least one ExportRule")
     start = time.perf_counter()
     model.eval()
     quantizer = model.encoder.quantizer
@@ -46,46 +77,72 @@ def export_index(model: SparCode, item_features: torch.Tensor | None, n_items: i
         return model.scorer(code_vectors[codes].unsqueeze(1), item_vectors[items], token_part[codes].unsqueeze(1),
                             item_part[items])[:, 0]
 
-    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
-        raise ValueError(f"cap: expected a positive int (items per code), got {cap!r}")
-    bias = float(model.bias)
-    if density is not None:
-        if not 0 < density <= 1:
-            raise ValueError(f"density: expected a fraction in (0, 1], got {density}")
-        if density == 1:
-            bias = None
+    values = None  # the seeded sample of raw scores that density rules take their quantile from
+    biases: list[float | None] = []
+    for rule in rules:
+        if rule.density is None:
+            biases.append(float(model.bias))
+        elif rule.density == 1:  # no sparsification: the training activation on every pair
+            biases.append(None)
         else:
-            # a sample of codes x a sample of items, as many values as torch.quantile takes (2**24):
-            # the cut varies from code to code, and 48 codes x all items missed a 0.1% target by
-            # 24% on Gowalla (41k items)
-            gen = torch.Generator().manual_seed(seed)
-            some_items = torch.randperm(n_items, generator=gen)[:4096].to(device)
-            sample = torch.randperm(n_codes, generator=gen)[: 2**24 // len(some_items)].to(device)
-            values = torch.cat([raw(c, some_items).reshape(-1) for c in sample.split(chunk * n_items // len(some_items))])
-            bias = -float(torch.quantile(values.float(), 1 - density))
-    indptr = [torch.zeros(1, dtype=torch.int64, device=device)]
-    items, scores = [], []
-    total = 0
-    for codes in torch.arange(n_codes, device=device).split(chunk):
+            if values is None:
+                values = score_sample(raw, n_codes, n_items, chunk, seed, device)
+            biases.append(-float(torch.quantile(values, 1 - rule.density)))
+    postings = [Postings(device) for _ in rules]
+    for codes in tqdm(torch.arange(n_codes, device=device).split(chunk), desc="export", unit="chunk",
+                      disable=not progress, leave=False):
         s = raw(codes)
-        if bias is None:  # density 1: no sparsification, the training activation on every pair
-            s16 = F.softplus(s + model.bias).to(torch.float16)
-            keep = torch.ones_like(s16, dtype=torch.bool)
-        else:
-            s16 = torch.relu(s + bias).to(torch.float16)
-            keep = s16 > 0
-        if cap is not None and cap < n_items:
-            keep &= torch.zeros_like(keep).scatter_(1, torch.topk(s, cap, dim=1).indices, True)
+        for rule, bias, post in zip(rules, biases, postings):
+            if bias is None:
+                s16 = F.softplus(s + model.bias).to(torch.float16)
+                keep = torch.ones_like(s16, dtype=torch.bool)
+            else:
+                s16 = torch.relu(s + bias).to(torch.float16)
+                keep = s16 > 0
+            if rule.cap is not None and rule.cap < n_items:
+                keep &= torch.zeros_like(keep).scatter_(1, torch.topk(s, rule.cap, dim=1).indices, True)
+            post.append(s16, keep)
+    seconds = time.perf_counter() - start
+    out = []
+    for bias, post in zip(biases, postings):
+        index = post.build(n_items, quantizer.codebooks.detach().float(), model.encoder.tokenizer.n_tokens)
+        out.append((index, {"seconds": seconds, "rules_in_pass": len(rules), "density": index.nnz / (n_codes * n_items),
+                            "nnz": index.nnz, "index_bytes": index.nbytes, "bias": bias,
+                            "longest_list": int((index.indptr[1:] - index.indptr[:-1]).max())}))
+    return out
+
+
+class Postings:
+    """The kept (item, score) pairs of one rule, a chunk of codes at a time."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.indptr = [torch.zeros(1, dtype=torch.int64, device=device)]
+        self.items: list[torch.Tensor] = []
+        self.scores: list[torch.Tensor] = []
+        self.total = 0
+
+    def append(self, s16: torch.Tensor, keep: torch.Tensor) -> None:
+        """One chunk: (codes, N) scores and the mask of those kept."""
         rows, cols = torch.nonzero(keep, as_tuple=True)
-        items.append(cols.to(torch.int32))
-        scores.append(s16[rows, cols])
-        counts = torch.bincount(rows, minlength=len(codes))
-        indptr.append(total + counts.cumsum(0))
-        total += int(counts.sum())
-    index = CodeIndex.from_postings(torch.cat(indptr), torch.cat(items), torch.cat(scores), n_items,
-                                    codebooks=quantizer.codebooks.detach().float(),
-                                    n_tokens=model.encoder.tokenizer.n_tokens)
-    report = {"seconds": time.perf_counter() - start, "density": index.nnz / (n_codes * n_items),
-              "nnz": index.nnz, "index_bytes": index.nbytes, "bias": bias,
-              "longest_list": int((index.indptr[1:] - index.indptr[:-1]).max())}
-    return index, report
+        self.items.append(cols.to(torch.int32))
+        self.scores.append(s16[rows, cols])
+        counts = torch.bincount(rows, minlength=keep.shape[0])
+        self.indptr.append(self.total + counts.cumsum(0))
+        self.total += int(counts.sum())
+
+    def build(self, n_items: int, codebooks: torch.Tensor, n_tokens: int) -> CodeIndex:
+        """The CSR index; the chunks are freed as soon as they are copied into it."""
+        indptr, items, scores = torch.cat(self.indptr), torch.cat(self.items), torch.cat(self.scores)
+        self.indptr, self.items, self.scores = [], [], []
+        return CodeIndex.from_postings(indptr, items, scores, n_items, codebooks=codebooks, n_tokens=n_tokens)
+
+
+def score_sample(raw: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], n_codes: int, n_items: int,
+                 chunk: int, seed: int, device: torch.device) -> torch.Tensor:
+    """Raw scores of a seeded sample of codes x 4,096 items, as many values as
+    torch.quantile takes (2**24): the cut varies from code to code, and 48 codes x all
+    items missed a 0.1% target by 24% on Gowalla (41k items)."""
+    gen = torch.Generator().manual_seed(seed)
+    some_items = torch.randperm(n_items, generator=gen)[:4096].to(device)
+    sample = torch.randperm(n_codes, generator=gen)[: 2**24 // len(some_items)].to(device)
+    return torch.cat([raw(c, some_items).reshape(-1) for c in sample.split(chunk * n_items // len(some_items))]).float()
