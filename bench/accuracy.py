@@ -32,7 +32,7 @@ from sparcode.engine.encoder import EMBEDDING_STD, QUANTIZERS
 from sparcode.training.checkpoint import load_data
 from sparcode.training.evaluate import encode_users, evaluate_engine, evaluate_exact
 from sparcode.training.export import ExportRule, export_indexes
-from sparcode.training.train import SAMPLINGS, TrainConfig, fit, make_model, tensors, validator
+from sparcode.training.train import SAMPLINGS, TrainConfig, default_hidden, fit, make_model, tensors, validator
 
 from .harness import device_label
 
@@ -86,7 +86,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="SparCode: product (the paper's) or residual quantization, both V = C**2 codes")
     p.add_argument("--per-token-codebooks", action="store_true",
                    help="SparCode: one quantizer per token position, V = T * C**2 (default: shared by all, V = C**2)")
-    p.add_argument("--hidden", type=int, nargs="+", default=[256, 256, 256], help="scorer MLP widths")
+    p.add_argument("--hidden", type=int, nargs="+", default=None,
+                   help="scorer MLP widths (default 256 256 256 on CUDA, 64 64 on CPU)")
     p.add_argument("--embedding-std", type=float, default=EMBEDDING_STD,
                    help="initial std of the embeddings (all models)")
     p.add_argument("--all-to-all-sample", type=int, default=5000, help="users scored exactly for AllToAll")
@@ -136,7 +137,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     loader, headline = DATASETS[args.dataset]
     data = load_data(loader, args.path, args.seed, tuple(args.synthetic_size))
     cfg, cfg_two_tower = train_configs(args, device)
-    model_kwargs = {"dim": args.dim, "n_tokens": args.tokens, "n_words": codewords, "hidden": tuple(args.hidden),
+    hidden = tuple(args.hidden or default_hidden(device))
+    model_kwargs = {"dim": args.dim, "n_tokens": args.tokens, "n_words": codewords, "hidden": hidden,
                     "embedding_std": args.embedding_std, "quantizer": args.quantizer,
                     "per_token": args.per_token_codebooks, "temperature": args.two_tower_temperature}
     n_codes = codewords**2 * (args.tokens if args.per_token_codebooks else 1)

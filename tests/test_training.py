@@ -333,6 +333,41 @@ def test_train_export_evaluate_commands(tmp_path, capsys):
     assert "--index" in capsys.readouterr().err
 
 
+def test_train_command_defaults_by_device_and_options(tmp_path, capsys, monkeypatch):
+    """On a CPU the scorer is (64, 64) and training has a time budget unless told otherwise;
+    --l2, --patience and --dim reach the config; a bad budget fails before any data loads."""
+    import json
+
+    from sparcode.engine.cli import main
+    from sparcode.training import train
+
+    seen = []
+
+    def fit(model, data, cfg, validate):  # the plumbing, not the training
+        seen.append((model, cfg))
+        return {"epochs": 0, "best_valid_recall@20": 0.0, "train_seconds": 0.0, "history": []}
+
+    monkeypatch.setattr(train, "fit", fit)
+    ckpt = tmp_path / "ckpt"
+    assert main(["train", "--model", "sparcode", "--out", str(ckpt), "--device", "cpu", "--l2", "1e-5",
+                 "--patience", "7", "--dim", "16", "--no-progress"]) == 0
+    config = json.loads((ckpt / "config.json").read_text())
+    assert config["model"]["kwargs"]["hidden"] == list(train.CPU_HIDDEN) == [64, 64]
+    assert config["model"]["kwargs"]["dim"] == 16 and seen[-1][0].scorer.token_in.in_features == 16
+    assert config["train"]["time_budget"] == train.CPU_TIME_BUDGET
+    assert config["train"]["l2"] == 1e-5 and config["train"]["patience"] == 7
+    assert "scorer hidden 64 64, time budget 2,700 s (the defaults on cpu" in capsys.readouterr().err
+    assert main(["train", "--model", "sparcode", "--out", str(ckpt), "--device", "cpu", "--hidden", "8",
+                 "--time-budget", "0", "--no-progress"]) == 0  # 0: no budget
+    config = json.loads((ckpt / "config.json").read_text())
+    assert config["model"]["kwargs"]["hidden"] == [8] and config["train"]["time_budget"] is None
+    assert "defaults" not in capsys.readouterr().err
+    assert train.default_hidden("cuda") == (256, 256, 256)  # the paper's scorer on a GPU
+    monkeypatch.setattr("sparcode.training.checkpoint.load_data", lambda *a: pytest.fail("data loaded"))
+    assert main(["train", "--out", str(ckpt), "--time-budget", "-5", "--no-progress"]) == 2
+    assert "time_budget: expected seconds > 0" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("use_faiss", [True, False])
 def test_kmeans_finds_separated_clusters(use_faiss, monkeypatch):
     import sys

@@ -31,7 +31,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                        help="sparcode: weight of the quantizer's commitment loss (default: TrainConfig's)")
     train.add_argument("--valid-users", type=int, default=None,
                        help="users whose validation Recall@20 drives early stopping (default: TrainConfig's)")
-    train.add_argument("--time-budget", type=float, default=None, help="stop after the epoch that passes this many seconds")
+    train.add_argument("--time-budget", type=float, default=None,
+                       help="stop after the epoch that passes this many seconds (default: none on a GPU, "
+                            "2,700 on a CPU; 0 for none)")
+    train.add_argument("--l2", type=float, default=None, help="weight of the embeddings' squared norm (default: TrainConfig's)")
+    train.add_argument("--patience", type=int, default=None,
+                       help="epochs without a better validation Recall@20 before stopping (default: TrainConfig's)")
     train.add_argument("--tokens", type=int, default=4, help="T")
     train.add_argument("--codewords", type=int, default=64, help="C per codebook (V = C**2)")
     train.add_argument("--quantizer", default="product", choices=["product", "residual"],
@@ -39,7 +44,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                             "(the second quantizes what the first left; less error for the same V)")
     train.add_argument("--per-token-codebooks", action="store_true",
                        help="sparcode: one quantizer per token position, V = T * C**2 (default: shared, V = C**2)")
-    train.add_argument("--hidden", type=int, nargs="+", default=[256, 256, 256], help="scorer MLP widths")
+    train.add_argument("--dim", type=int, default=64, help="token and item embedding size")
+    train.add_argument("--hidden", type=int, nargs="+", default=None,
+                       help="scorer MLP widths (default: 256 256 256 on a GPU, 64 64 on a CPU)")
     train.add_argument("--embedding-std", type=float, default=None,
                        help="initial std of the embeddings (default 0.1)")
     train.add_argument("--temperature", type=float, default=0.1,
@@ -77,24 +84,29 @@ def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
     from .checkpoint import checkpoint_config, load_data, save_checkpoint
-    from .train import TrainConfig, fit, make_model, validator
+    from .train import CPU_TIME_BUDGET, TrainConfig, default_hidden, fit, make_model, validator
 
     device = _device(args.device)
+    hidden = list(args.hidden or default_hidden(device))
+    budget = CPU_TIME_BUDGET if args.time_budget is None and torch.device(device).type == "cpu" else args.time_budget
+    optional = {name: value for name, value in (("commitment", args.commitment), ("valid_users", args.valid_users),
+                                                ("l2", args.l2), ("patience", args.patience)) if value is not None}
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, negatives=args.negatives, sampling=args.sampling,
+                      lr=args.lr, seed=args.seed, device=device, progress=not args.no_progress,
+                      time_budget=budget or None, warmup=args.warmup, density=args.density, **optional)  # 0: none
+    defaults = []
+    if args.model != "two_tower" and args.hidden is None:
+        defaults.append(f"scorer hidden {' '.join(map(str, hidden))}")
+    if args.time_budget is None and cfg.time_budget is not None:
+        defaults.append(f"time budget {cfg.time_budget:,.0f} s")
+    if defaults:
+        print(f"train: {', '.join(defaults)} (the defaults on {device}; --hidden and --time-budget override them)",
+              file=sys.stderr)
     data = load_data(args.data, args.path, args.seed)
     std = {} if args.embedding_std is None else {"embedding_std": args.embedding_std}
-    kwargs = ({"n_tokens": args.tokens, "temperature": args.temperature, **std} if args.model == "two_tower"
-              else {"n_tokens": args.tokens, "n_words": args.codewords, "hidden": list(args.hidden), "quantizer": args.quantizer,
-                    "per_token": args.per_token_codebooks, **std})
-    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, negatives=args.negatives, sampling=args.sampling,
-                      lr=args.lr, seed=args.seed, device=device, progress=not args.no_progress, time_budget=args.time_budget,
-                      warmup=args.warmup, density=args.density,
-                      **{name: value for name, value in (("commitment", args.commitment), ("valid_users", args.valid_users))
-                         if value is not None})
-    if device == "cpu" and args.model != "two_tower" and data.train.items.size > 100_000:
-        print(f"train: {data.name} has {data.train.items.size:,} training interactions; the scorer runs on every "
-              f"(token, item) pair, so on a CPU an epoch takes long (MovieLens-1M with --hidden 64 64 "
-              f"--negatives 20: ~1.5 min per epoch on 2 cores). A GPU (--device cuda) or --time-budget is advised.",
-              file=sys.stderr)
+    kwargs = ({"dim": args.dim, "n_tokens": args.tokens, "temperature": args.temperature, **std} if args.model == "two_tower"
+              else {"dim": args.dim, "n_tokens": args.tokens, "n_words": args.codewords, "hidden": hidden,
+                    "quantizer": args.quantizer, "per_token": args.per_token_codebooks, **std})
     torch.manual_seed(args.seed)
     model = make_model(args.model, data, **kwargs)
     info = fit(model, data, cfg, validator(data, cfg))
