@@ -259,7 +259,9 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 10, seed: int = 0) -> torch.Ten
     except ImportError:
         faiss = None
     if faiss is not None and x.shape[0] >= k:
-        km = faiss.Kmeans(x.shape[1], k, niter=iters, seed=seed, nredo=3, verbose=False)
+        # min_points_per_centroid only sets when faiss warns (below 39 points per centre);
+        # the codebook start clusters one batch of tokens, so the warning was noise in every run
+        km = faiss.Kmeans(x.shape[1], k, niter=iters, seed=seed, nredo=3, verbose=False, min_points_per_centroid=1)
         km.train(np.ascontiguousarray(x.detach().cpu().float().numpy()))
         return torch.from_numpy(km.centroids).to(x)
     gen = torch.Generator(device="cpu").manual_seed(seed)

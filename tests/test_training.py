@@ -369,7 +369,7 @@ def test_train_command_defaults_by_device_and_options(tmp_path, capsys, monkeypa
 
 
 @pytest.mark.parametrize("use_faiss", [True, False])
-def test_kmeans_finds_separated_clusters(use_faiss, monkeypatch):
+def test_kmeans_finds_separated_clusters(use_faiss, monkeypatch, capfd):
     import sys
 
     from sparcode.engine.encoder import kmeans
@@ -384,6 +384,8 @@ def test_kmeans_finds_separated_clusters(use_faiss, monkeypatch):
     found = kmeans(x, 4, iters=20)
     assert found.shape == (4, 2) and found.dtype == x.dtype
     assert (torch.cdist(truth, found).min(1).values < 0.5).all()
+    kmeans(x[:40], 4)  # 10 points per centre, as a codebook started from one batch has: no faiss warning
+    assert "WARNING" not in capfd.readouterr().err
 
 
 def test_checkpoint_records_an_absolute_data_path(tmp_path, monkeypatch):
