@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 SCORE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+CHECK_BLOCK = 1 << 24  # postings per block when a CSR is checked: bounds the check's temporaries
 
 
 def fail(where: str, message: str) -> None:
@@ -62,19 +63,21 @@ def check_postings(
         pos = int(torch.nonzero(items == bad)[0])
         code = _code_of(indptr, pos)
         fail(where["items"], f"item {bad} of code {code} is outside [0, {n_items})")
-    if not bool(torch.isfinite(scores).all()):
-        pos = int(torch.nonzero(~torch.isfinite(scores))[0])
-        fail(where["scores"], f"non-finite score {float(scores[pos])} in the posting list of code {_code_of(indptr, pos)}")
-    if nnz > 1:
-        starts = torch.zeros(nnz, dtype=torch.bool, device=items.device)
-        nonempty = lengths > 0
-        starts[indptr[:-1][nonempty]] = True
-        step = items[1:].to(torch.int64) - items[:-1].to(torch.int64)
-        bad = (step <= 0) & ~starts[1:]
+    starts = torch.zeros(nnz, dtype=torch.bool, device=items.device)  # where a posting list begins
+    starts[indptr[:-1][lengths > 0]] = True
+    for lo in range(0, nnz, CHECK_BLOCK):  # in blocks: whole-array temporaries were 3 x 8 bytes per posting
+        hi = min(nnz, lo + CHECK_BLOCK)
+        finite = torch.isfinite(scores[lo:hi])
+        if not bool(finite.all()):
+            pos = lo + int(torch.nonzero(~finite)[0])
+            fail(where["scores"], f"non-finite score {float(scores[pos])} in the posting list of code {_code_of(indptr, pos)}")
+        first = max(lo, 1)
+        step = items[first:hi] - items[first - 1 : hi - 1]  # int32 cannot overflow: items are in [0, n_items) < 2**31
+        bad = (step <= 0) & ~starts[first:hi]
         if bool(bad.any()):
-            pos = int(torch.nonzero(bad)[0]) + 1
+            pos = first + int(torch.nonzero(bad)[0])
             code = _code_of(indptr, pos)
-            kind = "a duplicate item" if int(step[pos - 1]) == 0 else "items out of order"
+            kind = "a duplicate item" if int(step[pos - first]) == 0 else "items out of order"
             fail(
                 where["items"],
                 f"posting list of code {code} must be strictly increasing: {kind} "

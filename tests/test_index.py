@@ -37,6 +37,23 @@ def test_from_postings_rejects_bad_csr(args, message):
     assert message in str(info.value)
 
 
+@pytest.mark.parametrize("block", [1, 2, 3, 1 << 24])
+def test_from_postings_checks_across_blocks(block, monkeypatch):
+    """The CSR check runs in blocks of postings: a fault on either side of a block edge is found."""
+    import sparcode.engine.validate as validate
+
+    monkeypatch.setattr(validate, "CHECK_BLOCK", block)
+    indptr = [0, 3, 3, 6]  # codes 0 and 2 hold 3 items, code 1 none
+    CodeIndex.from_postings(*postings(indptr, [0, 2, 4, 1, 3, 4]), 5)  # a new list may restart lower
+    for items, code, kind in (([0, 2, 4, 1, 4, 3], 2, "items out of order (4 then 3)"),
+                              ([0, 2, 2, 1, 3, 4], 0, "a duplicate item (2 then 2)"),
+                              ([0, 1, 2, 3, 3, 4], 2, "a duplicate item (3 then 3)")):
+        with pytest.raises(ValueError, match=rf"code {code} must be strictly increasing: {kind.replace('(', '[(]').replace(')', '[)]')}"):
+            CodeIndex.from_postings(*postings(indptr, items), 5)
+    with pytest.raises(ValueError, match="non-finite score inf in the posting list of code 2"):
+        CodeIndex.from_postings(*postings(indptr, [0, 2, 4, 1, 3, 4], [1, 1, 1, 1, 1, float("inf")]), 5)
+
+
 def test_from_postings_checks_options():
     indptr, items, scores = postings([0, 1, 2], [1, 2])
     with pytest.raises(ValueError, match="n_items: expected a positive int"):
