@@ -163,7 +163,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
                  "best_valid_recall@20": info["best_valid_recall@20"], "valid_history": info["history"]}
         if kind == "sparcode":
             codes = encode_users(model, data, cfg)  # shared by the headline index and the curve
-            rules = [ExportRule(args.density)] + [rule for _, _, rule in curve_points(args, data)]
+            points = curve_points(args, data)
+            rules = [ExportRule(args.density)] + [rule for _, _, rule in points]
             exports = export_all(model, item_features, data.n_items, rules, seed=args.seed, progress=not args.no_progress)
             index, export = exports.pop(0)
             if isinstance(index, Exception):
@@ -184,7 +185,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
               f"({info['epochs']} epochs, {info['train_seconds']:.0f} s)", flush=True)
         write(args.out, report, started)  # after every model: an interrupted run keeps what finished
         if kind == "sparcode" and exports:
-            sparsity_curve(exports, curve_points(args, data), model, data, codes, report, args.out, started)
+            sparsity_curve(exports, points, model, data, codes, report, args.out, started)
         del model
     return report
 

@@ -263,7 +263,7 @@ def test_export_indexes_one_pass_equals_one_export_per_rule():
     model = SparCode(data, n_words=8, hidden=(32, 32), bias=-0.02).eval()
     feats = torch.from_numpy(data.item_features)
     rules = [ExportRule(), ExportRule(density=1), ExportRule(density=0.1), ExportRule(density=0.01),
-             ExportRule(density=1, cap=5)]
+             ExportRule(density=1, cap=5), ExportRule(density=1)]  # a cap after and before one bias's full rule
     together = export_indexes(model, feats, data.n_items, rules, budget_bytes=2**16)  # several chunks
     assert len(together) == len(rules)
     for rule, (index, report) in zip(rules, together):

@@ -92,15 +92,18 @@ def export_indexes(model: SparCode, item_features: torch.Tensor | None, n_items:
     for codes in tqdm(torch.arange(n_codes, device=device).split(chunk), desc="export", unit="chunk",
                       disable=not progress, leave=False):
         s = raw(codes)
+        activated: dict[float | None, tuple[torch.Tensor, torch.Tensor]] = {}  # rules of one bias share it
         for rule, bias, post in zip(rules, biases, postings):
-            if bias is None:
-                s16 = F.softplus(s + model.bias).to(torch.float16)
-                keep = torch.ones_like(s16, dtype=torch.bool)
-            else:
-                s16 = torch.relu(s + bias).to(torch.float16)
-                keep = s16 > 0
+            if bias not in activated:
+                if bias is None:
+                    s16 = F.softplus(s + model.bias).to(torch.float16)
+                    activated[bias] = s16, torch.ones_like(s16, dtype=torch.bool)
+                else:
+                    s16 = torch.relu(s + bias).to(torch.float16)
+                    activated[bias] = s16, s16 > 0
+            s16, keep = activated[bias]
             if rule.cap is not None and rule.cap < n_items:
-                keep &= torch.zeros_like(keep).scatter_(1, torch.topk(s, rule.cap, dim=1).indices, True)
+                keep = keep & torch.zeros_like(keep).scatter_(1, torch.topk(s, rule.cap, dim=1).indices, True)
             post.append(s16, keep)
     seconds = time.perf_counter() - start
     out = []
