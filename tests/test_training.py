@@ -278,6 +278,44 @@ def test_export_indexes_one_pass_equals_one_export_per_rule():
         ExportRule(density=1.5)
 
 
+@pytest.mark.parametrize("block_pairs", [1, 7, 10_000])
+def test_postings_blocks_give_the_csr_of_the_kept_pairs(block_pairs, monkeypatch):
+    """Pairs copied into blocks (filled across chunk edges, the last one part-full, a chunk
+    with nothing kept) give the CSR of the whole mask, in code then item order."""
+    from sparcode.training.export import Postings
+
+    monkeypatch.setattr(Postings, "BLOCK_PAIRS", block_pairs)
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.rand(11, 13, generator=gen).to(torch.float16)
+    keep = scores > 0.6
+    keep[4:6] = False  # a whole chunk of empty lists
+    post = Postings(torch.device("cpu"), 11, 11 * 13)
+    for rows in (slice(0, 3), slice(3, 4), slice(4, 6), slice(6, 11)):
+        post.append(scores[rows], keep[rows])
+    index = post.build(13, None, None)
+    codes, items = torch.nonzero(keep, as_tuple=True)
+    assert torch.equal(index.items, items.to(torch.int32)) and torch.equal(index.scores, scores[codes, items])
+    assert torch.equal(index.indptr[1:], keep.sum(1).cumsum(0)) and index.indptr[0] == 0
+    assert not post.items and not post.scores  # each block freed once copied
+    empty = Postings(torch.device("cpu"), 2, 2 * 13)
+    empty.append(scores[:2], torch.zeros(2, 13, dtype=torch.bool))
+    assert empty.build(13, None, None).nnz == 0
+
+
+def test_export_in_small_blocks_equals_one_block(monkeypatch):
+    from sparcode.training.export import Postings
+
+    torch.manual_seed(0)
+    data = datasets.synthetic(60, 80, per_user=10, seed=0)
+    model = SparCode(data, n_words=8, hidden=(16,), bias=-0.02).eval()
+    feats = torch.from_numpy(data.item_features)
+    rules = [ExportRule(density=1), ExportRule(density=0.1), ExportRule(density=1, cap=5)]
+    whole = export_indexes(model, feats, data.n_items, rules, budget_bytes=2**16)
+    monkeypatch.setattr(Postings, "BLOCK_PAIRS", 999)  # blocks end inside chunks
+    for (a, _), (b, _) in zip(whole, export_indexes(model, feats, data.n_items, rules, budget_bytes=2**16)):
+        assert all(torch.equal(getattr(a, f), getattr(b, f)) for f in ("indptr", "items", "scores"))
+
+
 @pytest.mark.slow
 def test_demo_end_to_end_tiny(tmp_path, capsys):
     from sparcode.engine.cli import main

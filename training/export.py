@@ -88,7 +88,7 @@ def export_indexes(model: SparCode, item_features: torch.Tensor | None, n_items:
             if values is None:
                 values = score_sample(raw, n_codes, n_items, chunk, seed, device)
             biases.append(-float(torch.quantile(values, 1 - rule.density)))
-    postings = [Postings(device) for _ in rules]
+    postings = [Postings(device, n_codes, n_codes * min(rule.cap or n_items, n_items)) for rule in rules]
     for codes in tqdm(torch.arange(n_codes, device=device).split(chunk), desc="export", unit="chunk",
                       disable=not progress, leave=False):
         s = raw(codes)
@@ -116,28 +116,68 @@ def export_indexes(model: SparCode, item_features: torch.Tensor | None, n_items:
 
 
 class Postings:
-    """The kept (item, score) pairs of one rule, a chunk of codes at a time."""
+    """The kept (item, score) pairs of one rule, a chunk of codes at a time, copied into
+    blocks of ``BLOCK_PAIRS`` pairs as they come.
 
-    def __init__(self, device: torch.device) -> None:
-        self.indptr = [torch.zeros(1, dtype=torch.int64, device=device)]
-        self.items: list[torch.Tensor] = []
+    A chunk's pieces are small (on a CPU, 6 codes x 41k items for Gowalla): kept until the
+    build, they and the per-chunk offsets filled the allocator's heap, which it cannot
+    give back, and the set of Gowalla indexes (4.5 GB) peaked at ~20 GB resident. A block
+    (192 MB) is its own mapping, returned to the system when freed; the pieces are freed
+    at once and the offsets go into one array (simulated 16,384 codes x 41k items, two
+    rules, 4.2 GB of indexes: 5.5 GB peak; bench/NOTES.md)."""
+
+    BLOCK_PAIRS = 2**25
+
+    def __init__(self, device: torch.device, n_codes: int, max_pairs: int) -> None:
+        self.device = device
+        self.block_pairs = max(1, min(self.BLOCK_PAIRS, max_pairs))
+        self.indptr = torch.zeros(n_codes + 1, dtype=torch.int64, device=device)
+        self.codes = 0  # codes appended so far
+        self.items: list[torch.Tensor] = []  # blocks; the last one filled up to ``fill``
         self.scores: list[torch.Tensor] = []
+        self.fill = self.block_pairs
         self.total = 0
 
     def append(self, s16: torch.Tensor, keep: torch.Tensor) -> None:
         """One chunk: (codes, N) scores and the mask of those kept."""
         rows, cols = torch.nonzero(keep, as_tuple=True)
-        self.items.append(cols.to(torch.int32))
-        self.scores.append(s16[rows, cols])
+        items, scores = cols.to(torch.int32), s16[rows, cols]
+        done = 0
+        while done < items.numel():
+            if self.fill == self.block_pairs:
+                self.items.append(torch.empty(self.block_pairs, dtype=torch.int32, device=self.device))
+                self.scores.append(torch.empty(self.block_pairs, dtype=torch.float16, device=self.device))
+                self.fill = 0
+            n = min(items.numel() - done, self.block_pairs - self.fill)
+            self.items[-1][self.fill:self.fill + n] = items[done:done + n]
+            self.scores[-1][self.fill:self.fill + n] = scores[done:done + n]
+            self.fill += n
+            done += n
         counts = torch.bincount(rows, minlength=keep.shape[0])
-        self.indptr.append(self.total + counts.cumsum(0))
-        self.total += int(counts.sum())
+        self.indptr[self.codes + 1:self.codes + 1 + keep.shape[0]] = self.total + counts.cumsum(0)
+        self.codes += keep.shape[0]
+        self.total += items.numel()
 
     def build(self, n_items: int, codebooks: torch.Tensor, n_tokens: int) -> CodeIndex:
-        """The CSR index; the chunks are freed as soon as they are copied into it."""
-        indptr, items, scores = torch.cat(self.indptr), torch.cat(self.items), torch.cat(self.scores)
-        self.indptr, self.items, self.scores = [], [], []
+        """The CSR index; each block is freed as soon as it is copied into it."""
+        indptr = self.indptr
+        items = join(self.items, self.total, torch.int32, self.device)
+        scores = join(self.scores, self.total, torch.float16, self.device)
         return CodeIndex.from_postings(indptr, items, scores, n_items, codebooks=codebooks, n_tokens=n_tokens)
+
+
+def join(blocks: list[torch.Tensor], total: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The first ``total`` values of the blocks, emptying the list as they are copied:
+    the peak is the result plus one block, not twice the result."""
+    out = torch.empty(total, dtype=dtype, device=device)
+    start = 0
+    while blocks:
+        block = blocks.pop(0)
+        n = min(block.numel(), total - start)
+        out[start:start + n] = block[:n]
+        start += n
+        del block
+    return out
 
 
 def score_sample(raw: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], n_codes: int, n_items: int,
