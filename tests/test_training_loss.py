@@ -172,6 +172,7 @@ def test_accuracy_runner_tiny(tmp_path, capsys):
     sparcode = report["models"]["sparcode"]
     assert sparcode["density"] == pytest.approx(0.2, rel=0.05) and sparcode["index_bytes"] > 0
     assert sparcode["export_rules_in_pass"] == 4  # the headline index and the curve's three from one pass
+    assert sparcode["rule"] == "bias" and sparcode["cap"] is None and sparcode["target_density"] == 0.2
     assert report["models"]["all_to_all"]["sample_users"] == 50
     assert report["config"]["train"]["valid_users"] == 30 and report["config"]["train"]["l2"] == 1e-5
     assert report["config"]["train"]["sampling"] == "uniform"  # SparCode and AllToAll
@@ -184,6 +185,19 @@ def test_accuracy_runner_tiny(tmp_path, capsys):
     assert curve[0]["density"] == 1.0 and curve[0]["index_bytes"] > curve[1]["index_bytes"]
     assert curve[2]["cap"] == 3 and curve[2]["density"] == pytest.approx(3 / 150)  # 3 of 150 items for every code
     assert "two_tower" in capsys.readouterr().out
+
+
+def test_accuracy_runner_headline_by_the_per_code_rule(tmp_path):
+    argv = ["--dataset", "synthetic", "--out", str(tmp_path), "--models", "sparcode", "--epochs", "1", "--hidden", "16",
+            "--negatives", "8", "--synthetic-size", "200", "150", "--codewords", "4", "--cap-density", "0.02",
+            "--densities", "0.02", "--valid-users", "30", "--no-progress"]
+    assert accuracy.main(argv) == 0
+    report = json.loads((tmp_path / "accuracy-synthetic.json").read_text())
+    sparcode = report["models"]["sparcode"]
+    assert sparcode["rule"] == "cap" and sparcode["cap"] == 3 and sparcode["target_density"] == 0.02
+    assert sparcode["density"] == pytest.approx(3 / 150)  # every code keeps its top 3 of 150 items
+    assert [(p["rule"], p["cap"]) for p in report["sparsity_curve"]] == [("bias", None)]  # one bias, for comparison
+    assert "cap density 2.00%" in accuracy.table(report)
 
 
 def test_accuracy_export_falls_back_to_one_pass_per_rule(monkeypatch):
@@ -216,6 +230,12 @@ def test_accuracy_runner_names_a_bad_two_tower_option(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         accuracy.main(argv[:-2] + ["--two-tower-temperature", "0"])
     assert exit_.value.code == 2 and "--two-tower-temperature: expected a positive number" in capsys.readouterr().err
+    for flags, message in ((["--cap-density", "0"], "--cap-density: expected fractions in (0, 1], got 0"),
+                           (["--densities", "1", "1.5"], "--densities: expected fractions in (0, 1], got 1.5"),
+                           (["--density", "0.1", "--cap-density", "0.1"], "not allowed with argument")):
+        with pytest.raises(SystemExit) as exit_:
+            accuracy.main(argv[:-2] + flags)
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_warmup_trains_unquantized_then_starts_codebooks_from_learned_tokens(monkeypatch):
