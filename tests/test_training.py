@@ -372,8 +372,11 @@ def test_train_export_evaluate_commands(tmp_path, capsys):
 
 
 def test_train_command_defaults_by_device_and_options(tmp_path, capsys, monkeypatch):
-    """On a CPU the scorer is (64, 64) and training has a time budget unless told otherwise;
-    --l2, --patience and --dim reach the config; a bad budget fails before any data loads."""
+    """The defaults are the Gowalla recipe: residual per-token codebooks, popularity
+    negatives (in-batch for TwoTower, uniform for a density), l2 1e-5, patience 10; on a
+    CPU the scorer is (64, 64), C = 64 and training has a time budget unless told
+    otherwise; --l2, --patience and --dim reach the config; a bad budget fails before any
+    data loads."""
     import json
 
     from sparcode.engine.cli import main
@@ -387,20 +390,31 @@ def test_train_command_defaults_by_device_and_options(tmp_path, capsys, monkeypa
 
     monkeypatch.setattr(train, "fit", fit)
     ckpt = tmp_path / "ckpt"
-    assert main(["train", "--model", "sparcode", "--out", str(ckpt), "--device", "cpu", "--l2", "1e-5",
-                 "--patience", "7", "--dim", "16", "--no-progress"]) == 0
+    assert main(["train", "--model", "sparcode", "--out", str(ckpt), "--device", "cpu", "--no-progress"]) == 0
     config = json.loads((ckpt / "config.json").read_text())
-    assert config["model"]["kwargs"]["hidden"] == list(train.CPU_HIDDEN) == [64, 64]
-    assert config["model"]["kwargs"]["dim"] == 16 and seen[-1][0].scorer.token_in.in_features == 16
-    assert config["train"]["time_budget"] == train.CPU_TIME_BUDGET
-    assert config["train"]["l2"] == 1e-5 and config["train"]["patience"] == 7
-    assert "scorer hidden 64 64, time budget 2,700 s (the defaults on cpu" in capsys.readouterr().err
+    kwargs = config["model"]["kwargs"]
+    assert kwargs["hidden"] == list(train.CPU_HIDDEN) == [64, 64] and kwargs["n_words"] == train.CPU_CODEWORDS == 64
+    assert kwargs["quantizer"] == "residual" and kwargs["per_token"] and seen[-1][0].encoder.quantizer.n_codes == 4 * 64**2
+    assert config["train"]["time_budget"] == train.CPU_TIME_BUDGET and config["train"]["sampling"] == "popularity"
+    assert config["train"]["l2"] == 1e-5 and config["train"]["patience"] == 10
+    assert ("popularity negatives, scorer hidden 64 64, 64 codewords, time budget 2,700 s "
+            "(the defaults for sparcode on cpu") in capsys.readouterr().err
     assert main(["train", "--model", "sparcode", "--out", str(ckpt), "--device", "cpu", "--hidden", "8",
-                 "--time-budget", "0", "--no-progress"]) == 0  # 0: no budget
+                 "--time-budget", "0", "--codewords", "8", "--sampling", "uniform", "--no-per-token-codebooks",
+                 "--l2", "1e-6", "--patience", "7", "--dim", "16", "--no-progress"]) == 0  # budget 0: none
     config = json.loads((ckpt / "config.json").read_text())
     assert config["model"]["kwargs"]["hidden"] == [8] and config["train"]["time_budget"] is None
+    assert config["model"]["kwargs"]["dim"] == 16 and seen[-1][0].scorer.token_in.in_features == 16
+    assert not config["model"]["kwargs"]["per_token"] and seen[-1][0].encoder.quantizer.n_codes == 8**2
+    assert config["train"]["l2"] == 1e-6 and config["train"]["patience"] == 7
     assert "defaults" not in capsys.readouterr().err
+    assert main(["train", "--model", "two_tower", "--out", str(ckpt), "--device", "cpu", "--no-progress"]) == 0
+    assert seen[-1][1].sampling == "in-batch" and "in-batch negatives, time budget" in capsys.readouterr().err
+    assert main(["train", "--model", "sparcode", "--out", str(ckpt), "--device", "cpu", "--density", "0.1",
+                 "--no-progress"]) == 0  # a density's bias follows uniform negatives
+    assert seen[-1][1].sampling == "uniform"
     assert train.default_hidden("cuda") == (256, 256, 256)  # the paper's scorer on a GPU
+    assert train.default_codewords("cuda") == 128  # 4 x 128**2 = 65,536 codes, the paper's V
     monkeypatch.setattr("sparcode.training.checkpoint.load_data", lambda *a: pytest.fail("data loaded"))
     assert main(["train", "--out", str(ckpt), "--time-budget", "-5", "--no-progress"]) == 2
     assert "time_budget: expected seconds > 0" in capsys.readouterr().err

@@ -70,16 +70,36 @@ SAMPLINGS = ("uniform", "popularity", "in-batch")
 # ``sparcode train``'s defaults by device. The paper's (256, 256, 256) scorer runs on every
 # (token, item) pair, ~30x the multiply-adds of (64, 64): hours per Gowalla epoch on 2 CPU
 # cores against minutes. On a CPU the time budget ends training after the epoch that
-# crosses it: with Gowalla's ~490 s epochs (validation included, measured in the accuracy
-# bench) that predicts ~6 epochs in under an hour; not yet run end to end with these defaults.
+# crosses it: Gowalla with every default took 48 min 40 s on 2 cores (6 epochs of ~8 min
+# with validation; bench/NOTES.md, fifteenth session).
 GPU_HIDDEN = (256, 256, 256)
 CPU_HIDDEN = (64, 64)
 CPU_TIME_BUDGET = 2700.0
+# Codewords per codebook of the default code space (residual, one quantizer per token
+# position, V = T * C**2): 4 x 128**2 = 65,536 codes on a GPU, the paper's V; 4 x 64**2 =
+# 16,384 on a CPU, where exporting all V x N pairs is ~1.4M pairs/s (8 min for Gowalla).
+GPU_CODEWORDS = 128
+CPU_CODEWORDS = 64
 
 
 def default_hidden(device: str) -> tuple[int, ...]:
     """The scorer widths for ``device`` when none are given: the paper's on a GPU."""
     return CPU_HIDDEN if torch.device(device).type == "cpu" else GPU_HIDDEN
+
+
+def default_codewords(device: str) -> int:
+    """Codewords per codebook for ``device`` when none are given: V = 65,536 on a GPU."""
+    return CPU_CODEWORDS if torch.device(device).type == "cpu" else GPU_CODEWORDS
+
+
+def default_sampling(kind: str, density: float | None) -> str:
+    """How ``sparcode train`` draws negatives when not told: popularity for the scorer
+    models (+30% validation Recall@20 over uniform after one Gowalla epoch) and the batch's
+    positives for TwoTower, whose dot product makes them cheap (2.9x over 100 uniform);
+    uniform when training for a density, whose bias follows uniform negatives."""
+    if kind == "two_tower":
+        return "in-batch"
+    return "uniform" if density is not None else "popularity"
 
 
 def history_matrix(train: CSR, n_users: int, length: int, seed: int) -> np.ndarray:
