@@ -361,6 +361,14 @@ def test_train_export_evaluate_commands(tmp_path, capsys):
     loaded = CodeIndex.load(index)  # 2 tokens x 8**2 codes each
     assert loaded.n_codes == 128 and loaded.n_tokens == 2 and abs(loaded.nnz / (128 * 800) - 0.2) < 0.01
     assert loaded.codebooks.shape == (2, 2, 8, 64)
+    assert main(["export", str(ckpt), "--out", str(tmp_path / "top"), "--cap-density", "0.05", "--no-progress"]) == 0
+    top = CodeIndex.load(tmp_path / "top")
+    assert bool((top.indptr[1:] - top.indptr[:-1] == 40).all())  # every code keeps its top 5% of 800 items
+    capsys.readouterr()
+    for flags, message in ((["--cap-density", "0.05", "--cap", "3"], "not with --density or --cap"),
+                           (["--cap-density", "1.5"], "--cap-density: expected a fraction in (0, 1], got 1.5")):
+        assert main(["export", str(ckpt), "--out", str(tmp_path / "bad")] + flags) == 2
+        assert message in capsys.readouterr().err and not (tmp_path / "bad").exists()
     encoder = json.loads((index / "manifest.json").read_text())["encoder"]
     assert encoder["quantizer"] == "residual" and encoder["per_token"]
     capsys.readouterr()

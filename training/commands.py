@@ -65,8 +65,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     export = sub.add_parser("export", help="score every (code, item) pair of a SparCode checkpoint into an index")
     export.add_argument("checkpoint", type=Path)
     export.add_argument("--out", type=Path, required=True, help="index directory")
-    export.add_argument("--density", type=float, default=None, help="target fraction of non-zero scores")
+    export.add_argument("--density", type=float, default=None,
+                        help="target fraction of non-zero scores, by one bias for all codes (default: the model's "
+                             "own bias)")
     export.add_argument("--cap", type=int, default=None, help="keep at most this many items per code")
+    export.add_argument("--cap-density", type=float, default=None,
+                        help="each code keeps its top FRACTION x N items with the training activation (--density 1 "
+                             "--cap FRACTION x N): at 1%% on Gowalla within 2.1%% of the unsparsified Recall@20, where "
+                             "one bias lost 55-69%%")
     export.add_argument("--device", default=None)
     export.add_argument("--no-progress", action="store_true")
     export.set_defaults(run=cmd_export)
@@ -143,12 +149,20 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .models import SparCode
     from .train import TrainConfig, tensors
 
+    if args.cap_density is not None:  # checked before the checkpoint and its data load
+        if args.density is not None or args.cap is not None:
+            raise ValueError("--cap-density: sets both the density and the cap; not with --density or --cap")
+        if not 0 < args.cap_density <= 1:
+            raise ValueError(f"--cap-density: expected a fraction in (0, 1], got {args.cap_density}")
     device = _device(args.device)
     model, data, _ = load_checkpoint(args.checkpoint, device)
     if not isinstance(model, SparCode) or not model.quantize:
         raise ValueError(f"{args.checkpoint}: only a SparCode checkpoint has codes to export")
+    density, cap = args.density, args.cap
+    if args.cap_density is not None:
+        density, cap = 1.0, max(1, round(args.cap_density * data.n_items))
     index, report = export_index(model, tensors(data, TrainConfig(device=device))["item_features"], data.n_items,
-                                 density=args.density, cap=args.cap, progress=not args.no_progress)
+                                 density=density, cap=cap, progress=not args.no_progress)
     index.save(args.out, overwrite=True, encoder=model.encoder)
     print(f"export: {index.n_codes} codes x {index.n_items} items in {report['seconds']:.1f} s, "
           f"density {report['density']:.4%}, longest list {report['longest_list']:,}, "
