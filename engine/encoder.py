@@ -32,6 +32,9 @@ class Quantizer(nn.Module):
     def __init__(self, dim: int, n_sub: int, n_words: int, stage_dim: int, decay: float = 0.99, eps: float = 1e-5,
                  dead_threshold: float = 1.0) -> None:
         super().__init__()
+        for name, value in (("n_sub", n_sub), ("n_words", n_words)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected a positive int, got {value!r}")
         self.dim, self.n_sub, self.n_words, self.stage_dim = dim, n_sub, n_words, stage_dim
         self.decay, self.eps = decay, eps
         self.dead_threshold = dead_threshold  # EMA count under which a codeword is restarted

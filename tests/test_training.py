@@ -426,6 +426,11 @@ def test_train_command_defaults_by_device_and_options(tmp_path, capsys, monkeypa
     monkeypatch.setattr("sparcode.training.checkpoint.load_data", lambda *a: pytest.fail("data loaded"))
     assert main(["train", "--out", str(ckpt), "--time-budget", "-5", "--no-progress"]) == 2
     assert "time_budget: expected seconds > 0" in capsys.readouterr().err
+    for flag, value in (("--codewords", "0"), ("--tokens", "0"), ("--dim", "-1"), ("--hidden", "0")):
+        assert main(["train", "--out", str(ckpt), flag, value, "--no-progress"]) == 2
+        assert f"{flag}: expected a positive integer, got {value}" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="n_words: expected a positive int, got 0"):
+        ProductQuantizer(8, n_words=0)
 
 
 @pytest.mark.parametrize("use_faiss", [True, False])

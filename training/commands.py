@@ -109,7 +109,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     device = _device(args.device)
     hidden = list(args.hidden or default_hidden(device))
-    codewords = args.codewords or default_codewords(device)
+    codewords = default_codewords(device) if args.codewords is None else args.codewords
     sampling = args.sampling or default_sampling(args.model, args.density)
     budget = CPU_TIME_BUDGET if args.time_budget is None and torch.device(device).type == "cpu" else args.time_budget
     optional = {name: value for name, value in (("commitment", args.commitment), ("valid_users", args.valid_users))
@@ -118,6 +118,10 @@ def cmd_train(args: argparse.Namespace) -> int:
                       lr=args.lr, seed=args.seed, device=device, progress=not args.no_progress, l2=args.l2,
                       patience=args.patience, time_budget=budget or None, warmup=args.warmup, density=args.density,
                       **optional)  # budget 0: none
+    for flag, value in (("--codewords", codewords), ("--tokens", args.tokens), ("--dim", args.dim),
+                        *(("--hidden", width) for width in hidden)):
+        if value < 1:
+            raise ValueError(f"{flag}: expected a positive integer, got {value}")
     defaults = [f"{sampling} negatives"] if args.sampling is None else []
     if args.model != "two_tower" and args.hidden is None:
         defaults.append(f"scorer hidden {' '.join(map(str, hidden))}")
