@@ -128,10 +128,12 @@ SORT_BLOCK = 1 << 24  # postings sorted at a time: the keys cost 5 x 8 bytes per
 
 
 def descending_scores(index: CodeIndex) -> torch.Tensor:
-    """Each posting list's scores as float32, sorted from high to low (a derived layout).
-    Whole lists are sorted a block of about ``SORT_BLOCK`` postings at a time: at once, a
-    671M-posting index (Gowalla, every pair kept) needed 27 GB of keys and sort output."""
-    out = torch.empty(index.nnz, dtype=torch.float32, device=index.device)
+    """Each posting list's scores in the index's dtype, sorted from high to low (a derived
+    layout; the values are the index's own, so float16 holds them exactly at half the
+    bytes of float32). Whole lists are sorted a block of about ``SORT_BLOCK`` postings at
+    a time: at once, a 671M-posting index (Gowalla, every pair kept) needed 27 GB of keys
+    and sort output."""
+    out = torch.empty(index.nnz, dtype=index.scores.dtype, device=index.device)
     targets = torch.tensor(range(SORT_BLOCK, index.nnz, SORT_BLOCK), dtype=torch.int64, device=index.device)
     cuts = torch.searchsorted(index.indptr, targets)  # the first code starting at or past each target
     edges = torch.unique(torch.cat([cuts.new_zeros(1), cuts, cuts.new_full((1,), index.n_codes)])).tolist()
@@ -141,7 +143,7 @@ def descending_scores(index: CodeIndex) -> torch.Tensor:
         codes = torch.repeat_interleave(torch.arange(last - first, device=index.device), lengths)
         low = ITEM_BIAS - score_to_ordered(index.scores[lo:hi]).to(torch.int64)  # in [0, 2**32)
         keys = torch.sort((codes << 32) | low).values
-        out[lo:hi] = ordered_to_score((ITEM_BIAS - (keys & ITEM_MASK)).to(torch.int32))
+        out[lo:hi] = ordered_to_score((ITEM_BIAS - (keys & ITEM_MASK)).to(torch.int32)).to(out.dtype)
     return out
 
 
@@ -161,7 +163,7 @@ def score_floor(index: CodeIndex, codes: torch.Tensor, rank: torch.Tensor) -> to
     rank = rank.unsqueeze(1)
     present = index.lengths[codes] >= rank
     at = (index.indptr[codes] + rank - 1).clamp(max=index.nnz - 1)
-    bounds = torch.where(present, desc[at], float("-inf"))
+    bounds = torch.where(present, desc[at].float(), float("-inf"))
     return torch.maximum(floor, bounds.max(dim=1).values)
 
 

@@ -211,17 +211,19 @@ def test_tensor_on_other_device_is_rejected(cpu_backend):
         engine.search(torch.zeros((1, 2), dtype=torch.int64, device="cuda"))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("block", [1, 5, 64, 1 << 24])
-def test_descending_scores_sorts_each_list_in_blocks(block, monkeypatch):
+def test_descending_scores_sorts_each_list_in_blocks(block, dtype, monkeypatch):
     """The floor's derived layout is sorted a block of whole lists at a time: the same
-    per-list order whatever the block, including lists longer than a block and empty ones."""
+    per-list order whatever the block, including lists longer than a block and empty ones,
+    in the index's own dtype (its values exactly)."""
     import sparcode.engine.torch_backend as backend
 
     monkeypatch.setattr(backend, "SORT_BLOCK", block)
-    index = random_index(40, 30, 8.0, seed=3)
+    index = random_index(40, 30, 8.0, seed=3, dtype=dtype)
     assert int(index.lengths.max()) > 5
     got = backend.descending_scores(index)
     for code in range(index.n_codes):
         lo, hi = int(index.indptr[code]), int(index.indptr[code + 1])
-        want = torch.sort(index.scores[lo:hi].float(), descending=True).values
-        assert torch.equal(got[lo:hi], want), code
+        want = torch.sort(index.scores[lo:hi], descending=True).values
+        assert got.dtype == index.scores.dtype and torch.equal(got[lo:hi], want), code
