@@ -12,9 +12,13 @@ Needs numba (the ``cpu`` extra); without it ``backend="auto"`` uses the torch ba
 
 from __future__ import annotations
 
+from functools import cache
+
 import numba
 import numpy as np
 import torch
+from numba.core import types
+from numba.extending import overload
 
 from sparcode.kernels.keys import EMPTY_KEY, unpack_keys
 
@@ -30,8 +34,37 @@ def _pack(total: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return (ordered << 32) | (2147483647 - ids.astype(np.int64))
 
 
+def _score(scores: np.ndarray, table: np.ndarray, p: int) -> float:
+    """Posting ``p``'s score as float32: ``scores`` float32 itself, or the 16-bit patterns
+    of a float16 / bfloat16 index looked up in ``table`` (compiled only, by the overload)."""
+    raise NotImplementedError("compiled by numba only")
+
+
+@overload(_score)
+def _score_typed(scores, table, p):
+    if isinstance(scores.dtype, types.Float):
+        return lambda scores, table, p: scores[p]
+    return lambda scores, table, p: table[scores[p]]
+
+
+@cache
+def _table(dtype: torch.dtype) -> np.ndarray:
+    """The float32 value of every 16-bit pattern of ``dtype`` (256 KB, stays in cache):
+    numba has no float16 or bfloat16 arithmetic, and a float32 copy of a 671M-posting
+    index's scores would be 2.7 GB."""
+    return torch.arange(2**16, dtype=torch.int32).to(torch.int16).view(dtype).float().numpy()
+
+
+def _scores_and_table(index: CodeIndex) -> tuple[np.ndarray, np.ndarray]:
+    """The index's scores as numba reads them: float32 as they are, 16-bit ones as their
+    bit patterns with the table that decodes them."""
+    if index.scores.dtype == torch.float32:
+        return index.scores.numpy(), np.zeros(1, dtype=np.float32)
+    return index.scores.view(torch.int16).numpy().view(np.uint16), _table(index.scores.dtype)
+
+
 @numba.njit(parallel=True, cache=True, nogil=True)
-def _search(indptr, items, scores, codes, ex_offsets, ex_items, floor, n_items, k, n_workers, out):
+def _search(indptr, items, scores, table, codes, ex_offsets, ex_items, floor, n_items, k, n_workers, out):
     n_queries, n_tokens = codes.shape
     per_worker = (n_queries + n_workers - 1) // n_workers
     for worker in numba.prange(n_workers):
@@ -51,11 +84,11 @@ def _search(indptr, items, scores, codes, ex_offsets, ex_items, floor, n_items, 
                     item = items[p]
                     current = acc[item]
                     if current != current:
-                        acc[item] = scores[p]
+                        acc[item] = _score(scores, table, p)
                         touched[n_touched] = item
                         n_touched += 1
                     else:
-                        acc[item] = current + scores[p]
+                        acc[item] = current + _score(scores, table, p)
             for p in range(ex_offsets[q], ex_offsets[q + 1]):
                 acc[ex_items[p]] = np.nan
             ids = np.empty(n_touched, dtype=np.int64)
@@ -91,7 +124,7 @@ class NumbaBackend:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if index.device.type != "cpu":
             raise ValueError("backend: 'numba' runs on CPU indexes only")
-        scores = index.derived("scores_f32", lambda ix: ix.scores.to(torch.float32)).numpy()
+        scores, table = _scores_and_table(index)
         n_queries = codes.shape[0]
         if exclude is None:
             ex_offsets, ex_items = np.zeros(n_queries + 1, dtype=np.int64), np.zeros(0, dtype=np.int64)
@@ -101,7 +134,7 @@ class NumbaBackend:
         out = np.empty((n_queries, k), dtype=np.int64)
         if n_queries:
             workers = min(numba.get_num_threads(), n_queries)
-            _search(index.indptr.numpy(), index.items.numpy(), scores, codes.numpy(), ex_offsets, ex_items,
+            _search(index.indptr.numpy(), index.items.numpy(), scores, table, codes.numpy(), ex_offsets, ex_items,
                     floor, index.n_items, k, workers, out)
         return unpack_keys(torch.from_numpy(out))
 
