@@ -14,6 +14,8 @@ codebooks start from k-means on the first batch (faiss when installed, torch oth
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -33,7 +35,7 @@ class Quantizer(nn.Module):
                  dead_threshold: float = 1.0) -> None:
         super().__init__()
         for name, value in (("n_sub", n_sub), ("n_words", n_words)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise ValueError(f"{name}: expected a positive int, got {value!r}")
         self.dim, self.n_sub, self.n_words, self.stage_dim = dim, n_sub, n_words, stage_dim
         self.decay, self.eps = decay, eps

@@ -123,8 +123,8 @@ class Postings:
     build, they and the per-chunk offsets filled the allocator's heap, which it cannot
     give back, and the set of Gowalla indexes (4.5 GB) peaked at ~20 GB resident. A block
     (192 MB) is its own mapping, returned to the system when freed; the pieces are freed
-    at once and the offsets go into one array (simulated 16,384 codes x 41k items, two
-    rules, 4.2 GB of indexes: 5.5 GB peak; bench/NOTES.md)."""
+    at once and the offsets go into one array (the same five Gowalla indexes, 4.2 GB:
+    5.6 GB peak; bench/NOTES.md)."""
 
     BLOCK_PAIRS = 2**25
 
