@@ -201,16 +201,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     return report
 
 
-def cap_rule(density: float, n_items: int) -> ExportRule:
-    """Each code keeps its top ``density`` x N items with the training activation: none
-    dropped by a bias, so no code's list is empty (on Gowalla's 2-core record one bias at
-    1% lost 69% of the unsparsified Recall@20, this rule 2.1%)."""
-    return ExportRule(1, cap=max(1, round(density * n_items)))
-
-
 def headline_rule(args: argparse.Namespace, data) -> ExportRule:
     """The rule of the headline index: ``--cap-density`` or ``--density``."""
-    return ExportRule(args.density) if args.cap_density is None else cap_rule(args.cap_density, data.n_items)
+    return ExportRule(args.density) if args.cap_density is None else ExportRule.top(args.cap_density, data.n_items)
 
 
 def curve_points(args: argparse.Namespace, data) -> list[tuple[str, float, ExportRule]]:
@@ -218,7 +211,7 @@ def curve_points(args: argparse.Namespace, data) -> list[tuple[str, float, Expor
     (``--densities``) or each code's top items (``--cap-densities``: the training
     activation on the kept pairs, none dropped by the bias, so no code's list is empty)."""
     return ([("bias", d, ExportRule(d)) for d in args.densities]
-            + [("cap", d, cap_rule(d, data.n_items)) for d in args.cap_densities])
+            + [("cap", d, ExportRule.top(d, data.n_items)) for d in args.cap_densities])
 
 
 def export_all(model, item_features, n_items: int, rules: list[ExportRule], *, seed: int,

@@ -276,6 +276,9 @@ def test_export_indexes_one_pass_equals_one_export_per_rule():
         export_indexes(model, feats, data.n_items, [])
     with pytest.raises(ValueError, match="density: expected a fraction"):
         ExportRule(density=1.5)
+    assert ExportRule.top(0.01, 40981) == ExportRule(1, cap=410) and ExportRule.top(1e-9, 50).cap == 1
+    with pytest.raises(ValueError, match="fraction: expected a fraction in"):
+        ExportRule.top(0, 50)
 
 
 @pytest.mark.parametrize("block_pairs", [1, 7, 10_000])

@@ -149,7 +149,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .checkpoint import load_checkpoint
-    from .export import export_index
+    from .export import ExportRule, export_index
     from .models import SparCode
     from .train import TrainConfig, tensors
 
@@ -162,11 +162,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     model, data, _ = load_checkpoint(args.checkpoint, device)
     if not isinstance(model, SparCode) or not model.quantize:
         raise ValueError(f"{args.checkpoint}: only a SparCode checkpoint has codes to export")
-    density, cap = args.density, args.cap
-    if args.cap_density is not None:
-        density, cap = 1.0, max(1, round(args.cap_density * data.n_items))
+    rule = (ExportRule(args.density, args.cap) if args.cap_density is None
+            else ExportRule.top(args.cap_density, data.n_items))
     index, report = export_index(model, tensors(data, TrainConfig(device=device))["item_features"], data.n_items,
-                                 density=density, cap=cap, progress=not args.no_progress)
+                                 density=rule.density, cap=rule.cap, progress=not args.no_progress)
     index.save(args.out, overwrite=True, encoder=model.encoder)
     print(f"export: {index.n_codes} codes x {index.n_items} items in {report['seconds']:.1f} s, "
           f"density {report['density']:.4%}, longest list {report['longest_list']:,}, "
