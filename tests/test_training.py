@@ -24,6 +24,8 @@ def test_bars_loader_and_malformed_line(tmp_path):
     assert data.n_users == 2 and data.n_items == 8
     assert data.test.row(0).tolist() == [7]
     assert sorted(data.train.row(0).tolist() + data.valid.row(0).tolist()) == [1, 2, 3, 4, 5, 6]
+    from_str = datasets.load_bars(str(tmp_path))  # a str path, as from a notebook
+    assert from_str.name == tmp_path.name and np.array_equal(from_str.test.items, data.test.items)
     (tmp_path / "test.txt").write_text("0 7\n1 x3\n")
     with pytest.raises(ValueError, match=r"test.txt:2: expected integers"):
         datasets.load_bars(tmp_path)

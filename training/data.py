@@ -116,7 +116,7 @@ def load_bars(path: Path | str, *, seed: int = 0) -> InteractionData:
     empty = np.zeros(0, np.int64)
     train = [lists["train"].get(u, empty) for u in range(n_users)]
     test = [lists["test"].get(u, empty) for u in range(n_users)]
-    return _finish(path.name, n_users, n_items, train, test, seed)
+    return _finish(Path(path).name, n_users, n_items, train, test, seed)
 
 
 def _dense(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
