@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Accuracy runs on the lent GPU, one call per dataset: trains TwoTower, SparCode and
 # AllToAll with the same per-model time budget and writes $OUT/accuracy-<dataset>.json
-# (then commit it under bench/results/). Default budget 150 s per model, so that one
-# dataset fits one 10-minute call of a 15-minute lease (BUDGET=35 / 75 gave the first,
-# budget-bound run). SparCode warms up unquantized for up to half its budget. The
+# (then commit it under bench/results/). Default budget 150 s per model (120 s on
+# Gowalla), so that one dataset fits one 10-minute call of a 15-minute lease: the first
+# H200 Gowalla run took 335 s of wall for 3 x 75 s of training, ~100 s beyond it for the
+# data, exports and evaluations, and this one exports five indexes, so 3 x 150 s would
+# leave no margin (BUDGET=35 / 75 gave the first, budget-bound run). SparCode warms up
+# unquantized for up to half its budget. The
 # datasets are read from $DATA (default ../shared/data; on the device machine a carried
 # .data/<name> path, a link ignored by git, never committed). SparCode uses the best
 # code space measured on MovieLens-1M (bench/NOTES.md, eleventh session): residual
@@ -34,7 +37,7 @@ status=0
 for dataset in "$@"; do
   case "$dataset" in
     ml-1m) args=(--path "$DATA/ml-1m" --time-budget "${BUDGET:-150}" --warmup 5 --density 0.1 --densities 1) ;;
-    gowalla) args=(--path "$DATA/gowalla_m1" --time-budget "${BUDGET:-150}" --warmup 5 --cap-density 0.01
+    gowalla) args=(--path "$DATA/gowalla_m1" --time-budget "${BUDGET:-120}" --warmup 5 --cap-density 0.01
                    --densities 1 0.1 0.01 0.001 --sampling popularity --two-tower-sampling in-batch
                    --l2 1e-5) ;;
     synthetic) args=(--dim 16 --synthetic-size 3000 1000 --epochs 40 --warmup 8 --time-budget "${BUDGET:-150}"
