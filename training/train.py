@@ -70,8 +70,8 @@ SAMPLINGS = ("uniform", "popularity", "in-batch")
 # ``sparcode train``'s defaults by device. The paper's (256, 256, 256) scorer runs on every
 # (token, item) pair, ~30x the multiply-adds of (64, 64): hours per Gowalla epoch on 2 CPU
 # cores against minutes. On a CPU the time budget ends training after the epoch that
-# crosses it: Gowalla with every default took 48 min 40 s on 2 cores (6 epochs of ~8 min
-# with validation; bench/NOTES.md, fifteenth session).
+# crosses it: Gowalla with every default took 48 min 50 s on 2 cores (9 epochs of ~5.4 min
+# with validation, on huge pages; bench/NOTES.md, sixteenth session).
 GPU_HIDDEN = (256, 256, 256)
 CPU_HIDDEN = (64, 64)
 CPU_TIME_BUDGET = 2700.0
