@@ -2,12 +2,13 @@
 
 torch takes each CPU tensor of a few MB or more fresh from the kernel (glibc maps big
 allocations and unmaps them when freed), so every 4 KiB page of it costs a page fault
-and a zero fill when first touched. SparCode's training step makes and drops ~1 GB of
-activations and gradients (Gowalla on a CPU: 1,024 queries x 4 tokens x 100 negatives
-x 64 hidden units, float32, ~10 tensors of 105 MB): ~250,000 faults a step, about a
-third of its time on 2 cores. With ``THP_MEM_ALLOC_ENABLE=1`` torch page-aligns
+and a zero fill when first touched. SparCode's training step makes and drops tensors
+of 1,024 queries x 4 tokens x 100 negatives x 64 hidden units (Gowalla on a CPU,
+float32, 105 MB each; ~10 of them by the shapes, so ~250,000 faults a step, counted
+from the sizes, not measured). With ``THP_MEM_ALLOC_ENABLE=1`` torch page-aligns
 allocations of 2 MiB and more and advises the kernel to back them with 2 MiB pages,
-one fault each (bench/NOTES.md, sixteenth session, has the measurements).
+one fault each: a Gowalla epoch on 2 cores took 317 s instead of 473 s
+(bench/NOTES.md, sixteenth session, has the measurements).
 """
 
 from __future__ import annotations

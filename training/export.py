@@ -185,7 +185,6 @@ def join(blocks: list[torch.Tensor], total: int, dtype: torch.dtype, device: tor
         n = min(block.numel(), total - start)
         out[start:start + n] = block[:n]
         start += n
-        del block
     return out
 
 
