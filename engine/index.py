@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from .storage import load_index, save_index
 from .validate import check_codebooks, check_item_ids, check_postings, fail
 
 
@@ -142,16 +143,17 @@ class CodeIndex:
     def save(self, path: str | Path, *, overwrite: bool = False, encoder: torch.nn.Module | None = None) -> None:
         """Write the index directory (manifest.json + index.safetensors, and the query
         encoder's weights and config when given) atomically."""
-        from .storage import save_index
-
-        save_index(self, Path(path), overwrite=overwrite, encoder=encoder)
+        tensors = {"indptr": self.indptr, "items": self.items, "scores": self.scores, "codebooks": self.codebooks,
+                   "item_ids": self.item_ids}
+        save_index(Path(path), tensors, self.n_items, self.n_tokens, overwrite=overwrite, encoder=encoder)
 
     @classmethod
     def load(cls, path: str | Path, device: torch.device | str | None = None, mmap: bool = True) -> CodeIndex:
         """Read and fully validate an index directory; never runs code from it."""
-        from .storage import load_index
-
-        return load_index(Path(path), device=device, mmap=mmap)
+        manifest, t = load_index(Path(path), mmap=mmap)
+        index = cls(t["indptr"], t["items"], t["scores"], manifest["n_items"], t.get("codebooks"), t.get("item_ids"),
+                    manifest["n_tokens"])
+        return index if device is None else index.to(device)
 
     def __repr__(self) -> str:
         return (

@@ -1,8 +1,9 @@
 """Index directories on disk: ``manifest.json`` + ``index.safetensors`` (+ the query
 encoder's ``encoder.safetensors`` with its config in the manifest), no pickle.
 
-Saving writes a sibling temporary directory and renames it into place, so a crash leaves
-either the old index or the new one, never a mixture. Loading parses the safetensors
+Saving writes a sibling temporary directory, then puts it in place with
+``replace.replace_dir``: at every instant the path holds the complete old index or the
+complete new one, never a mixture or nothing. Loading parses the safetensors
 header itself (a JSON table of dtype, shape and byte range per tensor), checks every
 byte range against the file size before touching data, memory-maps the tensors when
 asked, and then validates the CSR as ``CodeIndex.from_postings`` does. Every failure is a
@@ -17,6 +18,7 @@ import math
 import os
 import shutil
 import struct
+from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
 
@@ -25,7 +27,7 @@ import torch
 from safetensors.torch import save_file
 
 from .encoder import QueryEncoder
-from .index import CodeIndex
+from .replace import recover, replace_dir
 from .validate import check_codebooks, check_item_ids, check_postings, fail
 
 FORMAT_NAME = "sparcode-index"
@@ -54,19 +56,18 @@ def library_version() -> str:
         return "0+unknown"
 
 
-def save_index(index: CodeIndex, path: Path, *, overwrite: bool = False, encoder: QueryEncoder | None = None) -> None:
+def save_index(path: Path, tensors: Mapping[str, torch.Tensor], n_items: int, n_tokens: int | None, *,
+               overwrite: bool = False, encoder: QueryEncoder | None = None) -> None:
+    """Write an index directory from its tensors (indptr, items, scores, and optionally
+    codebooks and item_ids), atomically."""
+    n_codes = tensors["indptr"].numel() - 1
     if encoder is not None and not isinstance(encoder, QueryEncoder):
         raise TypeError(f"encoder: expected a QueryEncoder, got {type(encoder).__name__}")
-    if encoder is not None and encoder.quantizer.n_codes != index.n_codes:
-        raise ValueError(f"encoder: makes {encoder.quantizer.n_codes} codes but the index has {index.n_codes}")
+    if encoder is not None and encoder.quantizer.n_codes != n_codes:
+        raise ValueError(f"encoder: makes {encoder.quantizer.n_codes} codes but the index has {n_codes}")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path}: already exists (pass overwrite=True to replace it)")
-    tensors = {"indptr": index.indptr, "items": index.items, "scores": index.scores}
-    if index.codebooks is not None:
-        tensors["codebooks"] = index.codebooks
-    if index.item_ids is not None:
-        tensors["item_ids"] = index.item_ids
-    tensors = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items() if t is not None}
 
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -77,11 +78,11 @@ def save_index(index: CodeIndex, path: Path, *, overwrite: bool = False, encoder
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
             "library_version": library_version(),
-            "n_codes": index.n_codes,
-            "n_items": index.n_items,
-            "nnz": index.nnz,
-            "n_tokens": index.n_tokens,
-            "codebooks": None if index.codebooks is None else list(index.codebooks.shape),
+            "n_codes": n_codes,
+            "n_items": n_items,
+            "nnz": tensors["items"].numel(),
+            "n_tokens": n_tokens,
+            "codebooks": list(tensors["codebooks"].shape) if "codebooks" in tensors else None,
             "dtypes": {name: _TAGS[t.dtype] for name, t in tensors.items()},
             "files": {TENSORS: {"bytes": (tmp / TENSORS).stat().st_size, "sha256": _sha256(tmp / TENSORS)}},
         }
@@ -93,13 +94,14 @@ def save_index(index: CodeIndex, path: Path, *, overwrite: bool = False, encoder
             manifest["files"][ENCODER] = {"bytes": (tmp / ENCODER).stat().st_size, "sha256": _sha256(tmp / ENCODER)}
         _write_synced(tmp / MANIFEST, json.dumps(manifest, indent=2).encode())
         _fsync_file(tmp / TENSORS)
-        _replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        replace_dir(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # a leftover: the new index before the swap, the old one after it
 
 
-def load_index(path: Path, device: torch.device | str | None = None, mmap: bool = True) -> CodeIndex:
+def load_index(path: Path, mmap: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(manifest, tensors) of an index directory, every field validated."""
+    recover(path)
     if not path.is_dir():
         raise ValueError(f"{path}: not an index directory")
     manifest = read_manifest(path)
@@ -126,11 +128,7 @@ def load_index(path: Path, device: torch.device | str | None = None, mmap: bool 
         check_codebooks(tensors["codebooks"], manifest["n_codes"], where["codebooks"])
     if "item_ids" in tensors:
         check_item_ids(tensors["item_ids"], manifest["n_items"], where["item_ids"])
-    index = CodeIndex(
-        tensors["indptr"], tensors["items"], tensors["scores"], manifest["n_items"],
-        tensors.get("codebooks"), tensors.get("item_ids"), manifest["n_tokens"],
-    )
-    return index if device is None else index.to(device)
+    return manifest, tensors
 
 
 def load_encoder(path: Path, device: torch.device | str | None = None) -> QueryEncoder | None:
@@ -273,15 +271,3 @@ def _write_synced(file: Path, data: bytes) -> None:
 def _fsync_file(file: Path) -> None:
     with open(file, "rb+") as fh:
         os.fsync(fh.fileno())
-
-
-def _replace_dir(tmp: Path, path: Path) -> None:
-    """Move ``tmp`` to ``path``; an existing ``path`` is swapped out, then removed."""
-    if not path.exists():
-        os.replace(tmp, path)
-        return
-    old = path.parent / f".{path.name}.old-{os.getpid()}"
-    shutil.rmtree(old, ignore_errors=True)
-    os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)

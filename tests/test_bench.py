@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from sparcode.engine.cli import main
+from sparcode.cli import main
 
 REQUIRED = {"method", "qps_median", "qps_min", "qps_max", "repeats", "queries_per_run", "peak_memory_bytes"}
 

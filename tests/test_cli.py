@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -11,8 +12,9 @@ import pytest
 import torch
 from helpers import quantized_index
 
+import sparcode.engine
+from sparcode.cli import main
 from sparcode.engine import Engine
-from sparcode.engine.cli import main
 
 
 @pytest.fixture
@@ -76,15 +78,51 @@ def test_errors_are_one_line_with_exit_code_2(index_dir, tmp_path, capsys, argv,
 
 def test_console_script_runs_as_module(index_dir):
     path, _ = index_dir
-    proc = subprocess.run([sys.executable, "-m", "sparcode.engine", "info", str(path) + "-missing"],
+    proc = subprocess.run([sys.executable, "-m", "sparcode.cli", "info", str(path) + "-missing"],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
 
 
-def test_serving_never_imports_training():
-    # the parser may read the training commands' options (sparcode.training.commands,
-    # argparse only), but no training code: data, models, training loop, export
-    code = ("import sys, sparcode.engine, sparcode.engine.cli as cli, sparcode.engine.recommend; cli.build_parser(); "
+def test_engine_never_imports_training_or_bench():
+    # a serving deployment ships sparcode.engine and sparcode.kernels alone
+    code = ("import sys, sparcode.engine, sparcode.engine.recommend, sparcode.engine.engine; "
+            "import sparcode.engine.numba_backend, sparcode.engine.triton_backend; "
+            "print(sorted(m for m in sys.modules if m.startswith(('sparcode.training', 'sparcode.bench', 'sparcode.cli'))))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "[]"
+    engine_dir = Path(sparcode.engine.__file__).parent
+    for source in engine_dir.glob("*.py"):
+        text = source.read_text()
+        for name in ("sparcode.training", "sparcode.bench", "sparcode.cli"):
+            assert name not in text, f"{source.name} names {name}"
+
+
+def test_serving_commands_load_no_training_code():
+    # the parser reads the training commands' options (argparse only), never training code
+    code = ("import sys, sparcode.cli.app as cli; cli.build_parser(); "
             "print(sorted(m for m in sys.modules if m.startswith('sparcode.training')))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert proc.stdout.strip() == "['sparcode.training', 'sparcode.training.commands']"
+
+
+def test_engine_has_no_import_cycle():
+    # relative imports between engine modules, lazy ones inside functions included
+    engine_dir = Path(sparcode.engine.__file__).parent
+    graph = {}
+    for source in engine_dir.glob("*.py"):
+        lines = [line.strip() for line in source.read_text().splitlines()]
+        graph[source.stem] = {line.split()[1][1:] for line in lines
+                              if line.startswith("from .") and " import " in line and line.split()[1] != "."}
+    state: dict[str, int] = {}
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = 1
+        for other in graph.get(module, ()):
+            assert state.get(other) != 1, f"import cycle: {' -> '.join([*path, module, other])}"
+            if other not in state:
+                visit(other, [*path, module])
+        state[module] = 2
+
+    for module in graph:
+        if module not in state:
+            visit(module, [])

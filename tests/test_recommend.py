@@ -84,7 +84,7 @@ def test_rerun_with_other_arguments_is_refused(job):
 
 
 def cli(path, *extra):
-    return [sys.executable, "-m", "sparcode.engine", "recommend", str(path / "ix"), "--queries", str(path / "codes.npy"),
+    return [sys.executable, "-m", "sparcode.cli", "recommend", str(path / "ix"), "--queries", str(path / "codes.npy"),
             "--k", str(K), "--out", str(path / "out"), "--exclude", str(path / "exclude.parquet"), "--no-progress", *extra]
 
 
@@ -136,7 +136,7 @@ def test_two_gloo_processes_match_one(job, mode):
     path, index, codes, exclude = job
     command = cli(path, "--batch-size", "128", mode)
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(29500 + (mode == "--shard-items")),
-                "-m", "sparcode.engine", *command[3:]]
+                "-m", "sparcode.cli", *command[3:]]
     proc = subprocess.run(launcher, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     users, ids, scores = read_rows(path / "out")

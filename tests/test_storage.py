@@ -46,18 +46,62 @@ def test_save_refuses_to_overwrite_unless_asked(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ix"]  # no temporary left behind
 
 
-def test_interrupted_save_leaves_the_old_index(tmp_path, monkeypatch):
-    quantized_index(8, 20, 4, seed=1).save(tmp_path / "ix")
-    import sparcode.engine.storage as storage
+# Each replace path's fault points, and whether the path holds the new index after each.
+REPLACE_STEPS = {
+    "exchange": {"start": False, "exchanged": True, "synced": True},
+    "two-renames": {"start": False, "moved-old": False, "moved-new": True, "synced": True},
+}
 
-    def crash(*args, **kwargs):
-        raise KeyboardInterrupt
+CHILD = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+from helpers import quantized_index
+import sparcode.engine.replace as replace
+if {mode!r} == "two-renames":
+    replace.exchange = lambda a, b: False
+def fault(step):
+    if step == {step!r}:
+        os.kill(os.getpid(), signal.SIGKILL)
+replace.fault = fault
+quantized_index(8, 30, 4, seed=2).save({path!r}, overwrite=True)
+"""
 
-    monkeypatch.setattr(storage, "_replace_dir", crash)
+
+@pytest.mark.parametrize("mode,step", [(m, s) for m, steps in REPLACE_STEPS.items() for s in steps])
+def test_replace_killed_at_each_step_leaves_a_whole_index(tmp_path, mode, step):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = tmp_path / "ix"
+    quantized_index(8, 20, 4, seed=1).save(path)
+    script = CHILD.format(tests=str(Path(__file__).parent), mode=mode, step=step, path=str(path))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr  # killed at that step
+    loaded = CodeIndex.load(path)
+    assert loaded.n_items == (30 if REPLACE_STEPS[mode][step] else 20)
+    expected = quantized_index(8, 30, 4, seed=2) if REPLACE_STEPS[mode][step] else quantized_index(8, 20, 4, seed=1)
+    assert same(loaded, expected)
+
+
+@pytest.mark.parametrize("mode,step", [(m, s) for m, steps in REPLACE_STEPS.items() for s in steps])
+def test_replace_interrupted_at_each_step_keeps_a_whole_index(tmp_path, monkeypatch, mode, step):
+    import sparcode.engine.replace as replace
+
+    path = tmp_path / "ix"
+    quantized_index(8, 20, 4, seed=1).save(path)
+    if mode == "two-renames":
+        monkeypatch.setattr(replace, "exchange", lambda a, b: False)
+
+    def interrupt(at):
+        if at == step:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(replace, "fault", interrupt)
     with pytest.raises(KeyboardInterrupt):
-        quantized_index(8, 30, 4, seed=2).save(tmp_path / "ix", overwrite=True)
-    assert CodeIndex.load(tmp_path / "ix").n_items == 20
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ix"]
+        quantized_index(8, 30, 4, seed=2).save(path, overwrite=True)
+    assert CodeIndex.load(path).n_items == (30 if REPLACE_STEPS[mode][step] else 20)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ix"]  # no temporary or old copy left behind
 
 
 def rewrite(directory, tensors=None, manifest_edit=None):

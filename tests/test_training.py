@@ -323,7 +323,7 @@ def test_export_in_small_blocks_equals_one_block(monkeypatch):
 
 @pytest.mark.slow
 def test_demo_end_to_end_tiny(tmp_path, capsys):
-    from sparcode.engine.cli import main
+    from sparcode.cli import main
 
     assert main(["demo", "--size", "tiny", "--out", str(tmp_path / "demo"), "--no-progress"]) == 0
     out = capsys.readouterr().out
@@ -346,8 +346,8 @@ def test_train_export_evaluate_commands(tmp_path, capsys):
 
     from safetensors.torch import load_file
 
+    from sparcode.cli import main
     from sparcode.engine import CodeIndex
-    from sparcode.engine.cli import main
 
     ckpt, index = tmp_path / "ckpt", tmp_path / "index"
     assert main(["train", "--model", "sparcode", "--epochs", "1", "--codewords", "8", "--hidden", "32", "32",
@@ -392,7 +392,7 @@ def test_train_command_defaults_by_device_and_options(tmp_path, capsys, monkeypa
     data loads."""
     import json
 
-    from sparcode.engine.cli import main
+    from sparcode.cli import main
     from sparcode.training import train
 
     seen = []

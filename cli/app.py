@@ -1,10 +1,10 @@
-"""The ``sparcode`` command line. Bad arguments and unreadable files exit with code 2
-and a one-line message, never a traceback."""
+"""The ``sparcode`` parser and the serving commands. Bad arguments and unreadable files
+exit with code 2 and a one-line message, never a traceback. Each command imports what it
+runs, so ``sparcode info`` loads no training code."""
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--k", type=int, default=100)
     search.add_argument("--out", type=Path, required=True, help="Parquet file to write (user_id, item_ids, scores)")
     search.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    search.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
+    search.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "numba"])
     search.set_defaults(run=cmd_search)
 
     rec = sub.add_parser("recommend", help="top-k for every query of a file, to Parquet parts (resumable)")
@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_recommend(args: argparse.Namespace) -> int:
-    from .recommend import run_job
+    from sparcode.engine.recommend import run_job
 
     shard = "queries" if args.shard_queries else "items" if args.shard_items else None
     if shard is not None:
@@ -110,10 +110,7 @@ def _init_distributed(device: str | None) -> None:
 
 
 def _add_training_commands(sub: argparse._SubParsersAction) -> None:
-    """train / export / evaluate, when the training package is installed. Imported only
-    to build the parser: serving commands still never run training code."""
-    if importlib.util.find_spec("sparcode.training") is None:
-        return
+    """train / export / evaluate (their options only: each command imports what it runs)."""
     from sparcode.training.commands import add_commands
 
     add_commands(sub)
@@ -145,8 +142,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    from .index import CodeIndex
-    from .storage import read_manifest
+    from sparcode.engine.index import CodeIndex
+    from sparcode.engine.storage import read_manifest
 
     index = CodeIndex.load(args.path)
     print(json.dumps({"manifest": read_manifest(args.path), "stats": index.stats()}, indent=2))
@@ -156,7 +153,7 @@ def cmd_search(args: argparse.Namespace) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from .engine import Engine
+    from sparcode.engine import Engine
 
     if args.k < 1:
         raise UsageError(f"--k: expected an integer >= 1, got {args.k}")
