@@ -15,7 +15,8 @@ from .arrays import from_torch, to_torch
 from .exclude import normalize_exclude
 from .index import CodeIndex
 from .plan import Plan, chunks
-from .torch_backend import Exclusion, TorchBackend
+from .selection import Exclusion
+from .torch_backend import TorchBackend
 
 DEFAULT_WORKSPACE_BYTES = 256 * 2**20
 BACKENDS = ("auto", "torch", "triton", "numba")

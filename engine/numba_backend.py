@@ -20,18 +20,19 @@ import torch
 from numba.core import types
 from numba.extending import overload
 
-from sparcode.kernels.keys import EMPTY_KEY, unpack_keys
+from sparcode.kernels.keys import EMPTY_KEY, ITEM_BIAS, MAGNITUDE_MASK, SCORE_SHIFT, unpack_keys
 
 from .index import CodeIndex
 from .plan import Plan
-from .torch_backend import Exclusion, score_floor
+from .selection import Exclusion, score_floor
 
 
 @numba.njit(cache=True, nogil=True)
 def _pack(total: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """``sparcode.kernels.keys.pack_keys`` for numba: the same bits."""
     bits = (total + np.float32(0.0)).view(np.int32).astype(np.int64)
-    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-    return (ordered << 32) | (2147483647 - ids.astype(np.int64))
+    ordered = bits ^ ((bits >> 31) & MAGNITUDE_MASK)
+    return (ordered << SCORE_SHIFT) | (ITEM_BIAS - ids.astype(np.int64))
 
 
 def _score(scores: np.ndarray, table: np.ndarray, p: int) -> float:

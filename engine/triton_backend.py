@@ -16,7 +16,7 @@ from sparcode.kernels.tiled_search import tiled_search
 
 from .index import CodeIndex
 from .plan import Plan
-from .torch_backend import Exclusion
+from .selection import Exclusion
 
 TILE_ITEMS = 1024
 REGIMES = ("auto", "candidate", "tiled")

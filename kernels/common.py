@@ -7,10 +7,17 @@ with the torch references with ``torch.equal``.
 import triton
 import triton.language as tl
 
+from . import keys
+
+# Triton kernels read module globals only as constexpr
+_SCORE_SHIFT = tl.constexpr(keys.SCORE_SHIFT)
+_ITEM_BIAS = tl.constexpr(keys.ITEM_BIAS)
+_MAGNITUDE_MASK = tl.constexpr(keys.MAGNITUDE_MASK)
+
 
 @triton.jit
 def empty_keys(like):
-    """int64 min (``keys.EMPTY_KEY``) shaped like ``like``."""
+    """int64 min (``keys.EMPTY_KEY``) shaped like ``like``: only the sign bit set."""
     return (tl.zeros_like(like).to(tl.int64) + 1) << 63
 
 
@@ -18,8 +25,8 @@ def empty_keys(like):
 def pack_keys(scores, items):
     """float32 scores, int ids -> int64 keys: higher score first, then lower id."""
     bits = (scores + 0.0).to(tl.int32, bitcast=True)
-    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-    return (ordered.to(tl.int64) << 32) | (2147483647 - items.to(tl.int64))
+    ordered = bits ^ ((bits >> 31) & _MAGNITUDE_MASK)
+    return (ordered.to(tl.int64) << _SCORE_SHIFT) | (_ITEM_BIAS - items.to(tl.int64))
 
 
 @triton.jit

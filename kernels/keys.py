@@ -11,33 +11,35 @@ from __future__ import annotations
 
 import torch
 
+SCORE_SHIFT = 32  # the ordered score sits in the high 32 bits
+ITEM_MASK = 2**32 - 1  # the low 32 bits: ITEM_BIAS - item
+ITEM_BIAS = 2**31 - 1  # the largest item id a key holds
+MAGNITUDE_MASK = 0x7FFFFFFF  # float32 bits other than the sign: flipped for negative scores
 EMPTY_KEY = -(2**63)
-ITEM_MASK = 2**32 - 1
-ITEM_BIAS = 2**31 - 1
 
 
 def score_to_ordered(scores: torch.Tensor) -> torch.Tensor:
     """float32 -> int32 with the same order (-0.0 is folded onto +0.0)."""
     bits = (scores.to(torch.float32) + 0.0).view(torch.int32)
-    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return bits ^ ((bits >> 31) & MAGNITUDE_MASK)
 
 
 def ordered_to_score(ordered: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`score_to_ordered`."""
     ordered = ordered.to(torch.int32)
-    return (ordered ^ ((ordered >> 31) & 0x7FFFFFFF)).view(torch.float32)
+    return (ordered ^ ((ordered >> 31) & MAGNITUDE_MASK)).view(torch.float32)
 
 
 def pack_keys(scores: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
     """Pack float scores and item ids (< 2**31) into int64 selection keys."""
-    high = score_to_ordered(scores).to(torch.int64) << 32
+    high = score_to_ordered(scores).to(torch.int64) << SCORE_SHIFT
     return high | (ITEM_BIAS - items.to(torch.int64))
 
 
 def unpack_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys -> (scores float32, ids int64); ``EMPTY_KEY`` gives (-inf, -1)."""
     empty = keys == EMPTY_KEY
-    scores = ordered_to_score((keys >> 32).to(torch.int32))
+    scores = ordered_to_score((keys >> SCORE_SHIFT).to(torch.int32))
     ids = ITEM_BIAS - (keys & ITEM_MASK)
     scores = scores.masked_fill(empty, float("-inf"))
     ids = ids.masked_fill(empty, -1)

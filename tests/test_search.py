@@ -217,7 +217,7 @@ def test_descending_scores_sorts_each_list_in_blocks(block, dtype, monkeypatch):
     """The floor's derived layout is sorted a block of whole lists at a time: the same
     per-list order whatever the block, including lists longer than a block and empty ones,
     in the index's own dtype (its values exactly)."""
-    import sparcode.engine.torch_backend as backend
+    import sparcode.engine.selection as backend
 
     monkeypatch.setattr(backend, "SORT_BLOCK", block)
     index = random_index(40, 30, 8.0, seed=3, dtype=dtype)
