@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from .arrays import to_torch
 from .storage import load_index, save_index
 from .validate import check_codebooks, check_item_ids, check_postings, fail
+
+Array = Any  # a torch tensor, numpy array or cupy array
 
 
 class CodeIndex:
@@ -42,13 +46,13 @@ class CodeIndex:
     @classmethod
     def from_postings(
         cls,
-        indptr: torch.Tensor,
-        items: torch.Tensor,
-        scores: torch.Tensor,
+        indptr: Array,
+        items: Array,
+        scores: Array,
         n_items: int,
         *,
-        codebooks: torch.Tensor | None = None,
-        item_ids: torch.Tensor | None = None,
+        codebooks: Array | None = None,
+        item_ids: Array | None = None,
         n_tokens: int | None = None,
     ) -> CodeIndex:
         """Validate and wrap a CSR of posting lists (nothing is sorted or repaired).
@@ -57,8 +61,13 @@ class CodeIndex:
         bfloat16 or float32, all on one device; ``codebooks`` (P, C, d_sub) with
         C**P == V, or (T, P, C, d_sub) with T * C**P == V (one quantizer per token
         position); ``item_ids`` (N) unique int64 external ids; ``n_tokens`` the T that
-        queries must have.
+        queries must have. Each may be a torch tensor, a numpy array (shared, not
+        copied) or a cupy array (through DLPack, zero copy).
         """
+        indptr, items, scores = (to_torch(a, name)[0] for a, name in
+                                 ((indptr, "indptr"), (items, "items"), (scores, "scores")))
+        codebooks = None if codebooks is None else to_torch(codebooks, "codebooks")[0]
+        item_ids = None if item_ids is None else to_torch(item_ids, "item_ids")[0]
         names = {f: f for f in ("indptr", "items", "scores", "n_items")}
         check_postings(indptr, items, scores, n_items, names)
         devices = {t.device for t in (indptr, items, scores)}

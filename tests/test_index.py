@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from helpers import csr_index
+from helpers import csr_index, quantized_index
 
-from sparcode.engine import CodeIndex
+from sparcode.engine import CodeIndex, Engine
 from sparcode.engine.synthetic import random_codes, random_index
 
 
@@ -70,8 +70,24 @@ def test_from_postings_checks_options():
     assert per_token.codebooks.shape == (2, 1, 1, 4)
     with pytest.raises(ValueError, match="n_tokens: expected a positive int"):
         CodeIndex.from_postings(indptr, items, scores, 3, n_tokens=0)
-    with pytest.raises(TypeError, match="indptr: expected a torch.Tensor"):
+    with pytest.raises(TypeError, match="indptr: expected a torch tensor, numpy array or cupy array, got list"):
         CodeIndex.from_postings([0, 1, 2], items, scores, 3)
+    with pytest.raises(ValueError, match="items: expected dtype int32, got int64"):
+        CodeIndex.from_postings(indptr.numpy(), items.numpy().astype("int64"), scores.numpy(), 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_from_postings_takes_numpy_arrays(dtype):
+    index = quantized_index(16, 50, 6, seed=4, dtype=dtype, codebooks=torch.randn(2, 4, 8), item_ids=torch.randperm(50) + 10)
+    arrays = {name: getattr(index, name).numpy() for name in ("indptr", "items", "scores", "codebooks", "item_ids")}
+    from_numpy = CodeIndex.from_postings(arrays["indptr"], arrays["items"], arrays["scores"], index.n_items,
+                                         codebooks=arrays["codebooks"], item_ids=arrays["item_ids"], n_tokens=index.n_tokens)
+    for name in ("indptr", "items", "scores", "codebooks", "item_ids"):
+        got, want = getattr(from_numpy, name), getattr(index, name)
+        assert isinstance(got, torch.Tensor) and got.dtype == want.dtype and torch.equal(got, want), name
+    codes = torch.tensor([[1, 2, 3, 3], [0, 5, 9, 15]])
+    assert torch.equal(Engine(from_numpy, backend="torch").search(codes, k=7).ids,
+                       Engine(index, backend="torch").search(codes, k=7).ids)
 
 
 def test_stats_and_nbytes():
