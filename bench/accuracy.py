@@ -28,11 +28,12 @@ from pathlib import Path
 import torch
 
 from sparcode.engine import Engine
-from sparcode.engine.encoder import EMBEDDING_STD, QUANTIZERS
+from sparcode.engine.encoder import QUANTIZERS
+from sparcode.training import defaults
 from sparcode.training.checkpoint import load_data
 from sparcode.training.evaluate import encode_users, evaluate_engine, evaluate_exact
 from sparcode.training.export import ExportRule, export_indexes
-from sparcode.training.train import SAMPLINGS, TrainConfig, default_hidden, fit, make_model, tensors, validator
+from sparcode.training.train import TrainConfig, fit, make_model, tensors, validator
 
 from .harness import device_label
 
@@ -60,35 +61,40 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--models", nargs="+", default=["two_tower", "sparcode", "all_to_all"],
                    choices=["two_tower", "sparcode", "all_to_all"])
     p.add_argument("--device", default=None)
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--time-budget", type=float, default=None, help="training seconds per model (same for all)")
+    p.add_argument("--epochs", type=int, default=defaults.EPOCHS)
+    p.add_argument("--time-budget", type=float, default=None,
+                   help=f"training seconds per model (default: {defaults.CPU_TIME_BUDGET:,.0f} on a CPU, none on a GPU; "
+                        "0 for none)")
     p.add_argument("--warmup", type=int, default=0, help="SparCode: epochs without quantization first")
-    p.add_argument("--commitment", type=float, default=TrainConfig.commitment,
+    p.add_argument("--commitment", type=float, default=defaults.COMMITMENT,
                    help="SparCode: weight of the quantizer's commitment loss")
-    p.add_argument("--batch-size", type=int, default=1024)
-    p.add_argument("--negatives", type=int, default=100)
-    p.add_argument("--sampling", default="uniform", choices=SAMPLINGS)
-    p.add_argument("--two-tower-sampling", default=None, choices=SAMPLINGS,
-                   help="TwoTower's own sampling (default: --sampling). Its dot product makes many negatives cheap, "
-                        "so the baseline can have the stronger recipe that the scorer MLP cannot afford")
+    p.add_argument("--batch-size", type=int, default=defaults.BATCH_SIZE)
+    p.add_argument("--negatives", type=int, default=defaults.NEGATIVES)
+    p.add_argument("--sampling", default=None, choices=defaults.SAMPLINGS,
+                   help="SparCode's and AllToAll's negatives (default: popularity; uniform with --train-density)")
+    p.add_argument("--two-tower-sampling", default=None, choices=defaults.SAMPLINGS,
+                   help="TwoTower's negatives (default: in-batch). Its dot product makes many negatives cheap, "
+                        "so the baseline gets the stronger recipe that the scorer MLP cannot afford")
     p.add_argument("--two-tower-negatives", type=int, default=None, help="TwoTower's own --negatives")
-    p.add_argument("--two-tower-temperature", type=float, default=0.1,
+    p.add_argument("--two-tower-temperature", type=float, default=defaults.TEMPERATURE,
                    help="TwoTower: its scores are cosine similarities over this temperature")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--l2", type=float, default=TrainConfig.l2, help="weight of the embeddings' squared norm (all models)")
-    p.add_argument("--patience", type=int, default=5)
-    p.add_argument("--valid-users", type=int, default=TrainConfig.valid_users,
+    p.add_argument("--lr", type=float, default=defaults.LR)
+    p.add_argument("--l2", type=float, default=defaults.L2, help="weight of the embeddings' squared norm (all models)")
+    p.add_argument("--patience", type=int, default=defaults.PATIENCE)
+    p.add_argument("--valid-users", type=int, default=defaults.VALID_USERS,
                    help="users whose validation Recall@20 drives early stopping (all models)")
-    p.add_argument("--tokens", type=int, default=4)
-    p.add_argument("--dim", type=int, default=64, help="token and item embedding size (all models)")
-    p.add_argument("--codewords", type=int, default=None, help="C per codebook (default 256 on CUDA, 64 on CPU)")
-    p.add_argument("--quantizer", default="product", choices=sorted(QUANTIZERS),
-                   help="SparCode: product (the paper's) or residual quantization, both V = C**2 codes")
-    p.add_argument("--per-token-codebooks", action="store_true",
-                   help="SparCode: one quantizer per token position, V = T * C**2 (default: shared by all, V = C**2)")
+    p.add_argument("--tokens", type=int, default=defaults.TOKENS)
+    p.add_argument("--dim", type=int, default=defaults.DIM, help="token and item embedding size (all models)")
+    p.add_argument("--codewords", type=int, default=None,
+                   help=f"C per codebook (default: {defaults.GPU_CODEWORDS} on a GPU, {defaults.CPU_CODEWORDS} on a CPU)")
+    p.add_argument("--quantizer", default=defaults.QUANTIZER, choices=sorted(QUANTIZERS),
+                   help="SparCode: residual or product (the paper's) quantization")
+    p.add_argument("--per-token-codebooks", action=argparse.BooleanOptionalAction, default=defaults.PER_TOKEN,
+                   help="SparCode: one quantizer per token position, V = T * C**2, or one shared, V = C**2")
     p.add_argument("--hidden", type=int, nargs="+", default=None,
-                   help="scorer MLP widths (default 256 256 256 on CUDA, 64 64 on CPU)")
-    p.add_argument("--embedding-std", type=float, default=EMBEDDING_STD,
+                   help=f"scorer MLP widths (default: {' '.join(map(str, defaults.GPU_HIDDEN))} on a GPU, "
+                        f"{' '.join(map(str, defaults.CPU_HIDDEN))} on a CPU)")
+    p.add_argument("--embedding-std", type=float, default=defaults.EMBEDDING_STD,
                    help="initial std of the embeddings (all models)")
     p.add_argument("--all-to-all-sample", type=int, default=5000, help="users scored exactly for AllToAll")
     headline = p.add_mutually_exclusive_group()
@@ -125,12 +131,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def train_configs(args: argparse.Namespace, device: str) -> tuple[TrainConfig, TrainConfig]:
     """The training config of SparCode and AllToAll, and TwoTower's: the same but for its
     own negatives when ``--two-tower-sampling`` / ``--two-tower-negatives`` are given."""
-    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, negatives=args.negatives, sampling=args.sampling,
+    budget = defaults.time_budget(device) if args.time_budget is None else args.time_budget
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, negatives=args.negatives,
+                      sampling=args.sampling or defaults.sampling("sparcode", args.train_density),
                       lr=args.lr, l2=args.l2, patience=args.patience, seed=args.seed, device=device,
-                      progress=not args.no_progress, time_budget=args.time_budget, warmup=args.warmup, density=args.train_density,
-                      commitment=args.commitment, valid_users=args.valid_users)
+                      progress=not args.no_progress, time_budget=budget or None, warmup=args.warmup,
+                      density=args.train_density, commitment=args.commitment, valid_users=args.valid_users)
     try:
-        two_tower = replace(cfg, sampling=args.two_tower_sampling or cfg.sampling,
+        two_tower = replace(cfg, sampling=args.two_tower_sampling or defaults.sampling("two_tower"), density=None,
                             negatives=cfg.negatives if args.two_tower_negatives is None else args.two_tower_negatives)
     except ValueError as exc:
         raise ValueError(f"--two-tower-sampling / --two-tower-negatives: {exc}") from None
@@ -143,11 +151,11 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 products: the scorer MLP dominates
         torch.backends.cudnn.allow_tf32 = True
-    codewords = args.codewords or (256 if device == "cuda" else 64)
+    codewords = args.codewords or defaults.codewords(device)
     loader, headline = DATASETS[args.dataset]
     data = load_data(loader, args.path, args.seed, tuple(args.synthetic_size))
     cfg, cfg_two_tower = train_configs(args, device)
-    hidden = tuple(args.hidden or default_hidden(device))
+    hidden = tuple(args.hidden or defaults.hidden(device))
     model_kwargs = {"dim": args.dim, "n_tokens": args.tokens, "n_words": codewords, "hidden": hidden,
                     "embedding_std": args.embedding_std, "quantizer": args.quantizer,
                     "per_token": args.per_token_codebooks, "temperature": args.two_tower_temperature}

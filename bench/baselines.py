@@ -8,6 +8,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from sparcode.training.defaults import GPU_HIDDEN
 from sparcode.training.models import Scorer
 
 DIM = 64
@@ -81,7 +82,7 @@ def all_to_all(n_items: int, device: str, *, chunk: int = 16384, seed: int = 0) 
     item half of the first layer is computed once (as any serious implementation
     would), the rest runs for every (token, item) pair."""
     torch.manual_seed(seed)
-    scorer = Scorer(DIM).to(device).eval()  # our training scorer: MLP [256, 256, 256] + product input
+    scorer = Scorer(DIM, GPU_HIDDEN).to(device).eval()  # the paper's MLP widths + our product input
     items = torch.randn(n_items, DIM, device=device)
     with torch.no_grad():
         item_part = scorer.item_in(items)

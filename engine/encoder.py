@@ -5,51 +5,39 @@ T token embeddings and quantizes each with a quantizer shared by all tokens (the
 paper's) or one per token position: P stages of C codewords (L2 nearest), so a token's
 code is one of V = C**P (T * C**P in all with one per position). The paper's product
 quantizer gives each stage a sub-vector; the residual quantizer gives each stage what
-the stages before it left (less error in the same code space). Training updates the
-codebooks by EMA (decay 0.99, eps 1e-5) with straight-through gradients, a commitment
-loss (returned; its weight is the trainer's, 0 by default because with normalised
-tokens it collapses them) and restarts of dead codewords from batch vectors; the
-codebooks start from k-means on the first batch (faiss when installed, torch otherwise).
+the stages before it left (less error in the same code space). The codebooks are
+buffers here; how training moves them (k-means start, EMA updates, straight-through
+gradients) lives in ``sparcode.training.codebooks``.
 """
 
 from __future__ import annotations
 
 import numbers
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
 class Quantizer(nn.Module):
     """P stages of C codewords each; a token's code is the P-tuple of chosen codeword
-    ids, one of V = C**P. Subclasses say what each stage quantizes (``_stage_input``)
-    and how the chosen codewords make the quantized vector (``lookup``); the EMA
-    updates, dead-codeword restarts, k-means start and straight-through forward are
-    shared."""
+    ids, one of V = C**P. Subclasses say what each stage quantizes (``stage_input``)
+    and how the chosen codewords make the quantized vector (``lookup``)."""
 
     kind = ""
 
-    def __init__(self, dim: int, n_sub: int, n_words: int, stage_dim: int, decay: float = 0.99, eps: float = 1e-5,
-                 dead_threshold: float = 1.0) -> None:
+    def __init__(self, dim: int, n_sub: int, n_words: int, stage_dim: int) -> None:
         super().__init__()
         for name, value in (("n_sub", n_sub), ("n_words", n_words)):
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise ValueError(f"{name}: expected a positive int, got {value!r}")
         self.dim, self.n_sub, self.n_words, self.stage_dim = dim, n_sub, n_words, stage_dim
-        self.decay, self.eps = decay, eps
-        self.dead_threshold = dead_threshold  # EMA count under which a codeword is restarted
         self.register_buffer("codebooks", torch.randn(n_sub, n_words, stage_dim))
-        self.register_buffer("cluster_size", torch.ones(n_sub, n_words))
-        self.register_buffer("embed_sum", self.codebooks.clone())
-        self.register_buffer("initialized", torch.tensor(False))
 
     @property
     def n_codes(self) -> int:
         return self.n_words**self.n_sub
 
-    def _stage_input(self, z: torch.Tensor, words: torch.Tensor, p: int) -> torch.Tensor:
+    def stage_input(self, z: torch.Tensor, words: torch.Tensor, p: int) -> torch.Tensor:
         """(M, stage_dim): what stage ``p`` quantizes, given z (M, dim) and the words of
         the stages before it (M, >= p)."""
         raise NotImplementedError
@@ -63,7 +51,7 @@ class Quantizer(nn.Module):
         flat = z.reshape(-1, self.dim)
         words = torch.zeros(flat.shape[0], self.n_sub, dtype=torch.int64, device=z.device)
         for p in range(self.n_sub):
-            words[:, p] = torch.cdist(self._stage_input(flat, words, p), self.codebooks[p]).argmin(-1)
+            words[:, p] = torch.cdist(self.stage_input(flat, words, p), self.codebooks[p]).argmin(-1)
         return words.reshape(*z.shape[:-1], self.n_sub)
 
     def codes(self, z: torch.Tensor) -> torch.Tensor:
@@ -81,50 +69,6 @@ class Quantizer(nn.Module):
         words = torch.stack([(ids // self.n_words ** (self.n_sub - 1 - p)) % self.n_words for p in range(self.n_sub)], -1)
         return self.lookup(words)
 
-    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(quantized with straight-through gradient, codes, commitment loss)."""
-        if self.training and not bool(self.initialized):
-            self.initialize(z.detach())
-        words = self.assign(z.detach())
-        quantized = self.lookup(words)
-        commit = F.mse_loss(z, quantized.detach())
-        if self.training:
-            self._ema_update(z.detach(), words)
-        return z + (quantized - z).detach(), self.words_to_codes(words), commit
-
-    @torch.no_grad()
-    def _ema_update(self, z: torch.Tensor, words: torch.Tensor) -> None:
-        flat, words = z.reshape(-1, self.dim), words.reshape(-1, self.n_sub)
-        inputs = [self._stage_input(flat, words, p) for p in range(self.n_sub)]  # before any stage moves
-        for p, x in enumerate(inputs):
-            onehot = F.one_hot(words[:, p], self.n_words).to(z.dtype)  # (M, C)
-            self.cluster_size[p].mul_(self.decay).add_(onehot.sum(0), alpha=1 - self.decay)
-            self.embed_sum[p].mul_(self.decay).add_(onehot.T @ x, alpha=1 - self.decay)
-            n = self.cluster_size[p].sum()
-            size = (self.cluster_size[p] + self.eps) / (n + self.n_words * self.eps) * n
-            self.codebooks[p].copy_(self.embed_sum[p] / size.unsqueeze(1))
-            dead = self.cluster_size[p] < self.dead_threshold
-            if bool(dead.any()):  # restart unused codewords from this batch's vectors
-                picks = torch.randint(0, x.shape[0], (int(dead.sum()),), device=z.device)
-                self.codebooks[p][dead] = x[picks]
-                self.embed_sum[p][dead] = x[picks]
-                self.cluster_size[p][dead] = 1.0
-
-    @torch.no_grad()
-    def initialize(self, z: torch.Tensor, iters: int = 10) -> None:
-        """Codebooks from k-means over token vectors ``z`` (..., dim), stage by stage: the
-        first training batch's by default, or a larger sample after an unquantized warm-up."""
-        flat = z.reshape(-1, self.dim)
-        words = torch.zeros(flat.shape[0], self.n_sub, dtype=torch.int64, device=z.device)
-        for p in range(self.n_sub):
-            x = self._stage_input(flat, words, p)
-            centers = kmeans(x, self.n_words, iters)
-            self.codebooks[p].copy_(centers)
-            self.embed_sum[p].copy_(centers)
-            self.cluster_size[p].fill_(1.0)
-            words[:, p] = torch.cdist(x, centers).argmin(-1)
-        self.initialized.fill_(True)
-
 
 class ProductQuantizer(Quantizer):
     """The paper's quantizer: the token split into P sub-vectors of dim / P, each replaced
@@ -132,12 +76,12 @@ class ProductQuantizer(Quantizer):
 
     kind = "product"
 
-    def __init__(self, dim: int, n_sub: int = 2, n_words: int = 64, **ema) -> None:
+    def __init__(self, dim: int, n_sub: int = 2, n_words: int = 64) -> None:
         if dim % n_sub:
             raise ValueError(f"dim: {dim} is not divisible by the {n_sub} sub-codebooks")
-        super().__init__(dim, n_sub, n_words, dim // n_sub, **ema)
+        super().__init__(dim, n_sub, n_words, dim // n_sub)
 
-    def _stage_input(self, z: torch.Tensor, words: torch.Tensor, p: int) -> torch.Tensor:
+    def stage_input(self, z: torch.Tensor, words: torch.Tensor, p: int) -> torch.Tensor:
         return z[:, p * self.stage_dim : (p + 1) * self.stage_dim]
 
     def lookup(self, words: torch.Tensor) -> torch.Tensor:
@@ -154,10 +98,10 @@ class ResidualQuantizer(Quantizer):
 
     kind = "residual"
 
-    def __init__(self, dim: int, n_sub: int = 2, n_words: int = 64, **ema) -> None:
-        super().__init__(dim, n_sub, n_words, dim, **ema)
+    def __init__(self, dim: int, n_sub: int = 2, n_words: int = 64) -> None:
+        super().__init__(dim, n_sub, n_words, dim)
 
-    def _stage_input(self, z: torch.Tensor, words: torch.Tensor, p: int) -> torch.Tensor:
+    def stage_input(self, z: torch.Tensor, words: torch.Tensor, p: int) -> torch.Tensor:
         residual = z
         for q in range(p):
             residual = residual - self.codebooks[q][words[:, q]]
@@ -198,13 +142,13 @@ class PerTokenQuantizer(nn.Module):
         """(T, P, C, stage_dim): every position's codebooks."""
         return torch.stack([part.codebooks for part in self.parts])
 
-    def _check(self, z: torch.Tensor) -> None:
+    def check(self, z: torch.Tensor) -> None:
         if z.dim() < 2 or z.shape[-2] != self.n_tokens:
             raise ValueError(f"z: expected (..., {self.n_tokens} tokens, {self.dim}), got {tuple(z.shape)}")
 
     def assign(self, z: torch.Tensor) -> torch.Tensor:
         """(..., T, dim) -> (..., T, 1 + P): the token's position, then its codeword ids."""
-        self._check(z)
+        self.check(z)
         words = torch.stack([part.assign(z[..., t, :]) for t, part in enumerate(self.parts)], -2)
         position = torch.arange(self.n_tokens, device=z.device).expand(*words.shape[:-1]).unsqueeze(-1)
         return torch.cat([position, words], -1)
@@ -228,20 +172,6 @@ class PerTokenQuantizer(nn.Module):
         """(V, dim): position 0's codes first, in code order."""
         return torch.cat([part.code_vectors() for part in self.parts])
 
-    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(..., T, dim) -> (quantized with straight-through gradient, codes, mean commitment loss)."""
-        self._check(z)
-        outs = [part(z[..., t, :]) for t, part in enumerate(self.parts)]
-        codes = torch.stack([c + t * self.codes_per_token for t, (_, c, _) in enumerate(outs)], -1)
-        return torch.stack([q for q, _, _ in outs], -2), codes, torch.stack([c for _, _, c in outs]).mean()
-
-    @torch.no_grad()
-    def initialize(self, z: torch.Tensor, iters: int = 10) -> None:
-        """Each position's codebooks from k-means over that position's tokens (..., T, dim)."""
-        self._check(z)
-        for t, part in enumerate(self.parts):
-            part.initialize(z[..., t, :], iters)
-
 
 def make_quantizer(kind: object, dim: int, n_sub: int, n_words: int, where: str = "quantizer",
                    per_token: int | None = None) -> Quantizer | PerTokenQuantizer:
@@ -255,59 +185,20 @@ def make_quantizer(kind: object, dim: int, n_sub: int, n_words: int, where: str 
     return QUANTIZERS[kind](dim, n_sub, n_words)
 
 
-def kmeans(x: torch.Tensor, k: int, iters: int = 10, seed: int = 0) -> torch.Tensor:
-    """(k, d) centres of ``x`` (n, d): faiss k-means (best of 3 starts) when faiss is
-    installed and there are at least k points, else Lloyd's iterations in torch from a
-    k-means++ start."""
-    try:
-        import faiss  # optional (the cpu extra); serving never gets here
-    except ImportError:
-        faiss = None
-    if faiss is not None and x.shape[0] >= k:
-        # min_points_per_centroid only sets when faiss warns (below 39 points per centre);
-        # the codebook start clusters one batch of tokens, so the warning was noise in every run
-        km = faiss.Kmeans(x.shape[1], k, niter=iters, seed=seed, nredo=3, verbose=False, min_points_per_centroid=1)
-        km.train(np.ascontiguousarray(x.detach().cpu().float().numpy()))
-        return torch.from_numpy(km.centroids).to(x)
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    picks = [int(torch.randint(0, x.shape[0], (1,), generator=gen))]
-    nearest = torch.cdist(x, x[picks[0]].unsqueeze(0)).squeeze(1).pow(2)
-    for _ in range(1, k):  # k-means++: each next start drawn in proportion to squared distance
-        weights = nearest.cpu() if float(nearest.sum()) > 0 else torch.ones(x.shape[0])
-        picks.append(int(torch.multinomial(weights, 1, generator=gen)))
-        nearest = torch.minimum(nearest, torch.cdist(x, x[picks[-1]].unsqueeze(0)).squeeze(1).pow(2))
-    centers = x[picks].clone()
-    for _ in range(iters):
-        assign = torch.cdist(x, centers).argmin(1)
-        counts = torch.bincount(assign, minlength=k).to(x.dtype)
-        sums = torch.zeros_like(centers).index_add_(0, assign, x)
-        filled = counts > 0
-        centers[filled] = sums[filled] / counts[filled].unsqueeze(1)
-    return centers
-
-
-EMBEDDING_STD = 0.1
-"""Initial scale of the id and feature embeddings, instead of torch's N(0, 1). With
-unit-scale embeddings the scorer starts from random logits of unit spread (its first
-epoch's loss above chance) and Adam's steps of ~lr move them slowly: on MovieLens-100K
-AllToAll reached validation Recall@20 0.167 after 12 epochs from N(0, 1) and 0.269
-from N(0, 0.1). TwoTower, whose cosine score does not see the scale, learned faster
-from it too (Gowalla, first epoch: 0.095 against 0.031; bench/NOTES.md)."""
-
-
-def embedding(rows: int, dim: int, std: float) -> nn.Embedding:
-    """An ``nn.Embedding`` initialised N(0, std**2)."""
+def embedding(rows: int, dim: int, std: float | None) -> nn.Embedding:
+    """An ``nn.Embedding`` initialised N(0, std**2) (torch's N(0, 1) for None: weights that
+    are loaded right after)."""
     table = nn.Embedding(rows, dim)
-    nn.init.normal_(table.weight, std=std)
+    if std is not None:
+        nn.init.normal_(table.weight, std=std)
     return table
 
 
 class Tokenizer(nn.Module):
     """Mean-pooled history item embeddings (+ user feature embeddings) -> MLP -> T heads."""
 
-    def __init__(self, n_items: int, user_cardinalities: list[int], *, dim: int = 64, n_tokens: int = 4,
-                 hidden: tuple[int, ...] = (256, 256), normalize: bool = True,
-                 embedding_std: float = EMBEDDING_STD) -> None:
+    def __init__(self, n_items: int, user_cardinalities: list[int], *, dim: int, n_tokens: int,
+                 hidden: tuple[int, ...] = (256, 256), normalize: bool = True, embedding_std: float | None = None) -> None:
         super().__init__()
         self.n_items, self.user_cardinalities, self.hidden = n_items, list(user_cardinalities), list(hidden)
         self.normalize = normalize
@@ -347,7 +238,7 @@ class QueryEncoder(nn.Module):
     the user's categorical feature ids; floats are accepted and must hold integers.
     """
 
-    def __init__(self, tokenizer: Tokenizer, quantizer: Quantizer | PerTokenQuantizer, history: int = 20) -> None:
+    def __init__(self, tokenizer: Tokenizer, quantizer: Quantizer | PerTokenQuantizer, history: int) -> None:
         super().__init__()
         self.tokenizer, self.quantizer, self.history = tokenizer, quantizer, history
 
@@ -385,15 +276,13 @@ class QueryEncoder(nn.Module):
 
     @classmethod
     def from_config(cls, config: dict, where: str = "encoder") -> QueryEncoder:
-        """Rebuild from ``config()``'s output; every field is type-checked (no code runs).
-        A config without ``quantizer`` (written before it existed) is a product quantizer,
-        one without ``per_token`` a quantizer shared by all tokens."""
+        """Rebuild from ``config()``'s output; every field is type-checked (no code runs)."""
         if not isinstance(config, dict):
             raise ValueError(f"{where}: expected a JSON object, got {type(config).__name__}")
-        expected = {"n_items", "user_cardinalities", "dim", "n_tokens", "hidden", "normalize", "n_sub", "n_words", "history"}
-        optional = {"quantizer", "per_token"}
-        if set(config) - optional != expected:
-            raise ValueError(f"{where}: expected fields {sorted(expected | optional)}, got {sorted(config)}")
+        expected = {"n_items", "user_cardinalities", "dim", "n_tokens", "hidden", "normalize", "quantizer", "per_token",
+                    "n_sub", "n_words", "history"}
+        if set(config) != expected:
+            raise ValueError(f"{where}: expected fields {sorted(expected)}, got {sorted(config)}")
 
         def positive(value, name: str) -> int:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -407,12 +296,12 @@ class QueryEncoder(nn.Module):
         hidden = tuple(positive(h, "hidden") for h in config["hidden"])
         dim = positive(config["dim"], "dim")
         for name in ("normalize", "per_token"):
-            if not isinstance(config.get(name, False), bool):
+            if not isinstance(config[name], bool):
                 raise ValueError(f"{where}: {name}: expected true or false, got {config[name]!r}")
         n_tokens = positive(config["n_tokens"], "n_tokens")
         tokenizer = Tokenizer(positive(config["n_items"], "n_items"), cards, dim=dim, n_tokens=n_tokens, hidden=hidden,
                               normalize=config["normalize"])
-        quantizer = make_quantizer(config.get("quantizer", "product"), dim, positive(config["n_sub"], "n_sub"),
+        quantizer = make_quantizer(config["quantizer"], dim, positive(config["n_sub"], "n_sub"),
                                    positive(config["n_words"], "n_words"), f"{where}: quantizer",
-                                   n_tokens if config.get("per_token", False) else None)
+                                   n_tokens if config["per_token"] else None)
         return cls(tokenizer, quantizer, positive(config["history"], "history"))

@@ -7,6 +7,8 @@ import torch
 from sparcode.engine import CodeIndex
 from sparcode.engine.synthetic import random_index
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where device-agnostic tests run: the GPU when there is one
+
 
 def quantized_index(n_codes: int, n_items: int, mean_postings: float, *, seed: int, dtype=torch.float16,
                     negative: bool = False, **kwargs) -> CodeIndex:

@@ -53,7 +53,6 @@ def test_engine_load_restores_the_encoder_and_search_takes_features(saved):
 
 def test_residual_encoder_round_trips(tmp_path):
     encoder = make_encoder(quantizer=ResidualQuantizer)
-    encoder.quantizer.initialize(torch.randn(200, 8))
     random_index(16, N_ITEMS, 10, seed=0).save(tmp_path / "rq", encoder=encoder)
     manifest = json.loads((tmp_path / "rq" / "manifest.json").read_text())
     assert manifest["encoder"]["quantizer"] == "residual"
@@ -68,7 +67,6 @@ def test_per_token_encoder_round_trips_with_its_codebooks(tmp_path):
     torch.manual_seed(0)
     tokenizer = Tokenizer(N_ITEMS, [3, 5], dim=8, n_tokens=3, hidden=(16,))
     encoder = QueryEncoder(tokenizer, PerTokenQuantizer("residual", 3, 8, n_sub=2, n_words=4), history=HISTORY).eval()
-    encoder.quantizer.initialize(torch.randn(200, 3, 8))
     plain = random_index(48, N_ITEMS, 10, seed=0)
     index = CodeIndex.from_postings(plain.indptr, plain.items, plain.scores, N_ITEMS,  # export stores (T, P, C, d)
                                     codebooks=encoder.quantizer.codebooks.clone())
@@ -88,13 +86,18 @@ def test_per_token_encoder_round_trips_with_its_codebooks(tmp_path):
         Engine.load(tmp_path / "tok", device="cpu")
 
 
-def test_encoder_quantizer_field_is_checked_and_defaults_to_product(saved):
+def test_encoder_quantizer_fields_are_required_and_checked(saved):
     path, encoder = saved
     manifest = json.loads((path / "manifest.json").read_text())
-    del manifest["encoder"]["quantizer"], manifest["encoder"]["per_token"]  # written before the fields existed
-    (path / "manifest.json").write_text(json.dumps(manifest))
     loaded = Engine.load(path, device="cpu").encoder
     assert isinstance(loaded.quantizer, ProductQuantizer) and torch.equal(loaded(features(5)), encoder(features(5)))
+    assert set(loaded.state_dict()) == set(encoder.state_dict())
+    assert not any("cluster_size" in name or "embed_sum" in name for name in encoder.state_dict())  # serving tensors only
+    missing = json.loads(json.dumps(manifest))
+    del missing["encoder"]["quantizer"]
+    (path / "manifest.json").write_text(json.dumps(missing))
+    with pytest.raises(ValueError, match="encoder: expected fields"):
+        Engine.load(path, device="cpu")
     for bad in ("lattice", ["residual"]):
         manifest["encoder"]["quantizer"] = bad
         (path / "manifest.json").write_text(json.dumps(manifest))

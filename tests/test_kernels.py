@@ -3,7 +3,7 @@ shapes (a few programs each) and, marked ``gpu``, at realistic sizes on CUDA."""
 
 import pytest
 import torch
-from helpers import csr_index, quantized_index
+from helpers import DEVICE, csr_index, quantized_index
 
 from sparcode.engine.synthetic import random_codes
 from sparcode.kernels import candidate_search as cs
@@ -14,7 +14,7 @@ from sparcode.kernels.keys import EMPTY_KEY
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 
 
-def exclusion(lists, device="cpu"):
+def exclusion(lists, device=DEVICE):
     offsets = torch.tensor([0] + [len(x) for x in lists], dtype=torch.int64).cumsum(0)
     items = torch.tensor(sorted_concat(lists) or [0], dtype=torch.int64)
     return offsets.to(device), items.to(device)
@@ -45,22 +45,22 @@ def check_tiled(index, codes, ex, kb, *, block_n=64, n_programs=3):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_candidate_random(dtype):
-    index = quantized_index(16, 300, 12, seed=3, dtype=dtype, negative=dtype == torch.float32)
-    codes = random_codes(3, 3, 16, seed=4)
+    index = quantized_index(16, 300, 12, seed=3, dtype=dtype, negative=dtype == torch.float32).to(DEVICE)
+    codes = random_codes(3, 3, 16, seed=4, device=DEVICE)
     check_candidate(index, codes, exclusion([[], [5, 77, 130], [299]]))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_tiled_random_odd_item_count(dtype):
-    index = quantized_index(16, 201, 15, seed=5, dtype=dtype, negative=dtype == torch.float32)  # 201: not a block multiple
-    codes = random_codes(2, 3, 16, seed=6)
+    index = quantized_index(16, 201, 15, seed=5, dtype=dtype, negative=dtype == torch.float32).to(DEVICE)  # 201: not a block multiple
+    codes = random_codes(2, 3, 16, seed=6, device=DEVICE)
     check_tiled(index, codes, exclusion([[0, 200], [63, 64, 65]]), kb=7)
 
 
 def test_edge_cases_both_regimes():
     # code 1 and 3 are empty lists; query 0 repeats code 0; query 2 has only empty lists
-    index = csr_index([[(0, 1.0), (5, 2.0), (9, 0.5)], [], [(5, 1.0), (6, 3.0)], []], n_items=10)
-    codes = torch.tensor([[0, 0, 2], [2, 1, 0], [1, 3, 3]])
+    index = csr_index([[(0, 1.0), (5, 2.0), (9, 0.5)], [], [(5, 1.0), (6, 3.0)], []], n_items=10).to(DEVICE)
+    codes = torch.tensor([[0, 0, 2], [2, 1, 0], [1, 3, 3]], device=DEVICE)
     ex = exclusion([[], [0, 5, 6, 9], []])  # query 1: every candidate excluded
     keys = check_candidate(index, codes, ex, block=4)
     check_tiled(index, codes, ex, kb=3, block_n=4)  # 10 items in blocks of 4
@@ -73,8 +73,8 @@ def test_edge_cases_both_regimes():
 
 
 def test_single_query_and_k_beyond_candidates():
-    index = quantized_index(8, 100, 6, seed=7)
-    codes = random_codes(1, 2, 8, seed=8)
+    index = quantized_index(8, 100, 6, seed=7).to(DEVICE)
+    codes = random_codes(1, 2, 8, seed=8, device=DEVICE)
     ex = exclusion([[]])
     offsets = ref.query_offsets(index.indptr, codes)
     n_cand = int((ref.candidate_keys(index.indptr, index.items, index.scores, codes, *ex, offsets) != EMPTY_KEY).sum())
@@ -87,14 +87,14 @@ def test_single_query_and_k_beyond_candidates():
 
 
 def test_block_smaller_than_k_keeps_whole_blocks():
-    index = quantized_index(4, 40, 30, seed=9)
-    codes = torch.tensor([[0, 1], [2, 3]])
+    index = quantized_index(4, 40, 30, seed=9).to(DEVICE)
+    codes = torch.tensor([[0, 1], [2, 3]], device=DEVICE)
     check_tiled(index, codes, exclusion([[], []]), kb=100, block_n=16)  # kb is capped at the block
 
 
 def test_empty_batch():
-    index = quantized_index(4, 40, 5, seed=1)
-    codes = torch.empty((0, 2), dtype=torch.int64)
+    index = quantized_index(4, 40, 5, seed=1).to(DEVICE)
+    codes = torch.empty((0, 2), dtype=torch.int64, device=DEVICE)
     ex = exclusion([])
     assert cs.candidate_search(index.indptr, index.items, index.scores, codes, *ex, 3)[1].shape == (0, 3)
     assert ts.tiled_search(index.indptr, index.items, index.scores, codes, *ex, 3, 40)[1].shape == (0, 3)

@@ -6,7 +6,7 @@ import torch
 from helpers import csr_index, quantized_index
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from oracle import assert_same_results, dense_search
+from oracle import assert_equivalent_results, assert_same_results, dense_search
 
 from sparcode.engine import CodeIndex, Engine, SearchResult
 from sparcode.engine.synthetic import random_codes, random_index
@@ -31,7 +31,7 @@ def test_matches_dense_oracle_exactly(cpu_backend, dtype, n_tokens, seed):
         assert result.scores.shape == (20, k) and result.scores.dtype == torch.float32
         assert result.ids.dtype == torch.int64
         ref = dense_search(index, codes.numpy(), k)
-        assert_same_results(result.scores, result.ids, *ref, exact=True)
+        assert_same_results(result.scores, result.ids, *ref)
 
 
 @pytest.mark.parametrize("seed", range(8))
@@ -39,7 +39,7 @@ def test_matches_dense_oracle_continuous_scores(cpu_backend, seed):
     index = random_index(64, 300, 20, seed=seed, dtype=torch.float32)
     codes = random_codes(32, 4, 64, seed=seed)
     result = Engine(index, backend=cpu_backend).search(codes, k=25)
-    assert_same_results(result.scores, result.ids, *dense_search(index, codes.numpy(), 25), exact=False)
+    assert_equivalent_results(result.scores, result.ids, index, codes.numpy(), 25)
 
 
 def test_repeated_code_counts_twice_and_ties_go_to_lower_id(cpu_backend):
@@ -76,8 +76,8 @@ def test_exclude_as_list_and_csr_agree_with_oracle(cpu_backend):
     offsets = np.concatenate([[0], np.cumsum([len(e) for e in exclude])])
     by_csr = engine.search(codes, k=15, exclude=(offsets, np.concatenate(exclude)))
     ref = dense_search(index, codes.numpy(), 15, exclude)
-    assert_same_results(by_list.scores, by_list.ids, *ref, exact=True)
-    assert_same_results(by_csr.scores, by_csr.ids, *ref, exact=True)
+    assert_same_results(by_list.scores, by_list.ids, *ref)
+    assert_same_results(by_csr.scores, by_csr.ids, *ref)
 
 
 def test_all_candidates_excluded(cpu_backend):
@@ -155,7 +155,7 @@ def test_property_matches_oracle(cpu_backend, n_codes, n_items, n_tokens, n_quer
     use_exclude = data.draw(st.booleans())
     result = Engine(index, backend=cpu_backend).search(codes, k=k, exclude=exclude if use_exclude else None)
     ref = dense_search(index, codes.numpy(), k, exclude if use_exclude else None)
-    assert_same_results(result.scores, result.ids, *ref, exact=True)
+    assert_same_results(result.scores, result.ids, *ref)
 
 
 @pytest.mark.parametrize(
@@ -227,3 +227,26 @@ def test_descending_scores_sorts_each_list_in_blocks(block, dtype, monkeypatch):
         lo, hi = int(index.indptr[code]), int(index.indptr[code + 1])
         want = torch.sort(index.scores[lo:hi], descending=True).values
         assert got.dtype == index.scores.dtype and torch.equal(got[lo:hi], want), code
+
+
+def test_the_oracle_comparison_rejects_anything_but_tie_reordering():
+    """assert_equivalent_results lets tied scores swap and catches every other error: a
+    non-candidate id, an excluded id, a repeated id, a wrong score, a missing top item."""
+    index = csr_index([[(0, 1.0), (1, 2.0), (2, 2.0), (3, 0.5)], [(1, 1.0), (4, 3.0)], [(5, 1.0)]], n_items=8)
+    codes = np.array([[0, 0]])
+    exclude = [np.array([3])]
+    ref_scores, ref_ids = dense_search(index, codes, 3, exclude)
+    assert ref_ids.tolist() == [[1, 2, 0]] and ref_scores.tolist() == [[4.0, 4.0, 2.0]]
+    assert_equivalent_results(ref_scores, ref_ids, index, codes, 3, exclude)
+    assert_equivalent_results(ref_scores, np.array([[2, 1, 0]]), index, codes, 3, exclude)  # a tie swapped: fine
+    wrong = {
+        "not a candidate": ([[4.0, 4.0, 2.0]], [[1, 2, 6]]),
+        "excluded": ([[4.0, 4.0, 2.0]], [[1, 2, 3]]),
+        "returned twice": ([[4.0, 4.0, 4.0]], [[1, 2, 1]]),
+        "wrong score": ([[4.0, 4.0, 2.5]], [[1, 2, 0]]),
+        "not the top k": ([[4.0, 2.0, 1.0]], [[1, 0, 3]]),
+        "padding": ([[4.0, 4.0, -np.inf]], [[1, 2, -1]]),
+    }
+    for case, (scores, ids) in wrong.items():
+        with pytest.raises(AssertionError):
+            assert_equivalent_results(np.array(scores, dtype=np.float32), np.array(ids), index, codes, 3, exclude)

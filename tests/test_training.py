@@ -7,9 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sparcode.engine.encoder import EMBEDDING_STD, PerTokenQuantizer, ProductQuantizer, ResidualQuantizer
+from sparcode.engine.encoder import PerTokenQuantizer, ProductQuantizer, ResidualQuantizer
 from sparcode.training import data as datasets
+from sparcode.training.codebooks import CodebookTrainer, EMACodebooks
 from sparcode.training.data import CSR
+from sparcode.training.defaults import EMBEDDING_STD
 from sparcode.training.export import ExportRule, export_index, export_indexes
 from sparcode.training.metrics import ranking_metrics
 from sparcode.training.models import SparCode, TwoTower
@@ -95,13 +97,14 @@ def test_metrics_against_hand_computed_cases():
 def test_quantizer_ema_moves_codewords_toward_assigned_vectors():
     torch.manual_seed(0)
     pq = ProductQuantizer(8, n_sub=2, n_words=4)
-    pq.initialized.fill_(True)
-    pq.train()
+    ema = EMACodebooks(pq)
+    ema.initialized.fill_(True)
+    ema.train()
     target = torch.full((64, 1, 8), 3.0)
     before = pq.codebooks.clone()
     words = pq.assign(target.reshape(-1, 8))[0]
     for _ in range(20):
-        pq(target)
+        ema(target)
     for p in range(2):
         moved = (pq.codebooks[p, words[p]] - 3.0).abs().mean()
         assert moved < (before[p, words[p]] - 3.0).abs().mean()
@@ -110,9 +113,9 @@ def test_quantizer_ema_moves_codewords_toward_assigned_vectors():
 @pytest.mark.parametrize("kind", [ProductQuantizer, ResidualQuantizer])
 def test_quantizer_straight_through_and_codes(kind):
     torch.manual_seed(0)
-    pq = kind(8, n_sub=2, n_words=4).eval()
+    pq = kind(8, n_sub=2, n_words=4)
     z = torch.randn(5, 3, 8, requires_grad=True)
-    quantized, codes, commit = pq(z)
+    quantized, codes, commit = EMACodebooks(pq).eval()(z)
     quantized.sum().backward()
     assert torch.equal(z.grad, torch.ones_like(z))  # straight-through: identity gradient
     assert codes.shape == (5, 3) and int(codes.max()) < 16
@@ -142,7 +145,7 @@ def test_residual_quantizer_leaves_less_error_than_product_on_correlated_dimensi
     errors = {}
     for kind in (ProductQuantizer, ResidualQuantizer):
         q = kind(8, n_sub=2, n_words=4)
-        q.initialize(z, iters=20)
+        CodebookTrainer(q).initialize(z, iters=20)
         errors[kind] = float((q.lookup(q.assign(z)) - z).pow(2).sum(1).mean())
     assert errors[ResidualQuantizer] < 0.25 * errors[ProductQuantizer]
 
@@ -153,12 +156,12 @@ def test_per_token_quantizer_gives_each_position_its_own_codebooks_and_codes():
     assert q.n_codes == 3 * 16 and q.codebooks.shape == (3, 2, 4, 8)
     centres = torch.tensor([5.0, -5.0, 0.0])  # each position's tokens lie around its own centre
     z = torch.randn(200, 3, 8) * 0.1 + centres.view(1, 3, 1)
-    q.initialize(z)
+    trainer = CodebookTrainer(q)
+    trainer.initialize(z)
     for t in range(3):  # each position's first-stage codewords were fitted to its own tokens
         assert (q.parts[t].codebooks[0] - centres[t]).abs().max() < 1
-    q.eval()
     x = z[:7].clone().requires_grad_(True)
-    quantized, codes, _ = q(x)
+    quantized, codes, _ = trainer.eval()(x)
     quantized.sum().backward()
     assert torch.equal(x.grad, torch.ones_like(x))  # straight-through
     for t in range(3):
@@ -176,13 +179,14 @@ def test_per_token_quantizer_gives_each_position_its_own_codebooks_and_codes():
 def test_ema_updates_shrink_the_quantization_error(kind):
     torch.manual_seed(0)
     q = kind(8, n_sub=2, n_words=4)
-    q.initialized.fill_(True)
-    q.train()
+    ema = EMACodebooks(q)
+    ema.initialized.fill_(True)
+    ema.train()
     target = torch.randn(4, 8) * 3
     batch = target.repeat(64, 1).unsqueeze(1)
     before = float((q.lookup(q.assign(target)) - target).pow(2).sum())
     for _ in range(100):
-        q(batch)
+        ema(batch)
     after = float((q.lookup(q.assign(target)) - target).pow(2).sum())
     assert after < 0.1 * before
 
@@ -190,13 +194,14 @@ def test_ema_updates_shrink_the_quantization_error(kind):
 def test_dead_codewords_restart():
     torch.manual_seed(0)
     pq = ProductQuantizer(4, n_sub=1, n_words=8)
-    pq.initialized.fill_(True)
+    ema = EMACodebooks(pq)
+    ema.initialized.fill_(True)
     pq.codebooks.fill_(100.0)
     pq.codebooks[0, 0] = 0.0
-    pq.embed_sum.copy_(pq.codebooks)
-    pq.train()
+    ema.embed_sum.copy_(pq.codebooks)
+    ema.train()
     for _ in range(30):
-        pq(torch.randn(256, 1, 4))
+        ema(torch.randn(256, 1, 4))
     assert (pq.codebooks[0].abs().sum(1) < 50).all()  # codewords far from all data were moved in
 
 
@@ -393,7 +398,7 @@ def test_train_command_defaults_by_device_and_options(tmp_path, capsys, monkeypa
     import json
 
     from sparcode.cli import main
-    from sparcode.training import train
+    from sparcode.training import defaults, train
 
     seen = []
 
@@ -406,9 +411,9 @@ def test_train_command_defaults_by_device_and_options(tmp_path, capsys, monkeypa
     assert main(["train", "--model", "sparcode", "--out", str(ckpt), "--device", "cpu", "--no-progress"]) == 0
     config = json.loads((ckpt / "config.json").read_text())
     kwargs = config["model"]["kwargs"]
-    assert kwargs["hidden"] == list(train.CPU_HIDDEN) == [64, 64] and kwargs["n_words"] == train.CPU_CODEWORDS == 64
+    assert kwargs["hidden"] == list(defaults.CPU_HIDDEN) == [64, 64] and kwargs["n_words"] == defaults.CPU_CODEWORDS == 64
     assert kwargs["quantizer"] == "residual" and kwargs["per_token"] and seen[-1][0].encoder.quantizer.n_codes == 4 * 64**2
-    assert config["train"]["time_budget"] == train.CPU_TIME_BUDGET and config["train"]["sampling"] == "popularity"
+    assert config["train"]["time_budget"] == defaults.CPU_TIME_BUDGET and config["train"]["sampling"] == "popularity"
     assert config["train"]["l2"] == 1e-5 and config["train"]["patience"] == 10
     assert ("popularity negatives, scorer hidden 64 64, 64 codewords, time budget 2,700 s "
             "(the defaults for sparcode on cpu") in capsys.readouterr().err
@@ -426,8 +431,8 @@ def test_train_command_defaults_by_device_and_options(tmp_path, capsys, monkeypa
     assert main(["train", "--model", "sparcode", "--out", str(ckpt), "--device", "cpu", "--density", "0.1",
                  "--no-progress"]) == 0  # a density's bias follows uniform negatives
     assert seen[-1][1].sampling == "uniform"
-    assert train.default_hidden("cuda") == (256, 256, 256)  # the paper's scorer on a GPU
-    assert train.default_codewords("cuda") == 128  # 4 x 128**2 = 65,536 codes, the paper's V
+    assert defaults.hidden("cuda") == (256, 256, 256)  # the paper's scorer on a GPU
+    assert defaults.codewords("cuda") == 128  # 4 x 128**2 = 65,536 codes, the paper's V
     monkeypatch.setattr("sparcode.training.checkpoint.load_data", lambda *a: pytest.fail("data loaded"))
     assert main(["train", "--out", str(ckpt), "--time-budget", "-5", "--no-progress"]) == 2
     assert "time_budget: expected seconds > 0" in capsys.readouterr().err
@@ -442,7 +447,7 @@ def test_train_command_defaults_by_device_and_options(tmp_path, capsys, monkeypa
 def test_kmeans_finds_separated_clusters(use_faiss, monkeypatch, capfd):
     import sys
 
-    from sparcode.engine.encoder import kmeans
+    from sparcode.training.codebooks import kmeans
 
     if use_faiss:
         pytest.importorskip("faiss")
@@ -468,24 +473,6 @@ def test_checkpoint_records_an_absolute_data_path(tmp_path, monkeypatch):
     assert config["data"]["path"] == str(tmp_path / "data" / "ml-1m")
 
 
-def test_checkpoint_saved_before_the_bias_was_state_loads(tmp_path):
-    from safetensors.torch import load_file, save_file
-
-    from sparcode.training.checkpoint import checkpoint_config, load_checkpoint, save_checkpoint
-    from sparcode.training.train import TrainConfig
-
-    data = datasets.synthetic(60, 40, seed=0)
-    kwargs = {"n_words": 4, "hidden": [16]}
-    model = SparCode(data, **kwargs)
-    save_checkpoint(tmp_path / "ck", model, checkpoint_config("sparcode", kwargs, "synthetic", None, 0, (60, 40),
-                                                              TrainConfig(), {}))
-    state = load_file(str(tmp_path / "ck" / "model.safetensors"))
-    del state["bias"]
-    save_file(state, str(tmp_path / "ck" / "model.safetensors"))
-    loaded, _, _ = load_checkpoint(tmp_path / "ck")
-    assert float(loaded.bias) == 0.0
-
-
 def test_embeddings_start_small_unless_told_otherwise():
     torch.manual_seed(0)
     data = datasets.synthetic(200, 300, per_user=4, seed=0)
@@ -508,9 +495,6 @@ def test_two_tower_scores_cosine_over_its_temperature():
     scores = model.user_vectors(history, user_features) @ model.item_vectors(items).T
     items_out = model.item_mlp(items)  # synthetic items have features
     torch.testing.assert_close(scores, F.cosine_similarity(pooled.unsqueeze(1), items_out.unsqueeze(0), dim=-1) / 0.25)
-    raw = TwoTower(data, temperature=None).eval()
-    raw.load_state_dict(model.state_dict())
-    torch.testing.assert_close(raw.user_vectors(history, user_features) @ raw.item_vectors(items).T, pooled @ items_out.T)
     for bad in (0.0, -1.0):
         with pytest.raises(ValueError, match="temperature"):
             TwoTower(data, temperature=bad)
@@ -521,10 +505,10 @@ def test_two_tower_crosses_item_features_in_an_mlp_and_takes_a_bare_id_as_it_is(
     assert with_features.item_cardinalities and isinstance(TwoTower(with_features).item_mlp, torch.nn.Sequential)
     ids_only = datasets.InteractionData("ids", with_features.n_users, with_features.n_items, with_features.train,
                                         with_features.valid, with_features.test)
-    model = TwoTower(ids_only, temperature=None)
+    model = TwoTower(ids_only)
     vectors = torch.randn(5, 64)
     assert isinstance(model.item_mlp, torch.nn.Identity)
-    torch.testing.assert_close(model.item_vectors(vectors), vectors)
+    torch.testing.assert_close(model.item_vectors(vectors), torch.nn.functional.normalize(vectors, dim=-1))
 
 
 def test_checkpoint_of_another_model_shape_is_refused_by_name(tmp_path):
@@ -536,3 +520,36 @@ def test_checkpoint_of_another_model_shape_is_refused_by_name(tmp_path):
     save_checkpoint(tmp_path / "ck", TwoTower(data, n_tokens=4), config)  # weights of 4 token heads, config says 2
     with pytest.raises(ValueError, match="model.safetensors: does not fit the two_tower model"):
         load_checkpoint(tmp_path / "ck")
+
+
+def test_every_entry_point_takes_its_defaults_from_one_place():
+    """TrainConfig, the model constructors, sparcode train and the accuracy bench agree
+    with sparcode.training.defaults."""
+    import argparse
+    import inspect
+
+    from sparcode.bench.accuracy import parse_args
+    from sparcode.training import defaults
+    from sparcode.training.commands import add_commands
+    from sparcode.training.train import TrainConfig
+
+    cfg = TrainConfig()
+    assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.negatives, cfg.l2, cfg.patience, cfg.valid_users, cfg.history,
+            cfg.commitment) == (defaults.EPOCHS, defaults.BATCH_SIZE, defaults.LR, defaults.NEGATIVES, defaults.L2,
+                                defaults.PATIENCE, defaults.VALID_USERS, defaults.HISTORY, defaults.COMMITMENT)
+    sparcode = inspect.signature(SparCode).parameters
+    assert (sparcode["dim"].default, sparcode["n_tokens"].default, sparcode["n_words"].default, sparcode["hidden"].default,
+            sparcode["quantizer"].default, sparcode["per_token"].default, sparcode["embedding_std"].default) == (
+        defaults.DIM, defaults.TOKENS, defaults.CPU_CODEWORDS, defaults.CPU_HIDDEN, defaults.QUANTIZER, defaults.PER_TOKEN,
+        defaults.EMBEDDING_STD)
+    assert inspect.signature(TwoTower).parameters["temperature"].default == defaults.TEMPERATURE
+    sub = argparse.ArgumentParser().add_subparsers()
+    add_commands(sub)
+    train_cmd = sub.choices["train"].parse_args(["--out", "x"])
+    bench = parse_args(["--dataset", "synthetic", "--out", "x"])
+    for args in (train_cmd, bench):
+        assert (args.epochs, args.batch_size, args.lr, args.negatives, args.l2, args.patience, args.dim, args.tokens,
+                args.quantizer, args.per_token_codebooks, args.embedding_std, args.sampling, args.codewords, args.hidden,
+                args.time_budget) == (defaults.EPOCHS, defaults.BATCH_SIZE, defaults.LR, defaults.NEGATIVES, defaults.L2,
+                                      defaults.PATIENCE, defaults.DIM, defaults.TOKENS, defaults.QUANTIZER,
+                                      defaults.PER_TOKEN, defaults.EMBEDDING_STD, None, None, None, None)

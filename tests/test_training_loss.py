@@ -75,13 +75,11 @@ def test_sparcode_trains_with_softplus_and_serves_with_relu():
         torch.testing.assert_close(model.score(tokens, items), torch.relu(raw).sum(1))
 
 
-def test_scorer_starts_as_a_scaled_dot_product_and_has_a_plain_variant():
+def test_scorer_starts_as_a_scaled_dot_product():
     torch.manual_seed(0)
     tokens, items = torch.randn(2, 3, 8), torch.randn(5, 8)
     with torch.no_grad():
         torch.testing.assert_close(Scorer(8, (16, 16))(tokens, items), tokens @ items.T / math.sqrt(8))
-        per_query = torch.randn(2, 5, 8)
-        assert Scorer(8, (16,), product=False)(tokens, per_query).shape == (2, 3, 5)
         # shared items and the same items given per query score alike
         scorer = Scorer(8, (16,))
         torch.nn.init.normal_(scorer.rest[-1].weight)
@@ -164,7 +162,7 @@ def test_validation_takes_items_of_at_most_max_users():
 def test_accuracy_runner_tiny(tmp_path, capsys):
     argv = ["--dataset", "synthetic", "--out", str(tmp_path), "--epochs", "1", "--hidden", "16", "--negatives", "8",
             "--synthetic-size", "200", "150", "--codewords", "4", "--density", "0.2", "--densities", "1", "0.05",
-            "--cap-densities", "0.02", "--all-to-all-sample", "50", "--valid-users", "30", "--two-tower-sampling", "in-batch", "--l2", "1e-5", "--no-progress"]
+            "--cap-densities", "0.02", "--all-to-all-sample", "50", "--valid-users", "30", "--l2", "1e-5", "--no-progress"]
     assert accuracy.main(argv) == 0
     report = json.loads((tmp_path / "accuracy-synthetic.json").read_text())
     assert report["command"].startswith("python -m sparcode.bench.accuracy --dataset synthetic")
@@ -175,8 +173,8 @@ def test_accuracy_runner_tiny(tmp_path, capsys):
     assert sparcode["rule"] == "bias" and sparcode["cap"] is None and sparcode["target_density"] == 0.2
     assert report["models"]["all_to_all"]["sample_users"] == 50
     assert report["config"]["train"]["valid_users"] == 30 and report["config"]["train"]["l2"] == 1e-5
-    assert report["config"]["train"]["sampling"] == "uniform"  # SparCode and AllToAll
-    assert report["config"]["train_two_tower"]["sampling"] == "in-batch"
+    assert report["config"]["train"]["sampling"] == "popularity"  # the defaults: SparCode and AllToAll
+    assert report["config"]["train_two_tower"]["sampling"] == "in-batch"  # and TwoTower
     assert report["config"]["model"]["temperature"] == 0.1
     for m in report["models"].values():
         assert 0 <= m["recall@20"] <= 1 and m["epochs"] == 1
@@ -221,7 +219,8 @@ def test_accuracy_export_falls_back_to_one_pass_per_rule(monkeypatch):
 
 
 def test_accuracy_runner_names_a_bad_two_tower_option(tmp_path, capsys):
-    argv = ["--dataset", "synthetic", "--out", str(tmp_path), "--synthetic-size", "50", "40", "--two-tower-negatives", "0"]
+    argv = ["--dataset", "synthetic", "--out", str(tmp_path), "--synthetic-size", "50", "40", "--two-tower-sampling", "uniform",
+            "--two-tower-negatives", "0"]
     with pytest.raises(SystemExit) as exit_:
         accuracy.main(argv)
     assert exit_.value.code == 2
@@ -246,8 +245,8 @@ def test_warmup_trains_unquantized_then_starts_codebooks_from_learned_tokens(mon
     original = model.score
     monkeypatch.setattr(model, "score", lambda tokens, items: (seen.append(model.quantize), original(tokens, items))[1])
     initialized_from: list[int] = []
-    init = model.encoder.quantizer.initialize
-    monkeypatch.setattr(model.encoder.quantizer, "initialize", lambda z: (initialized_from.append(z.numel()), init(z))[1])
+    init = model.codebook_trainer.initialize
+    monkeypatch.setattr(model.codebook_trainer, "initialize", lambda z: (initialized_from.append(z.numel()), init(z))[1])
     cfg = TrainConfig(epochs=3, warmup=2, batch_size=32, negatives=5, progress=False, patience=1)
     calls_per_epoch = 2 * -(-len(data.train.items) // 32)  # positives and negatives per step
     validated = []
@@ -257,7 +256,7 @@ def test_warmup_trains_unquantized_then_starts_codebooks_from_learned_tokens(mon
     assert initialized_from == [data.n_users * 4 * 64]  # every user's 4 tokens, once, at the switch
     assert [h.get("warmup", False) for h in info["history"]] == [True, True, False]
     assert "distinct_codes" not in info["history"][0]  # unquantized: no codes yet
-    assert 1 <= info["history"][2]["distinct_codes"] <= 16  # C = 4, P = 2: at most 16 codes
+    assert 1 <= info["history"][2]["distinct_codes"] <= 4 * 16  # C = 4, P = 2, one quantizer per token: 4 x 16 codes
     assert validated == [False, False, True]  # patience 1 did not stop the run in the warm-up
     assert info["best_valid_recall@20"] == 0.0  # the best state is a quantized one
 
@@ -282,7 +281,7 @@ def test_density_training_moves_the_bias_to_the_target_quantile():
         TrainConfig(density=1.0)
     torch.manual_seed(0)
     data = datasets.synthetic(80, 60, per_user=8, seed=0)
-    model = SparCode(data, n_words=4, hidden=(16,))
+    model = SparCode(data, n_words=4, hidden=(16,), quantizer="product", per_token=False)
     cfg = TrainConfig(epochs=4, batch_size=32, negatives=30, progress=False, density=0.1)
     better = iter(range(100))  # every epoch improves: the last state is kept
     fit(model, data, cfg, lambda m, users, truth: {"recall@20": next(better)})

@@ -1,17 +1,15 @@
-"""Engine(backend="triton") equals Engine(backend="torch") in both regimes, exactly
-(quantized scores make every sum exact, so ties are decided the same way)."""
+"""Engine(backend="triton") equals the dense oracle and Engine(backend="torch") in both
+regimes, exactly (quantized scores make every sum exact, so ties are decided the same way)."""
 
 import numpy as np
 import pytest
 import torch
-from helpers import quantized_index
+from helpers import DEVICE, quantized_index
+from oracle import assert_same_results, dense_search
 
 from sparcode.engine import Engine
 from sparcode.engine.synthetic import random_codes
 from sparcode.engine.triton_backend import TritonBackend, choose_regime
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
 
 def engines(index, regime):
     triton_engine = Engine(index, backend="triton")
@@ -37,6 +35,24 @@ def test_triton_equals_torch(regime, case):
     got = fast.search(codes, k=k, exclude=exclude)
     want = reference.search(codes, k=k, exclude=exclude)
     assert torch.equal(got.ids, want.ids) and torch.equal(got.scores, want.scores)
+
+
+@pytest.mark.parametrize("regime", ["candidate", "tiled"])
+@pytest.mark.parametrize("case", range(12))
+def test_triton_equals_the_dense_oracle(regime, case):
+    rng = np.random.default_rng(1000 + case)
+    dtype = [torch.float16, torch.bfloat16, torch.float32][case % 3]
+    n_codes, n_items = int(rng.integers(2, 24)), int(rng.integers(1, 250))
+    index = quantized_index(n_codes, n_items, float(rng.uniform(0, 30)), seed=case, dtype=dtype, negative=case % 4 == 1)
+    n_queries, n_tokens = int(rng.integers(1, 4)), int(rng.integers(1, 5))
+    codes = random_codes(n_queries, n_tokens, n_codes, seed=case)
+    codes[0] = codes[0, 0]  # one query repeats a single code
+    k = int(rng.choice([1, 3, 10, 500]))
+    exclude = [rng.choice(n_items, size=int(rng.integers(0, min(n_items, 20) + 1)), replace=False)
+               for _ in range(n_queries)] if case % 2 else None
+    fast, _ = engines(index.to(DEVICE), regime)
+    got = fast.search(codes.to(DEVICE), k=k, exclude=exclude)
+    assert_same_results(got.scores.cpu(), got.ids.cpu(), *dense_search(index, codes.numpy(), k, exclude))
 
 
 def test_auto_regime_follows_the_cost_model():

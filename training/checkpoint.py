@@ -54,13 +54,11 @@ def load_checkpoint(path: Path, device: str = "cpu") -> tuple[torch.nn.Module, d
         state = load_file(str(path / "model.safetensors"))
     except Exception as exc:  # safetensors raises its own error types
         raise ValueError(f"{path / 'model.safetensors'}: {exc}") from None
-    if "bias" in model.state_dict() and "bias" not in state:  # saved before the bias was state: its fixed value
-        state["bias"] = model.bias.clone()
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:  # weights of another shape or version of the model
         raise ValueError(f"{path / 'model.safetensors'}: does not fit the {config['model']['kind']} model its config "
-                         f"describes ({str(exc).splitlines()[0]}); it may have been saved by an older version") from None
+                         f"describes ({str(exc).splitlines()[0]})") from None
     return model.to(device).eval(), data, config
 
 

@@ -11,6 +11,8 @@ import json
 import sys
 from pathlib import Path
 
+from . import defaults
+
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     train = sub.add_parser("train", help="train SparCode, TwoTower or AllToAll and save a checkpoint")
@@ -18,44 +20,40 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--path", type=Path, default=None, help="dataset directory for a real dataset")
     train.add_argument("--model", default="sparcode", choices=["sparcode", "two_tower", "all_to_all"])
     train.add_argument("--out", type=Path, required=True, help="checkpoint directory")
-    train.add_argument("--epochs", type=int, default=20)
-    train.add_argument("--batch-size", type=int, default=1024)
-    train.add_argument("--lr", type=float, default=1e-3)
-    train.add_argument("--negatives", type=int, default=100, help="negatives shared by each batch")
-    train.add_argument("--sampling", default=None, choices=["uniform", "popularity", "in-batch"],
-                       help="how negatives are drawn, popularity and in-batch with the log-Q correction (default: "
-                            "popularity; in-batch for two_tower; uniform with --density)")
+    train.add_argument("--epochs", type=int, default=defaults.EPOCHS)
+    train.add_argument("--batch-size", type=int, default=defaults.BATCH_SIZE)
+    train.add_argument("--lr", type=float, default=defaults.LR)
+    train.add_argument("--negatives", type=int, default=defaults.NEGATIVES, help="negatives shared by each batch")
+    train.add_argument("--sampling", default=None, choices=defaults.SAMPLINGS,
+                       help="how negatives are drawn (default: popularity; in-batch for two_tower; uniform with --density)")
     train.add_argument("--warmup", type=int, default=0, help="sparcode: epochs without quantization first")
     train.add_argument("--density", type=float, default=None,
                        help="sparcode: train for an index of this density (the bias follows a score quantile)")
-    train.add_argument("--commitment", type=float, default=None,
-                       help="sparcode: weight of the quantizer's commitment loss (default: TrainConfig's)")
-    train.add_argument("--valid-users", type=int, default=None,
-                       help="users whose validation Recall@20 drives early stopping (default: TrainConfig's)")
+    train.add_argument("--commitment", type=float, default=defaults.COMMITMENT,
+                       help="sparcode: weight of the quantizer's commitment loss")
+    train.add_argument("--valid-users", type=int, default=defaults.VALID_USERS,
+                       help="users whose validation Recall@20 drives early stopping")
     train.add_argument("--time-budget", type=float, default=None,
-                       help="stop after the epoch that passes this many seconds (default: none on a GPU, "
-                            "2,700 on a CPU; 0 for none)")
-    train.add_argument("--l2", type=float, default=1e-5,
-                       help="weight of the embeddings' squared norm (default 1e-5: +9-10%% test Recall@20 over 1e-6 "
-                            "for SparCode and TwoTower on Gowalla)")
-    train.add_argument("--patience", type=int, default=10,
-                       help="epochs without a better validation Recall@20 before stopping (default 10: validation "
-                            "swings between epochs)")
-    train.add_argument("--tokens", type=int, default=4, help="T")
+                       help=f"stop after the epoch that passes this many seconds (default: {defaults.CPU_TIME_BUDGET:,.0f} "
+                            "on a CPU, none on a GPU; 0 for none)")
+    train.add_argument("--l2", type=float, default=defaults.L2, help="weight of the embeddings' squared norm")
+    train.add_argument("--patience", type=int, default=defaults.PATIENCE,
+                       help="epochs without a better validation Recall@20 before stopping")
+    train.add_argument("--tokens", type=int, default=defaults.TOKENS, help="T")
     train.add_argument("--codewords", type=int, default=None,
-                       help="C per codebook (default: 128 on a GPU, V = 4 x 128**2 = 65,536; 64 on a CPU)")
-    train.add_argument("--quantizer", default="residual", choices=["product", "residual"],
-                       help="sparcode: residual (default: the second codebook quantizes what the first left; less "
-                            "error for the same V) or product (the paper's: each codebook quantizes half the token)")
-    train.add_argument("--per-token-codebooks", action=argparse.BooleanOptionalAction, default=True,
-                       help="sparcode: one quantizer per token position, V = T * C**2 (default), or one shared by "
-                            "all positions, V = C**2")
-    train.add_argument("--dim", type=int, default=64, help="token and item embedding size")
+                       help=f"C per codebook (default: {defaults.GPU_CODEWORDS} on a GPU, {defaults.CPU_CODEWORDS} on a CPU)")
+    train.add_argument("--quantizer", default=defaults.QUANTIZER, choices=["product", "residual"],
+                       help="sparcode: residual (each stage quantizes what the one before left) or product (the "
+                            "paper's: each stage quantizes a slice of the token)")
+    train.add_argument("--per-token-codebooks", action=argparse.BooleanOptionalAction, default=defaults.PER_TOKEN,
+                       help="sparcode: one quantizer per token position, V = T * C**2, or one shared, V = C**2")
+    train.add_argument("--dim", type=int, default=defaults.DIM, help="token and item embedding size")
     train.add_argument("--hidden", type=int, nargs="+", default=None,
-                       help="scorer MLP widths (default: 256 256 256 on a GPU, 64 64 on a CPU)")
-    train.add_argument("--embedding-std", type=float, default=None,
-                       help="initial std of the embeddings (default 0.1)")
-    train.add_argument("--temperature", type=float, default=0.1,
+                       help=f"scorer MLP widths (default: {' '.join(map(str, defaults.GPU_HIDDEN))} on a GPU, "
+                            f"{' '.join(map(str, defaults.CPU_HIDDEN))} on a CPU)")
+    train.add_argument("--embedding-std", type=float, default=defaults.EMBEDDING_STD,
+                       help="initial std of the embeddings")
+    train.add_argument("--temperature", type=float, default=defaults.TEMPERATURE,
                        help="two_tower: scores are cosine similarities over this temperature")
     train.add_argument("--device", default=None)
     train.add_argument("--seed", type=int, default=0)
@@ -96,47 +94,36 @@ def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
     from .checkpoint import checkpoint_config, load_data, save_checkpoint
-    from .train import (
-        CPU_TIME_BUDGET,
-        TrainConfig,
-        default_codewords,
-        default_hidden,
-        default_sampling,
-        fit,
-        make_model,
-        validator,
-    )
+    from .train import TrainConfig, fit, make_model, validator
 
     device = _device(args.device)
-    hidden = list(args.hidden or default_hidden(device))
-    codewords = default_codewords(device) if args.codewords is None else args.codewords
-    sampling = args.sampling or default_sampling(args.model, args.density)
-    budget = CPU_TIME_BUDGET if args.time_budget is None and torch.device(device).type == "cpu" else args.time_budget
-    optional = {name: value for name, value in (("commitment", args.commitment), ("valid_users", args.valid_users))
-                if value is not None}
+    hidden = list(args.hidden or defaults.hidden(device))
+    codewords = defaults.codewords(device) if args.codewords is None else args.codewords
+    sampling = args.sampling or defaults.sampling(args.model, args.density)
+    budget = defaults.time_budget(device) if args.time_budget is None else args.time_budget
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, negatives=args.negatives, sampling=sampling,
                       lr=args.lr, seed=args.seed, device=device, progress=not args.no_progress, l2=args.l2,
                       patience=args.patience, time_budget=budget or None, warmup=args.warmup, density=args.density,
-                      **optional)  # budget 0: none
+                      commitment=args.commitment, valid_users=args.valid_users)  # budget 0: none
     for flag, value in (("--codewords", codewords), ("--tokens", args.tokens), ("--dim", args.dim),
                         *(("--hidden", width) for width in hidden)):
         if value < 1:
             raise ValueError(f"{flag}: expected a positive integer, got {value}")
-    defaults = [f"{sampling} negatives"] if args.sampling is None else []
+    chosen = [f"{sampling} negatives"] if args.sampling is None else []
     if args.model != "two_tower" and args.hidden is None:
-        defaults.append(f"scorer hidden {' '.join(map(str, hidden))}")
+        chosen.append(f"scorer hidden {' '.join(map(str, hidden))}")
     if args.model != "two_tower" and args.codewords is None:
-        defaults.append(f"{codewords} codewords")
+        chosen.append(f"{codewords} codewords")
     if args.time_budget is None and cfg.time_budget is not None:
-        defaults.append(f"time budget {cfg.time_budget:,.0f} s")
-    if defaults:
-        print(f"train: {', '.join(defaults)} (the defaults for {args.model} on {device}; --sampling, --hidden, "
+        chosen.append(f"time budget {cfg.time_budget:,.0f} s")
+    if chosen:
+        print(f"train: {', '.join(chosen)} (the defaults for {args.model} on {device}; --sampling, --hidden, "
               "--codewords and --time-budget override them)", file=sys.stderr)
     data = load_data(args.data, args.path, args.seed)
-    std = {} if args.embedding_std is None else {"embedding_std": args.embedding_std}
-    kwargs = ({"dim": args.dim, "n_tokens": args.tokens, "temperature": args.temperature, **std} if args.model == "two_tower"
+    kwargs = ({"dim": args.dim, "n_tokens": args.tokens, "temperature": args.temperature,
+               "embedding_std": args.embedding_std} if args.model == "two_tower"
               else {"dim": args.dim, "n_tokens": args.tokens, "n_words": codewords, "hidden": hidden,
-                    "quantizer": args.quantizer, "per_token": args.per_token_codebooks, **std})
+                    "quantizer": args.quantizer, "per_token": args.per_token_codebooks, "embedding_std": args.embedding_std})
     torch.manual_seed(args.seed)
     model = make_model(args.model, data, **kwargs)
     info = fit(model, data, cfg, validator(data, cfg))

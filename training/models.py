@@ -7,15 +7,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparcode.engine.encoder import EMBEDDING_STD, QueryEncoder, Tokenizer, embedding, make_quantizer
+from sparcode.engine.encoder import QueryEncoder, Tokenizer, embedding, make_quantizer
 
+from . import defaults
+from .codebooks import CodebookTrainer
 from .data import InteractionData
 
 
 class ItemTower(nn.Module):
     """Item id embedding + categorical feature embeddings -> (N, dim)."""
 
-    def __init__(self, n_items: int, cardinalities: tuple[int, ...], dim: int, std: float = EMBEDDING_STD) -> None:
+    def __init__(self, n_items: int, cardinalities: tuple[int, ...], dim: int, std: float = defaults.EMBEDDING_STD) -> None:
         super().__init__()
         self.ids = embedding(n_items, dim, std)
         self.features = nn.ModuleList(embedding(c, dim, std) for c in cardinalities)
@@ -33,37 +35,31 @@ class Scorer(nn.Module):
 
     The product input and the dot residual are ours, not the paper's: an MLP learns a
     dot product only slowly (Rendle et al., 2020), and with them the scorer starts from
-    what a two-tower model can express and the MLP learns the rest. ``product=False``
-    gives the paper's plain MLP. The first layer is split into a token part, an item
+    what a two-tower model can express and the MLP learns the rest. The first layer is split into a token part, an item
     part and the product part, so export computes the first two once per code and once
     per item; for items shared by a batch the product part folds into one matmul
     (``fold_side``).
     """
 
-    def __init__(self, dim: int, hidden: tuple[int, ...] = (256, 256, 256), product: bool = True) -> None:
+    def __init__(self, dim: int, hidden: tuple[int, ...]) -> None:
         super().__init__()
         self.token_in = nn.Linear(dim, hidden[0])
         self.item_in = nn.Linear(dim, hidden[0], bias=False)
-        self.product_in = nn.Linear(dim, hidden[0], bias=False) if product else None
+        self.product_in = nn.Linear(dim, hidden[0], bias=False)
         self.dot_scale = dim**-0.5  # unit-variance tokens: the dot is then on the scale of an item embedding entry
         layers: list[nn.Module] = []
         for a, b in zip(hidden[:-1], hidden[1:]):
             layers += [nn.ReLU(), nn.Linear(a, b)]
         self.rest = nn.Sequential(*layers, nn.ReLU(), nn.Linear(hidden[-1], 1))
-        if product:  # start as the dot product alone; the MLP learns what it cannot express
-            nn.init.zeros_(self.rest[-1].weight)
-            nn.init.zeros_(self.rest[-1].bias)
+        # start as the dot product alone; the MLP learns what it cannot express
+        nn.init.zeros_(self.rest[-1].weight)
+        nn.init.zeros_(self.rest[-1].bias)
 
     def forward(self, tokens: torch.Tensor, items: torch.Tensor, token_part: torch.Tensor | None = None,
                 item_part: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (B, T, d) with items (M, d) shared by the batch or (B, M, d) per query
         -> raw scores (B, T, M). ``token_part`` / ``item_part``: precomputed first-layer
         halves (export passes them to avoid recomputing per chunk)."""
-        if self.product_in is None:
-            item_part = self.item_in(items) if item_part is None else item_part
-            ip = item_part.unsqueeze(-3) if item_part.dim() == 3 else item_part  # (B, 1, M, h) or (M, h)
-            token_part = self.token_in(tokens) if token_part is None else token_part
-            return self.rest(token_part.unsqueeze(-2) + ip).squeeze(-1)
         dot = tokens @ items.transpose(-1, -2) * self.dot_scale  # (B, T, M): a matmul, not a sum over a product
         side = self.fold_side(tokens, items, given=token_part is not None or item_part is not None)
         if side == "tokens":
@@ -119,17 +115,20 @@ class Scorer(nn.Module):
 class SparCode(nn.Module):
     """score(q, i) = sum over tokens of ReLU(scorer(quantized token, item) + bias)."""
 
-    def __init__(self, data: InteractionData, *, dim: int = 64, n_tokens: int = 4, n_sub: int = 2, n_words: int = 64,
-                 hidden: tuple[int, ...] = (256, 256, 256), bias: float = 0.0, quantize: bool = True,
-                 product: bool = True, embedding_std: float = EMBEDDING_STD, quantizer: str = "product",
-                 per_token: bool = False) -> None:
+    def __init__(self, data: InteractionData, *, dim: int = defaults.DIM, n_tokens: int = defaults.TOKENS,
+                 n_sub: int = defaults.SUB_CODEBOOKS, n_words: int = defaults.CPU_CODEWORDS,
+                 hidden: tuple[int, ...] = defaults.CPU_HIDDEN, bias: float = 0.0, quantize: bool = True,
+                 embedding_std: float = defaults.EMBEDDING_STD, quantizer: str = defaults.QUANTIZER,
+                 per_token: bool = defaults.PER_TOKEN) -> None:
         super().__init__()
         tokenizer = Tokenizer(data.n_items, list(data.user_cardinalities), dim=dim, n_tokens=n_tokens,
                               embedding_std=embedding_std)
         self.encoder = QueryEncoder(tokenizer, make_quantizer(quantizer, dim, n_sub, n_words,
-                                                              per_token=n_tokens if per_token else None))
+                                                              per_token=n_tokens if per_token else None),
+                                    history=defaults.HISTORY)
+        self.codebook_trainer = CodebookTrainer(self.encoder.quantizer)
         self.items = ItemTower(data.n_items, data.item_cardinalities, dim, embedding_std)
-        self.scorer = Scorer(dim, tuple(hidden), product)
+        self.scorer = Scorer(dim, tuple(hidden))
         self.register_buffer("bias", torch.tensor(float(bias)))  # a buffer: training may move it, checkpoints keep it
         self.quantize = quantize
 
@@ -138,7 +137,7 @@ class SparCode(nn.Module):
         z = self.encoder.tokenizer(history, user_features)
         if not self.quantize:
             return z, z.new_zeros(())
-        quantized, _, commit = self.encoder.quantizer(z)
+        quantized, _, commit = self.codebook_trainer(z)
         return quantized, commit
 
     def raw(self, tokens: torch.Tensor, item_vectors: torch.Tensor) -> torch.Tensor:
@@ -172,7 +171,7 @@ class TwoTower(nn.Module):
 
     Both vectors are L2-normalised and the user's is divided by ``temperature``, so
     the score is still one inner product (exact MIPS serves it) but its range is
-    bounded; ``temperature=None`` gives the raw dot product. Items with features pass
+    bounded. Items with features pass
     id + feature embeddings through an MLP (64-256-64), which can cross them; an id
     alone goes straight in, as an MLP over a free table only reparametrises it. On
     Gowalla (ids only, in-batch negatives, 6 epochs, 2 CPU cores) the raw dot behind an
@@ -181,11 +180,11 @@ class TwoTower(nn.Module):
     synthetic data (features) dropping the MLP cost a third, and with it the cosine
     was 1% (d = 16, at 0.2) and 9% (d = 64, at 0.1) under the raw dot (bench/NOTES.md)."""
 
-    def __init__(self, data: InteractionData, *, dim: int = 64, n_tokens: int = 4, temperature: float | None = 0.1,
-                 embedding_std: float = EMBEDDING_STD) -> None:
+    def __init__(self, data: InteractionData, *, dim: int = defaults.DIM, n_tokens: int = defaults.TOKENS,
+                 temperature: float = defaults.TEMPERATURE, embedding_std: float = defaults.EMBEDDING_STD) -> None:
         super().__init__()
-        if temperature is not None and not temperature > 0:
-            raise ValueError(f"temperature: expected a positive number (None: the raw dot product), got {temperature!r}")
+        if not temperature > 0:
+            raise ValueError(f"temperature: expected a positive number, got {temperature!r}")
         self.tokenizer = Tokenizer(data.n_items, list(data.user_cardinalities), dim=dim, n_tokens=n_tokens, normalize=False,
                                    embedding_std=embedding_std)
         self.items = ItemTower(data.n_items, data.item_cardinalities, dim, std=embedding_std)
@@ -195,8 +194,8 @@ class TwoTower(nn.Module):
 
     def user_vectors(self, history: torch.Tensor, user_features: torch.Tensor | None) -> torch.Tensor:
         users = self.tokenizer(history, user_features).mean(1)
-        return users if self.temperature is None else F.normalize(users, dim=-1) / self.temperature
+        return F.normalize(users, dim=-1) / self.temperature
 
     def item_vectors(self, item_vectors: torch.Tensor) -> torch.Tensor:
         items = self.item_mlp(item_vectors)
-        return items if self.temperature is None else F.normalize(items, dim=-1)
+        return F.normalize(items, dim=-1)

@@ -6,13 +6,14 @@ fixed seeds, a tqdm progress bar."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from . import defaults
 from .data import CSR, InteractionData
 from .metrics import ranking_metrics
 from .models import SparCode, TwoTower
@@ -20,22 +21,18 @@ from .models import SparCode, TwoTower
 
 @dataclass
 class TrainConfig:
-    epochs: int = 20
-    batch_size: int = 1024
-    negatives: int = 100  # shared by the batch; "in-batch" uses the batch's positives instead
-    sampling: str = "uniform"  # uniform | popularity | in-batch
-    lr: float = 1e-3
-    # Off by default, unlike the paper's 1.0: our tokens are batch-normalised (unit variance
-    # per dimension), so the only way left to shrink the quantization error is to put every
-    # token on a line, and the commitment loss drove exactly that (Gowalla: tokens of rank
-    # ~1, 155 codes for 29,858 users, validation falling; bench/NOTES.md). The EMA codebook
-    # follows the tokens without it, and the normalisation bounds their scale.
-    commitment: float = 0.0
-    l2: float = 1e-6
-    history: int = 20
-    patience: int = 3
-    valid_users: int = 1000  # early stopping's sample (TwoTower's MovieLens-1M validation swings +-0.01
-    # between epochs even over all 6,040 users: that is training noise, which patience 10 rides out)
+    """Training settings; every default comes from ``sparcode.training.defaults``."""
+
+    epochs: int = defaults.EPOCHS
+    batch_size: int = defaults.BATCH_SIZE
+    negatives: int = defaults.NEGATIVES
+    sampling: str | None = None  # uniform | popularity | in-batch; None: ``defaults.sampling`` of the model
+    lr: float = defaults.LR
+    commitment: float = defaults.COMMITMENT
+    l2: float = defaults.L2
+    history: int = defaults.HISTORY
+    patience: int = defaults.PATIENCE
+    valid_users: int = defaults.VALID_USERS
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
@@ -44,8 +41,8 @@ class TrainConfig:
     density: float | None = None  # SparCode: train for an index of this density (the bias follows a score quantile)
 
     def __post_init__(self) -> None:
-        if self.sampling not in SAMPLINGS:
-            raise ValueError(f"sampling: expected one of {', '.join(SAMPLINGS)}, got {self.sampling!r}")
+        if self.sampling is not None and self.sampling not in defaults.SAMPLINGS:
+            raise ValueError(f"sampling: expected one of {', '.join(defaults.SAMPLINGS)}, got {self.sampling!r}")
         for name in ("epochs", "batch_size", "patience", "valid_users"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
@@ -61,45 +58,9 @@ class TrainConfig:
             raise ValueError(f"commitment: expected a weight >= 0, got {self.commitment}")
         if self.density is not None and not 0 < self.density < 1:
             raise ValueError(f"density: expected a fraction in (0, 1), got {self.density}")
-        if self.density is not None and self.sampling != "uniform":
+        if self.density is not None and self.sampling not in (None, "uniform"):
             raise ValueError(f"density: the bias follows uniform negatives; sampling {self.sampling!r} is not uniform")
 
-
-SAMPLINGS = ("uniform", "popularity", "in-batch")
-
-# ``sparcode train``'s defaults by device. The paper's (256, 256, 256) scorer runs on every
-# (token, item) pair, ~30x the multiply-adds of (64, 64): hours per Gowalla epoch on 2 CPU
-# cores against minutes. On a CPU the time budget ends training after the epoch that
-# crosses it: Gowalla with every default took 48 min 50 s on 2 cores (9 epochs of ~5.4 min
-# with validation, on huge pages; bench/NOTES.md, sixteenth session).
-GPU_HIDDEN = (256, 256, 256)
-CPU_HIDDEN = (64, 64)
-CPU_TIME_BUDGET = 2700.0
-# Codewords per codebook of the default code space (residual, one quantizer per token
-# position, V = T * C**2): 4 x 128**2 = 65,536 codes on a GPU, the paper's V; 4 x 64**2 =
-# 16,384 on a CPU, where exporting all V x N pairs is ~1.4M pairs/s (8 min for Gowalla).
-GPU_CODEWORDS = 128
-CPU_CODEWORDS = 64
-
-
-def default_hidden(device: str) -> tuple[int, ...]:
-    """The scorer widths for ``device`` when none are given: the paper's on a GPU."""
-    return CPU_HIDDEN if torch.device(device).type == "cpu" else GPU_HIDDEN
-
-
-def default_codewords(device: str) -> int:
-    """Codewords per codebook for ``device`` when none are given: V = 65,536 on a GPU."""
-    return CPU_CODEWORDS if torch.device(device).type == "cpu" else GPU_CODEWORDS
-
-
-def default_sampling(kind: str, density: float | None) -> str:
-    """How ``sparcode train`` draws negatives when not told: popularity for the scorer
-    models (+30% validation Recall@20 over uniform after one Gowalla epoch) and the batch's
-    positives for TwoTower, whose dot product makes them cheap (2.9x over 100 uniform);
-    uniform when training for a density, whose bias follows uniform negatives."""
-    if kind == "two_tower":
-        return "in-batch"
-    return "uniform" if density is not None else "popularity"
 
 
 def history_matrix(train: CSR, n_users: int, length: int, seed: int) -> np.ndarray:
@@ -203,7 +164,7 @@ def start_quantizing(model: SparCode, t: dict, cfg: TrainConfig, rng: np.random.
     users = users.to(cfg.device)
     model.eval()
     z = model.encoder.tokenizer(t["history"][users], None if t["user_features"] is None else t["user_features"][users])
-    model.encoder.quantizer.initialize(z)
+    model.codebook_trainer.initialize(z)
     model.quantize = True
 
 
@@ -225,6 +186,8 @@ def fit(model: torch.nn.Module, data: InteractionData, cfg: TrainConfig, evaluat
     quantized training from the start learned 3.5x slower than AllToAll over the first
     6 epochs; NOTES.md has where it helped and where not). Warm-up epochs are recorded
     but neither kept as the best state nor counted for early stopping."""
+    if cfg.sampling is None:
+        cfg = replace(cfg, sampling=defaults.sampling(model_kind(model), cfg.density))
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     model.to(cfg.device)
@@ -372,6 +335,13 @@ def validator(data: InteractionData, cfg: TrainConfig):
         return ranking_metrics(ranked, truth, users, ks=(20,))
 
     return evaluate
+
+
+def model_kind(model: torch.nn.Module) -> str:
+    """"two_tower", "sparcode" or "all_to_all" (a SparCode that does not quantize)."""
+    if isinstance(model, TwoTower):
+        return "two_tower"
+    return "sparcode" if model.quantize else "all_to_all"
 
 
 def make_model(kind: str, data: InteractionData, **kwargs) -> torch.nn.Module:

@@ -1,0 +1,69 @@
+"""The one source of training defaults: ``TrainConfig``, the model constructors,
+``sparcode train``, the accuracy bench and the demo all read them from here.
+
+Where a default differs by device, a function of the device gives it. The paper's
+(256, 256, 256) scorer runs on every (token, item) pair, ~30x the multiply-adds of
+(64, 64): minutes per Gowalla epoch on a GPU, hours on 2 CPU cores; so a CPU gets the
+smaller scorer, V = 16,384 codes instead of 65,536 (exporting all V x N pairs runs at
+~1.4M pairs/s there) and a time budget. Evidence for each choice: docs/accuracy.md.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SAMPLINGS = ("uniform", "popularity", "in-batch")  # how negatives are drawn
+
+# optimisation
+EPOCHS = 20
+BATCH_SIZE = 1024
+LR = 1e-3
+NEGATIVES = 100  # shared by the batch; "in-batch" sampling uses the batch's positives instead
+L2 = 1e-5  # weight of the embeddings' squared norm
+PATIENCE = 10  # epochs without a better validation Recall@20 before stopping
+VALID_USERS = 1000  # users whose validation Recall@20 drives early stopping
+HISTORY = 20  # history items per query
+COMMITMENT = 0.0  # the quantizer's commitment loss: it collapses batch-normalised tokens
+CPU_TIME_BUDGET = 2700.0  # seconds; training stops after the epoch that crosses it
+
+# model
+DIM = 64  # token and item embedding size
+TOKENS = 4  # T
+SUB_CODEBOOKS = 2  # P
+QUANTIZER = "residual"  # or "product", the paper's
+PER_TOKEN = True  # one quantizer per token position: V = T * C**P
+EMBEDDING_STD = 0.1  # initial std of the id and feature embeddings
+TEMPERATURE = 0.1  # TwoTower: cosine similarity over this temperature
+GPU_HIDDEN = (256, 256, 256)  # the scorer's MLP widths
+CPU_HIDDEN = (64, 64)
+GPU_CODEWORDS = 128  # C: V = 4 x 128**2 = 65,536, the paper's code space
+CPU_CODEWORDS = 64  # V = 4 x 64**2 = 16,384
+
+
+def on_cpu(device: str | torch.device) -> bool:
+    return torch.device(device).type == "cpu"
+
+
+def hidden(device: str | torch.device) -> tuple[int, ...]:
+    """The scorer widths for ``device``: the paper's on a GPU."""
+    return CPU_HIDDEN if on_cpu(device) else GPU_HIDDEN
+
+
+def codewords(device: str | torch.device) -> int:
+    """Codewords per codebook for ``device``: V = 65,536 on a GPU."""
+    return CPU_CODEWORDS if on_cpu(device) else GPU_CODEWORDS
+
+
+def time_budget(device: str | torch.device) -> float | None:
+    """Training seconds for ``device``: none on a GPU."""
+    return CPU_TIME_BUDGET if on_cpu(device) else None
+
+
+def sampling(kind: str, density: float | None = None) -> str:
+    """How negatives are drawn for model ``kind``: popularity for the scorer models (+30%
+    validation Recall@20 over uniform after one Gowalla epoch) and the batch's positives for
+    TwoTower, whose dot product makes them cheap (2.9x over 100 uniform); uniform when
+    training for a density, whose bias follows uniform negatives."""
+    if kind == "two_tower":
+        return "in-batch"
+    return "uniform" if density is not None else "popularity"
