@@ -248,5 +248,8 @@ def test_the_oracle_comparison_rejects_anything_but_tie_reordering():
         "padding": ([[4.0, 4.0, -np.inf]], [[1, 2, -1]]),
     }
     for case, (scores, ids) in wrong.items():
-        with pytest.raises(AssertionError):
+        try:
             assert_equivalent_results(np.array(scores, dtype=np.float32), np.array(ids), index, codes, 3, exclude)
+        except AssertionError:
+            continue
+        pytest.fail(f"the oracle accepted a result with a fault: {case}")

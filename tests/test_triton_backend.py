@@ -11,6 +11,7 @@ from sparcode.engine import Engine
 from sparcode.engine.synthetic import random_codes
 from sparcode.engine.triton_backend import TritonBackend, choose_regime
 
+
 def engines(index, regime):
     triton_engine = Engine(index, backend="triton")
     # small tiles keep the interpreter fast and give several item blocks per query
