@@ -106,8 +106,17 @@ def test_resume_after_sigkill_at_random_points(job):
             time.sleep(0.002)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    assert journal_lines(path / "out") < 100, "the job finished before the last kill; the test proves nothing"
-    assert subprocess.run(cli(path, "--batch-size", "10"), stderr=subprocess.DEVNULL).returncode == 0
+    recorded = [line for j in (path / "out").glob("journal.rank*.jsonl") for line in j.read_text().splitlines()]
+    files = [json.loads(line)["file"] for line in recorded if line.endswith("}")]  # a torn last line is not a record
+    on_record = len(files)
+    assert on_record < 100, "the job finished before the last kill; the test proves nothing"
+    before = {name: ((path / "out" / name).stat().st_ino, (path / "out" / name).stat().st_mtime_ns) for name in files}
+    final = subprocess.run(cli(path, "--batch-size", "10"), stderr=subprocess.PIPE, text=True)
+    assert final.returncode == 0
+    # the parts on record were skipped, not recomputed: the rerun says so and leaves their files alone
+    assert f"in {100 - on_record} parts ({on_record} of 100 already on record)" in final.stderr, final.stderr
+    after = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (path / "out").glob("part-*.parquet")}
+    assert len(before) == on_record and all(after[name] == stamp for name, stamp in before.items())
     users, ids, scores = read_rows(path / "out")
     want = expected(index, codes, exclude)
     assert users == list(range(1000))  # no duplicate, no missing user

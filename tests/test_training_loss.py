@@ -249,8 +249,14 @@ def test_warmup_trains_unquantized_then_starts_codebooks_from_learned_tokens(mon
     monkeypatch.setattr(model.codebook_trainer, "initialize", lambda z: (initialized_from.append(z.numel()), init(z))[1])
     cfg = TrainConfig(epochs=3, warmup=2, batch_size=32, negatives=5, progress=False, patience=1)
     calls_per_epoch = 2 * -(-len(data.train.items) // 32)  # positives and negatives per step
-    validated = []
-    info = fit(model, data, cfg, lambda m, users, truth: validated.append(m.quantize) or {"recall@20": 0.0})
+    validated, states = [], []
+
+    def evaluate(m, users, truth):  # warm-up epochs score higher: they must still not become the best state
+        validated.append(m.quantize)
+        states.append({name: value.clone() for name, value in m.state_dict().items()})
+        return {"recall@20": 0.1 if m.quantize else 0.9}
+
+    info = fit(model, data, cfg, evaluate)
     assert seen[: 2 * calls_per_epoch] == [False] * (2 * calls_per_epoch)
     assert seen[2 * calls_per_epoch:] == [True] * calls_per_epoch and model.quantize
     assert initialized_from == [data.n_users * 4 * 64]  # every user's 4 tokens, once, at the switch
@@ -258,7 +264,10 @@ def test_warmup_trains_unquantized_then_starts_codebooks_from_learned_tokens(mon
     assert "distinct_codes" not in info["history"][0]  # unquantized: no codes yet
     assert 1 <= info["history"][2]["distinct_codes"] <= 4 * 16  # C = 4, P = 2, one quantizer per token: 4 x 16 codes
     assert validated == [False, False, True]  # patience 1 did not stop the run in the warm-up
-    assert info["best_valid_recall@20"] == 0.0  # the best state is a quantized one
+    assert info["best_valid_recall@20"] == 0.1  # not the warm-up's 0.9
+    restored = model.state_dict()
+    assert all(torch.equal(restored[name], states[2][name]) for name in restored)  # the quantized epoch's state
+    assert not all(torch.equal(restored[name], states[1][name]) for name in restored)
 
 
 def test_warmup_must_leave_quantized_epochs():
