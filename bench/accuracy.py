@@ -1,9 +1,9 @@
 """Accuracy on record: train SparCode, TwoTower and AllToAll on one dataset with the same
-tokenizer and budget, evaluate them as ../shared/data/README.md defines (full ranking,
+tokenizer and budget, evaluate them as BARS defines (full ranking,
 training items excluded), and write ``accuracy-<dataset>.json``.
 
-    python -m sparcode.bench.accuracy --dataset gowalla --path ../shared/data/gowalla_m1 --out bench/results
-    python -m sparcode.bench.accuracy --dataset ml-1m --path ../shared/data/ml-1m --out bench/results
+    python -m sparcode.bench.accuracy --dataset gowalla --path DATA/gowalla_m1 --out bench/results
+    python -m sparcode.bench.accuracy --dataset ml-1m --path DATA/ml-1m --out bench/results
     python -m sparcode.bench.accuracy --dataset synthetic --out bench/results
 
 SparCode is measured through its exported index and ``Engine.search`` (what is served is
@@ -43,8 +43,8 @@ DATASETS = {  # name -> (loader name, headline metric)
     "ml-100k": ("ml-100k", "recall@20"),
     "synthetic": ("synthetic", "recall@20"),
 }
-REFERENCES = {  # ../shared/data/README.md: the BARS leaderboard on gowalla_m1
-    "gowalla": {"source": "BARS leaderboard (../shared/data/README.md)",
+REFERENCES = {  # the BARS leaderboard on gowalla_m1
+    "gowalla": {"source": "BARS leaderboard, gowalla_m1 (reczoo.github.io/BARS)",
                 "YoutubeDNN": {"recall@20": 0.1754, "ndcg@20": 0.1473, "recall@50": 0.2711, "ndcg@50": 0.1772},
                 "MF-BPR": {"recall@20": 0.1627, "ndcg@20": 0.1378},
                 "LightGCN": {"recall@20": 0.1820, "ndcg@20": 0.1547},

@@ -1,5 +1,5 @@
 """The GPU half of ``bench/gpu_check.sh``: the ``sparcode bench`` harness on regimes R1-R3
-at full size on CUDA, plus the kernels issue's targets checked on the same run.
+at full size on CUDA, plus the GPU targets checked in the same run.
 
     python -m sparcode.bench.gpu_bench --out DIR [--regimes R1 R2 R3]
     python -m sparcode.bench.gpu_bench --dry-run --out DIR   # tiny sizes on CPU, no GPU needed

@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
-# One call on the lent GPU machine: install without dependencies (torch, triton and
-# friends are already there; there is no network), run the GPU tests, then the GPU
-# benchmarks. Results go to $OUT (default ./out): pytest-gpu.log and gpu-bench.json.
+# The GPU check in one call: install without dependencies (torch and triton come with
+# the machine; no network is needed), run the GPU tests, then the GPU benchmarks. Results go to $OUT (default ./out): pytest-gpu.log and gpu-bench.json.
 # Without a GPU it says so and dry-runs the benchmark on CPU at tiny sizes.
 set -uo pipefail
 cd "$(dirname "$0")/.."

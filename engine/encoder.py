@@ -93,7 +93,7 @@ class ResidualQuantizer(Quantizer):
     each next stage the residual the stages before it left; the quantized token is the
     sum of the chosen codewords. With P = 2, C = 256 (V = 65,536 either way) it left
     19% of the tokens' energy as error where the product quantizer left 31%, on a
-    trained MovieLens-1M model (bench/NOTES.md): every stage sees all dimensions, so
+    trained MovieLens-1M model (docs/accuracy.md): every stage sees all dimensions, so
     the codewords follow how the dimensions vary together."""
 
     kind = "residual"
@@ -122,7 +122,7 @@ class PerTokenQuantizer(nn.Module):
     1,000 users) and validation fell after epoch 12, while residual 2 x 128 per position
     (the same V = 65,536) kept ~3,800 codes and led at equal epochs (validation 0.1892
     vs 0.1839 at epoch 12); trained on to its budget, Recall@50 0.3643 against 0.3336
-    (bench/NOTES.md). Words carry the position first: (..., 1 + P)."""
+    (docs/accuracy.md). Words carry the position first: (..., 1 + P)."""
 
     def __init__(self, kind: str, n_tokens: int, dim: int, n_sub: int, n_words: int) -> None:
         super().__init__()

@@ -7,8 +7,7 @@ of 1,024 queries x 4 tokens x 100 negatives x 64 hidden units (Gowalla on a CPU,
 float32, 105 MB each; ~10 of them by the shapes, so ~250,000 faults a step, counted
 from the sizes, not measured). With ``THP_MEM_ALLOC_ENABLE=1`` torch page-aligns
 allocations of 2 MiB and more and advises the kernel to back them with 2 MiB pages,
-one fault each: a Gowalla epoch on 2 cores took 317 s instead of 473 s
-(bench/NOTES.md, sixteenth session, has the measurements).
+one fault each: a Gowalla epoch on 2 cores took 317 s instead of 473 s (docs/performance.md).
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ def choose_regime(n_items: int, n_tokens: int, mean_postings: float, longest: in
     candidate: every posting binary-searches all T lists (T x log2 L loads) and is
     written once as a key. tiled: every posting is a read-modify-write of the scratch
     row, and every item slot costs an init, a read-back and its share of the on-chip
-    sort. The constants are first guesses to calibrate on a GPU (bench/NOTES.md).
+    sort. The constants are first guesses, to be calibrated on a GPU (docs/performance.md).
     """
     steps = max(1, longest.bit_length())
     candidate = mean_postings * (n_tokens * steps + 2)

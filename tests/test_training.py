@@ -1,5 +1,6 @@
 """Training side: loaders, metrics, quantizer, export, and the demo end to end."""
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from sparcode.training.export import ExportRule, export_index, export_indexes
 from sparcode.training.metrics import ranking_metrics
 from sparcode.training.models import SparCode, TwoTower
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = Path(os.environ.get("SPARCODE_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))  # the datasets, if any
 
 
 def test_bars_loader_and_malformed_line(tmp_path):
@@ -336,9 +337,9 @@ def test_demo_end_to_end_tiny(tmp_path, capsys):
     assert (tmp_path / "demo" / "recommendations" / "manifest.json").is_file()
 
 
-@pytest.mark.skipif(not (SHARED / "gowalla_m1").is_dir(), reason="../shared/data is absent")
+@pytest.mark.skipif(not (DATA / "gowalla_m1").is_dir(), reason="no Gowalla dataset (SPARCODE_DATA)")
 def test_real_gowalla_loads():
-    data = datasets.load_bars(SHARED / "gowalla_m1")
+    data = datasets.load_bars(DATA / "gowalla_m1")
     assert data.n_users == 29858 and data.n_items == 40981
     assert len(data.test.items) == 217242
     assert len(data.train.items) + len(data.valid.items) == 810128

@@ -4,7 +4,7 @@ categorical user and item features, and the original id maps.
 Loaders: MovieLens-100K (split by time), MovieLens-1M (seeded random split), the
 BARS/LightGCN text format (fixed split), and a synthetic generator whose ground truth
 is a random (user segment x item category) affinity table, beyond what a 16-d dot
-product can rank (a 64-d one still ranks it well; bench/NOTES.md). Validation is a
+product can rank (a 64-d one still ranks it well; docs/accuracy.md). Validation is a
 seeded slice of each user's training items. Malformed lines are rejected with the file
 and line number.
 """
@@ -245,7 +245,7 @@ def synthetic(n_users: int = 3000, n_items: int = 1000, *, per_user: int = 30, s
     (256 categories). A segment likes 16 of the 256 categories, drawn at random
     (``affinity_table``): a feature cross with no structure to exploit, whose 256 x 256
     pattern a dot product can only approximate (at d = 16 badly, at d = 64 well enough
-    to rank; bench/NOTES.md), while a scorer over (user, item) can learn it cell by cell.
+    to rank; docs/accuracy.md), while a scorer over (user, item) can learn it cell by cell.
     Item logits: 4 for a liked category, plus a power-law popularity. Each user draws
     ``per_user`` items; 20% go to test.
 

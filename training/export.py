@@ -60,7 +60,7 @@ def export_indexes(model: SparCode, item_features: torch.Tensor | None, n_items:
 
     Density 1 keeps softplus(scorer + b) for every pair: the smooth function training
     optimises (raw scores without an activation rank worse than any sparse index:
-    synthetic Recall@20 0.086 against 0.239 at 10% density, NOTES.md). Scores are stored
+    synthetic Recall@20 0.086 against 0.239 at 10% density, docs/accuracy.md). Scores are stored
     as float16; values that round to 0 are dropped. The first scorer layer is computed
     once for all codes and once for all items. The indexes are built on the model's
     device (a GPU export stays on the GPU, ready for ``Engine``) and held together until
@@ -133,7 +133,7 @@ class Postings:
     give back, and the set of Gowalla indexes (4.5 GB) peaked at ~20 GB resident. A block
     (192 MB) is its own mapping, returned to the system when freed; the pieces are freed
     at once and the offsets go into one array (the same five Gowalla indexes, 4.2 GB:
-    5.6 GB peak; bench/NOTES.md)."""
+    5.6 GB peak; docs/performance.md)."""
 
     BLOCK_PAIRS = 2**25
 

@@ -91,7 +91,7 @@ class Scorer(nn.Module):
         """token_in(t) + product_in(t * i) less the bias, for shared items as one matmul, t @ (W_token +
         i_m * W_product) for each item m: the same arithmetic without the (B, T, M, d)
         product or its elementwise passes (training's shared negatives; the scorer's
-        training step with hidden (64, 64) went 1.75x faster on 2 CPU cores, bench/NOTES.md)."""
+        training step with hidden (64, 64) went 1.75x faster on 2 CPU cores, docs/performance.md)."""
         d, h = self.token_in.in_features, self.token_in.out_features
         weights = self.token_in.weight.T + items.unsqueeze(-1) * self.product_in.weight.T  # (M, d, h)
         flat = tokens.reshape(-1, d) @ weights.permute(1, 0, 2).reshape(d, -1)  # (B T, M h)
@@ -178,7 +178,7 @@ class TwoTower(nn.Module):
     item MLP from N(0, 1) reached validation Recall@20 0.117, the cosine at 0.1 0.147
     (0.05: 0.138, 0.2: 0.106), without the MLP and from the small start 0.175; on the
     synthetic data (features) dropping the MLP cost a third, and with it the cosine
-    was 1% (d = 16, at 0.2) and 9% (d = 64, at 0.1) under the raw dot (bench/NOTES.md)."""
+    was 1% (d = 16, at 0.2) and 9% (d = 64, at 0.1) under the raw dot (docs/accuracy.md)."""
 
     def __init__(self, data: InteractionData, *, dim: int = defaults.DIM, n_tokens: int = defaults.TOKENS,
                  temperature: float = defaults.TEMPERATURE, embedding_std: float = defaults.EMBEDDING_STD) -> None:

@@ -101,7 +101,7 @@ def follow_density(model: SparCode, raw_negatives: torch.Tensor, density: float,
     export at this bias stores. ``fit`` adds the loss at b = 0: with the sparse loss
     alone the negatives under the cut pass almost no gradient, and MovieLens-1M at 10%
     lost 5% of Recall@50 against a model trained at b = 0 and cut at export; with both
-    it tied (NOTES.md). The serving bias averages about the last 1 / ``rate`` batches:
+    it tied (docs/accuracy.md). The serving bias averages about the last 1 / ``rate`` batches:
     at 0.1 it lagged scores that were still moving (a tiny synthetic run, 3 seeds,
     served 13.7-16.4% for a 10% target; 0.3 served 9.7-11.6%). The batch bias keeps its
     gradient: a shift of every score then cancels in score + bias. A detached bias let the scores drift down together and
@@ -184,7 +184,7 @@ def fit(model: torch.nn.Module, data: InteractionData, cfg: TrainConfig, evaluat
     SparCode with ``cfg.warmup`` trains unquantized first (the all-to-all model), then
     starts its codebooks from the learned tokens (on synthetic data with C = 64,
     quantized training from the start learned 3.5x slower than AllToAll over the first
-    6 epochs; NOTES.md has where it helped and where not). Warm-up epochs are recorded
+    6 epochs; docs/accuracy.md has where it helped and where not). Warm-up epochs are recorded
     but neither kept as the best state nor counted for early stopping."""
     if cfg.sampling is None:
         cfg = replace(cfg, sampling=defaults.sampling(model_kind(model), cfg.density))
