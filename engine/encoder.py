@@ -7,7 +7,7 @@ code is one of V = C**P (T * C**P in all with one per position). The paper's pro
 quantizer gives each stage a sub-vector; the residual quantizer gives each stage what
 the stages before it left (less error in the same code space). The codebooks are
 buffers here; how training moves them (k-means start, EMA updates, straight-through
-gradients) lives in ``sparcode.training.codebooks``.
+gradients) belongs to the training package.
 """
 
 from __future__ import annotations

@@ -98,11 +98,11 @@ def test_engine_never_imports_training_or_bench():
 
 
 def test_serving_commands_load_no_training_code():
-    # the parser reads the training commands' options (argparse only), never training code
+    # the parser reads the training commands' options and their defaults, never training code
     code = ("import sys, sparcode.cli.app as cli; cli.build_parser(); "
             "print(sorted(m for m in sys.modules if m.startswith('sparcode.training')))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert proc.stdout.strip() == "['sparcode.training', 'sparcode.training.commands']"
+    assert proc.stdout.strip() == "['sparcode.training', 'sparcode.training.commands', 'sparcode.training.defaults']"
 
 
 def test_engine_has_no_import_cycle():
