@@ -45,6 +45,8 @@ class Engine:
 
     ``encoder`` maps a float (B, F) tensor on the index's device to (B, T) integer codes.
     ``workspace_bytes`` bounds the scratch memory of one step; bigger batches are split.
+    ``dense_bytes`` bounds the dense score rows a backend may build for queries that touch
+    most items (None: a quarter of the device's available memory; 0: never).
     """
 
     def __init__(
@@ -54,6 +56,7 @@ class Engine:
         *,
         backend: str = "auto",
         workspace_bytes: int | None = None,
+        dense_bytes: int | None = None,
     ) -> None:
         if not isinstance(index, CodeIndex):
             raise TypeError(f"index: expected a CodeIndex, got {type(index).__name__}")
@@ -61,10 +64,12 @@ class Engine:
             raise TypeError(f"encoder: expected a callable, got {type(encoder).__name__}")
         if workspace_bytes is not None and (not isinstance(workspace_bytes, int) or workspace_bytes < 1):
             raise ValueError(f"workspace_bytes: expected a positive int, got {workspace_bytes!r}")
+        if dense_bytes is not None and (not isinstance(dense_bytes, int) or isinstance(dense_bytes, bool) or dense_bytes < 0):
+            raise ValueError(f"dense_bytes: expected an int >= 0 or None, got {dense_bytes!r}")
         self.index = index
         self.encoder = encoder
         self.workspace_bytes = workspace_bytes or DEFAULT_WORKSPACE_BYTES
-        self.backend: Backend = _make_backend(backend, index.device)
+        self.backend: Backend = _make_backend(backend, index.device, dense_bytes)
 
     @classmethod
     def load(
@@ -73,6 +78,7 @@ class Engine:
         device: torch.device | str | None = None,
         backend: str = "auto",
         workspace_bytes: int | None = None,
+        dense_bytes: int | None = None,
     ) -> Engine:
         """Load an index directory onto ``device`` (CUDA when available, else CPU), with
         the query encoder saved beside it, if any, so that ``search`` takes raw features."""
@@ -81,7 +87,8 @@ class Engine:
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         index = CodeIndex.load(path, device=device)
-        return cls(index, load_encoder(Path(path), device=index.device), backend=backend, workspace_bytes=workspace_bytes)
+        return cls(index, load_encoder(Path(path), device=index.device), backend=backend, workspace_bytes=workspace_bytes,
+                   dense_bytes=dense_bytes)
 
     def search(self, batch: Any, k: int = 100, exclude: Any = None) -> SearchResult:
         """Top-k items per query. ``batch``: (B, T) integer codes or, with an encoder,
@@ -149,7 +156,7 @@ def _slice_csr(csr: tuple[torch.Tensor, torch.Tensor], start: int, stop: int) ->
     return part - part[0], items[int(part[0]) : int(part[-1])]
 
 
-def _make_backend(name: str, device: torch.device) -> Backend:
+def _make_backend(name: str, device: torch.device, dense_bytes: int | None = None) -> Backend:
     """``auto``: Triton on CUDA; on CPU the numba backend when numba is installed (the
     fastest CPU path), else the torch backend."""
     if name not in BACKENDS:
@@ -161,7 +168,7 @@ def _make_backend(name: str, device: torch.device) -> Backend:
             raise ValueError(f"backend: 'numba' runs on CPU indexes only, this index is on {device}")
         from .numba_backend import NumbaBackend
 
-        return NumbaBackend()
+        return NumbaBackend(dense_bytes=dense_bytes)
     if name == "torch":
         return TorchBackend()
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,7 @@ class CodeIndex:
         self.codebooks = codebooks
         self.item_ids = item_ids
         self.n_tokens = n_tokens
-        self._derived: dict[str, object] = {}
+        self._derived: dict[Hashable, object] = {}
 
     @classmethod
     def from_postings(
@@ -101,11 +101,15 @@ class CodeIndex:
         """Posting length of every code, (V,) int64."""
         return self.indptr[1:] - self.indptr[:-1]
 
-    def derived(self, name: str, build: Callable[[CodeIndex], object]) -> object:
+    def derived(self, name: Hashable, build: Callable[[CodeIndex], object]) -> object:
         """A layout derived from the CSR, built once per index and device."""
         if name not in self._derived:
             self._derived[name] = build(self)
         return self._derived[name]
+
+    def derived_names(self) -> set[Hashable]:
+        """The names of the layouts built so far."""
+        return set(self._derived)
 
     @property
     def nbytes(self) -> int:

@@ -8,6 +8,11 @@ cannot reach the top k), packs the survivors into int64 keys (``sparcode.kernels
 keeps the k largest with a partition and a sort; then it clears only the touched
 slots. Work is T x L per query, never N, and there is no per-query allocation of N.
 Needs numba (the ``cpu`` extra); without it ``backend="auto"`` uses the torch backend.
+
+For indexes whose queries touch a large share of the items the backend sums the query's
+T dense score rows instead (``engine/dense.py``): T x N sequential float32 reads, which
+the compiler vectorises, against one random access per posting. ``choose_regime``
+compares the two by cost per query, when the rows fit the memory budget.
 """
 
 from __future__ import annotations
@@ -22,9 +27,10 @@ from numba.extending import overload
 
 from sparcode.kernels.keys import EMPTY_KEY, ITEM_BIAS, MAGNITUDE_MASK, SCORE_SHIFT, unpack_keys
 
+from .dense import dense_rows, fits
 from .index import CodeIndex
 from .plan import Plan
-from .selection import Exclusion, score_floor
+from .selection import Exclusion, all_positive, score_floor
 
 
 @numba.njit(cache=True, nogil=True)
@@ -110,22 +116,98 @@ def _search(indptr, items, scores, table, codes, ex_offsets, ex_items, floor, n_
                 acc[touched[j]] = np.nan
 
 
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _search_dense(rows, positive, codes, ex_offsets, ex_items, floor, k, n_workers, out):
+    """One query at a time: its T dense rows summed in token order over all items, then
+    one scan keeps the items at or above its score floor. With ``positive`` (every stored
+    score > 0) absent pairs are 0 and a sum is a candidate iff it is > 0 (0 + s = s and
+    s + 0 = s exactly, so token order holds); otherwise absent pairs are NaN."""
+    n_queries, n_tokens = codes.shape
+    n_items = rows.shape[1]
+    per_worker = (n_queries + n_workers - 1) // n_workers
+    for worker in numba.prange(n_workers):
+        acc = np.empty(n_items, dtype=np.float32)
+        ids = np.empty(n_items, dtype=np.int64)
+        for q in range(worker * per_worker, min(n_queries, (worker + 1) * per_worker)):
+            acc[:] = rows[codes[q, 0]]
+            for t in range(1, n_tokens):
+                row = rows[codes[q, t]]
+                if positive:
+                    for j in range(n_items):
+                        acc[j] += row[j]
+                else:
+                    for j in range(n_items):  # NaN: absent so far / absent from this list
+                        a = acc[j]
+                        v = row[j]
+                        acc[j] = v if a != a else (a if v != v else a + v)
+            for p in range(ex_offsets[q], ex_offsets[q + 1]):
+                acc[ex_items[p]] = np.nan
+            bound = floor[q]
+            if positive and not bound > 0:
+                bound = np.float32(1e-45)  # the smallest positive float32: present items only
+            n_kept = 0
+            for j in range(n_items):
+                if acc[j] >= bound:  # False for NaN: absent and excluded items drop out here
+                    ids[n_kept] = j
+                    n_kept += 1
+            kept = ids[:n_kept]
+            keys = _pack(acc[kept], kept)
+            if n_kept > k:
+                keys = np.partition(keys, n_kept - k)[n_kept - k :]
+            keys = np.sort(keys)[::-1]
+            out[q, : keys.size] = keys
+            out[q, keys.size :] = EMPTY_KEY
+
+
+# Per-query cost of the two CPU regimes in ns per unit of work, measured on 2 AMD EPYC
+# cores at the R1 and R2 CPU shapes (docs/performance.md): a posting is a random access
+# into the query's accumulator plus its share of the selection (15-18 ns); a dense row
+# element is one vectorised add (0.9 ns), and the final scan one compare per item.
+POSTING_COST = 16.0
+DENSE_ITEM_COST = 1.0
+SCAN_COST = 1.0
+
+
+def choose_regime(n_items: int, n_tokens: int, mean_postings: float) -> str:
+    """"cpu-dense" when summing T dense rows costs less than visiting the postings."""
+    dense = n_items * (n_tokens * DENSE_ITEM_COST + SCAN_COST)
+    return "cpu-dense" if dense < mean_postings * POSTING_COST else "cpu-accumulate"
+
+
 class NumbaBackend:
-    """The fastest CPU path: compiled per-query accumulation + partial selection."""
+    """The fastest CPU path: compiled per-query accumulation (over posting lists, or over
+    dense score rows when queries touch most items and the rows fit) + partial selection.
+
+    ``dense_bytes`` bounds the dense rows' memory (None: a fraction of the available
+    memory, ``engine/dense.py``; 0: never dense). ``regime`` forces a path for tests and
+    benchmarks: "auto", "cpu-accumulate" or "cpu-dense"."""
 
     name = "numba"
+    REGIMES = ("auto", "cpu-accumulate", "cpu-dense")
+
+    def __init__(self, dense_bytes: int | None = None, regime: str = "auto") -> None:
+        if regime not in self.REGIMES:
+            raise ValueError(f"regime: expected one of {self.REGIMES}, got {regime!r}")
+        self.dense_bytes, self.regime = dense_bytes, regime
 
     def plan(self, index: CodeIndex, codes: torch.Tensor, k: int) -> Plan:
         postings = index.lengths[codes].sum(1).cpu().numpy()
+        regime = self.regime
+        if regime == "auto":
+            mean = float(postings.mean()) if postings.size else 0.0
+            regime = choose_regime(index.n_items, codes.shape[1], mean)
+            if regime == "cpu-dense" and not fits(index, torch.float32, self.dense_bytes):
+                regime = "cpu-accumulate"
+        if regime == "cpu-dense":  # the rows are shared; per query only the (B, k) keys
+            return Plan(np.full(postings.shape, 16 * k), regime=regime)
         # touched list, ids and keys per posting; the (B, k) keys
-        return Plan(24 * postings + 16 * k, regime="cpu-accumulate")
+        return Plan(24 * postings + 16 * k, regime=regime)
 
     def search(
         self, index: CodeIndex, codes: torch.Tensor, k: int, exclude: Exclusion, regime: str = "cpu-accumulate"
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if index.device.type != "cpu":
             raise ValueError("backend: 'numba' runs on CPU indexes only")
-        scores, table = _scores_and_table(index)
         n_queries = codes.shape[0]
         if exclude is None:
             ex_offsets, ex_items = np.zeros(n_queries + 1, dtype=np.int64), np.zeros(0, dtype=np.int64)
@@ -135,7 +217,13 @@ class NumbaBackend:
         out = np.empty((n_queries, k), dtype=np.int64)
         if n_queries:
             workers = min(numba.get_num_threads(), n_queries)
-            _search(index.indptr.numpy(), index.items.numpy(), scores, table, codes.numpy(), ex_offsets, ex_items,
-                    floor, index.n_items, k, workers, out)
+            if regime == "cpu-dense":
+                positive = all_positive(index)
+                rows = dense_rows(index, torch.float32, absent=0.0 if positive else float("nan")).numpy()
+                _search_dense(rows, positive, codes.numpy(), ex_offsets, ex_items, floor, k, workers, out)
+            else:
+                scores, table = _scores_and_table(index)
+                _search(index.indptr.numpy(), index.items.numpy(), scores, table, codes.numpy(), ex_offsets, ex_items,
+                        floor, index.n_items, k, workers, out)
         return unpack_keys(torch.from_numpy(out))
 
