@@ -175,4 +175,4 @@ def _make_backend(name: str, device: torch.device, dense_bytes: int | None = Non
         raise ValueError("backend: 'triton' needs a CUDA index (or TRITON_INTERPRET=1 for the CPU interpreter)")
     from .triton_backend import TritonBackend
 
-    return TritonBackend()
+    return TritonBackend(dense_bytes=dense_bytes)

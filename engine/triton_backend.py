@@ -12,28 +12,36 @@ import numpy as np
 import torch
 
 from sparcode.kernels.candidate_search import candidate_search
+from sparcode.kernels.dense_search import dense_search
 from sparcode.kernels.tiled_search import tiled_search
 
+from .dense import dense_rows, fits
 from .index import CodeIndex
 from .plan import Plan
-from .selection import Exclusion
+from .selection import Exclusion, score_floor
 
 TILE_ITEMS = 1024
-REGIMES = ("auto", "candidate", "tiled")
+REGIMES = ("auto", "candidate", "tiled", "dense")
+SECTOR_BYTES = 32  # one L2 sector: what a scattered load costs in traffic
 
 
-def choose_regime(n_items: int, n_tokens: int, mean_postings: float, longest: int, tile_items: int = TILE_ITEMS) -> str:
-    """Pick the cheaper regime from a count of memory operations per query.
+def choose_regime(n_items: int, n_tokens: int, mean_postings: float, longest: int, tile_items: int = TILE_ITEMS,
+                  dense_fits: bool = False, score_bytes: int = 2) -> str:
+    """Pick the cheapest regime from a count of memory operations (sectors) per query.
 
     candidate: every posting binary-searches all T lists (T x log2 L loads) and is
     written once as a key. tiled: every posting is a read-modify-write of the scratch
     row, and every item slot costs an init, a read-back and its share of the on-chip
-    sort. The constants are first guesses, to be calibrated on a GPU (docs/performance.md).
+    sort. dense (only when the rows fit their budget): T coalesced rows of N scores. The
+    constants are counted from the kernels' loops, not yet fitted to GPU measurements
+    (docs/performance.md).
     """
     steps = max(1, longest.bit_length())
-    candidate = mean_postings * (n_tokens * steps + 2)
-    tiled = mean_postings * 3 + n_items * (3 + math.log2(tile_items) / 2)
-    return "candidate" if candidate <= tiled else "tiled"
+    costs = {"candidate": mean_postings * (n_tokens * steps + 2),
+             "tiled": mean_postings * 3 + n_items * (3 + math.log2(tile_items) / 2)}
+    if dense_fits:
+        costs["dense"] = n_tokens * n_items * score_bytes / SECTOR_BYTES
+    return min(costs, key=costs.get)
 
 
 class TritonBackend:
@@ -41,20 +49,25 @@ class TritonBackend:
 
     name = "triton"
 
-    def __init__(self, regime: str = "auto", tile_items: int = TILE_ITEMS) -> None:
+    def __init__(self, regime: str = "auto", tile_items: int = TILE_ITEMS, dense_bytes: int | None = None) -> None:
         if regime not in REGIMES:
             raise ValueError(f"regime: expected one of {REGIMES}, got {regime!r}")
         if tile_items < 16 or tile_items & (tile_items - 1):
             raise ValueError(f"tile_items: expected a power of two >= 16, got {tile_items}")
         self.regime = regime
         self.tile_items = tile_items
+        self.dense_bytes = dense_bytes
 
     def plan(self, index: CodeIndex, codes: torch.Tensor, k: int) -> Plan:
         postings = index.lengths[codes].sum(1).cpu().numpy() if codes.shape[0] else np.zeros(0, np.int64)
         regime = self.regime
         if regime == "auto":
             mean = float(postings.mean()) if postings.size else 0.0
-            regime = choose_regime(index.n_items, codes.shape[1], mean, int(index.lengths.max()), self.tile_items)
+            dense_ok = fits(index, index.scores.dtype, self.dense_bytes)
+            regime = choose_regime(index.n_items, codes.shape[1], mean, int(index.lengths.max()), self.tile_items,
+                                   dense_ok, index.scores.element_size())
+        if regime == "dense":  # survivors of the floor (keys and owners, sorted twice), the (B, k) keys
+            return Plan(np.full(postings.shape, 64 * (64 + k) + 16 * k), regime=regime)
         if regime == "candidate":
             # flat keys, then the ragged selection's gather index and padded matrix
             # (at most twice the keys, 8 bytes each)
@@ -73,6 +86,10 @@ class TritonBackend:
             if ex_items.numel() == 0:  # kernels need a real pointer; nothing is read from it
                 ex_items = torch.zeros(1, dtype=torch.int64, device=codes.device)
         args = (index.indptr, index.items, index.scores, codes, ex_offsets, ex_items, k)
+        if regime == "dense":
+            floor = score_floor(index, codes, k + ex_offsets.diff())
+            return dense_search(dense_rows(index, index.scores.dtype), codes, floor, ex_offsets, ex_items, k,
+                                block_n=self.tile_items)
         if regime == "candidate":
             return candidate_search(*args)
         return tiled_search(*args, index.n_items, block_n=self.tile_items)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .keys import EMPTY_KEY, pack_keys, select_keys, unpack_keys
+from .keys import EMPTY_KEY, ITEM_BIAS, ITEM_MASK, pack_keys, select_keys, unpack_keys
 
 
 def _query_sums(indptr, items, scores, codes_row, n_items):
@@ -86,3 +86,34 @@ def tiled_keys(indptr, items, scores, codes, ex_offsets, ex_items, n_items, kb, 
 def tiled_search(indptr, items, scores, codes, ex_offsets, ex_items, k, n_items, *, block_n=1024):
     """Reference for ``tiled_search.tiled_search``."""
     return select_keys(tiled_keys(indptr, items, scores, codes, ex_offsets, ex_items, n_items, k, block_n=block_n), k)
+
+
+def dense_keys(rows, codes, floor, *, block_n=1024, capacity=None):
+    """Reference for ``dense_search.dense_keys``."""
+    owners, keys = [], []
+    for q in range(codes.shape[0]):
+        total = rows[codes[q, 0]].to(torch.float32)
+        for t in range(1, codes.shape[1]):
+            value = rows[codes[q, t]].to(torch.float32)
+            total = torch.where(torch.isnan(total), value, torch.where(torch.isnan(value), total, total + value))
+        ids = torch.nonzero(total >= floor[q]).squeeze(1)
+        best = torch.sort(pack_keys(total[ids], ids), descending=True).values
+        keys.append(best)
+        owners.append(torch.full_like(best, q))
+    if not keys:
+        empty = torch.empty(0, dtype=torch.int64, device=codes.device)
+        return empty, empty
+    return torch.cat(owners), torch.cat(keys)
+
+
+def dense_search(rows, codes, floor, ex_offsets, ex_items, k, *, block_n=1024):
+    """Reference for ``dense_search.dense_search``: a dense per-query sort."""
+    out = torch.full((codes.shape[0], k), EMPTY_KEY, dtype=torch.int64, device=codes.device)
+    owners, keys = dense_keys(rows, codes, floor)
+    for q in range(codes.shape[0]):
+        mine = keys[owners == q]
+        excluded = ex_items[int(ex_offsets[q]) : int(ex_offsets[q + 1])]
+        ids = ITEM_BIAS - (mine & ITEM_MASK)
+        mine = mine[~torch.isin(ids, excluded)][:k]
+        out[q, : mine.numel()] = mine
+    return unpack_keys(out)

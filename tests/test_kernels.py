@@ -115,3 +115,40 @@ def test_tiled_realistic_gpu(dtype):
     codes = random_codes(16, 8, 256, seed=14, device="cuda")
     check_tiled(index, codes, exclusion([list(range(q, 50_000, 101)) for q in range(16)], "cuda"), kb=100,
                 block_n=1024, n_programs=264)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dense_keys_random_and_overflowing_capacity(dtype):
+    from sparcode.engine.dense import build_rows
+    from sparcode.kernels import dense_search as ds
+
+    index = quantized_index(12, 150, 30, seed=21, dtype=dtype, negative=dtype == torch.float32).to(DEVICE)
+    rows = build_rows(index, dtype)
+    codes = random_codes(3, 4, 12, seed=22, device=DEVICE)
+    codes[0] = codes[0, 0]  # a repeated code
+    floor = torch.tensor([float("-inf"), 2.0, 0.5], device=DEVICE)
+    for capacity in (None, 1):  # 1: the first launch overflows and the second fits exactly
+        got = ds.dense_keys(rows, codes, floor, block_n=64, capacity=capacity)  # 150 items: not a tile multiple
+        want = ref.dense_keys(rows, codes, floor)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    ex = exclusion([[], [5, 77, 130], list(range(150))])  # query 2: every item excluded
+    found = ds.dense_search(rows, codes, floor, *ex, 9, block_n=64)
+    expected = ref.dense_search(rows, codes, floor, *ex, 9)
+    assert torch.equal(found[0], expected[0]) and torch.equal(found[1], expected[1])
+    assert (found[1][2] == -1).all()
+
+
+def test_dense_edge_cases():
+    from sparcode.engine.dense import build_rows
+    from sparcode.kernels import dense_search as ds
+
+    # code 1 is empty; query 2 only empty lists; zero and negative scores are candidates
+    index = csr_index([[(0, 1.0), (5, 0.0), (9, -0.5)], [], [(5, 1.0), (6, 3.0)]], n_items=10).to(DEVICE)
+    rows = build_rows(index, torch.float32)
+    codes = torch.tensor([[0, 0, 2], [1, 1, 1], [2, 1, 0]], device=DEVICE)
+    floor = torch.full((3,), float("-inf"), device=DEVICE)
+    scores, ids = ds.dense_search(rows, codes, floor, *exclusion([[], [], [0]]), 6, block_n=4)
+    assert ids.tolist() == [[6, 0, 5, 9, -1, -1], [-1] * 6, [6, 5, 9, -1, -1, -1]]
+    assert scores[0, :4].tolist() == [3.0, 2.0, 1.0, -1.0]
+    empty = ds.dense_search(rows, codes[:0], floor[:0], *exclusion([]), 3)
+    assert empty[1].shape == (0, 3)

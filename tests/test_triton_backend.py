@@ -15,12 +15,12 @@ from sparcode.engine.triton_backend import TritonBackend, choose_regime
 def engines(index, regime):
     triton_engine = Engine(index, backend="triton")
     # small tiles keep the interpreter fast and give several item blocks per query
-    triton_engine.backend = TritonBackend(regime=regime, tile_items=64 if DEVICE == "cpu" else 1024)
+    triton_engine.backend = TritonBackend(regime=regime, tile_items=64 if DEVICE == "cpu" else 1024, dense_bytes=2**30)
     return triton_engine, Engine(index, backend="torch")
 
 
-@pytest.mark.parametrize("regime", ["candidate", "tiled"])
-@pytest.mark.parametrize("case", range(60))
+@pytest.mark.parametrize("regime", ["candidate", "tiled", "dense"])
+@pytest.mark.parametrize("case", range(40))
 def test_triton_equals_torch(regime, case):
     rng = np.random.default_rng(case)
     dtype = [torch.float16, torch.bfloat16, torch.float32][case % 3]
@@ -38,7 +38,7 @@ def test_triton_equals_torch(regime, case):
     assert torch.equal(got.ids, want.ids) and torch.equal(got.scores, want.scores)
 
 
-@pytest.mark.parametrize("regime", ["candidate", "tiled"])
+@pytest.mark.parametrize("regime", ["candidate", "tiled", "dense"])
 @pytest.mark.parametrize("case", range(12))
 def test_triton_equals_the_dense_oracle(regime, case):
     rng = np.random.default_rng(1000 + case)
@@ -57,15 +57,26 @@ def test_triton_equals_the_dense_oracle(regime, case):
 
 
 def test_auto_regime_follows_the_cost_model():
-    # R1-like: few postings per query relative to N -> candidate; R2-like -> tiled
+    # R1-like: few postings per query relative to N -> candidate; R2-like -> tiled, or dense when the rows fit
     assert choose_regime(1_000_000, 4, 12_000, 50_000) == "candidate"
     assert choose_regime(1_000_000, 8, 1_200_000, 200_000) == "tiled"
+    assert choose_regime(1_000_000, 8, 723_000, 600_000, dense_fits=True) == "dense"
     assert choose_regime(10_000_000, 4, 60_000, 100_000) == "candidate"
+    assert choose_regime(10_000_000, 4, 1_000, 100_000, dense_fits=True) == "candidate"  # dense reads all N
+
+
+def test_dense_regime_respects_its_budget():
+    index = quantized_index(8, 300, 200, seed=3)
+    codes = random_codes(4, 6, 8, seed=4)
+    over = TritonBackend(dense_bytes=8 * 300 * 2 - 1).plan(index, codes, 10).regime
+    within = TritonBackend(dense_bytes=8 * 300 * 2).plan(index, codes, 10).regime
+    assert over != "dense" and within == "dense"
+    assert TritonBackend(dense_bytes=0).plan(index, codes, 10).regime != "dense"
 
 
 def test_regime_is_validated():
     with pytest.raises(ValueError, match="regime: expected one of"):
-        TritonBackend(regime="dense")
+        TritonBackend(regime="sparse")
 
 
 @pytest.mark.gpu

@@ -1,0 +1,88 @@
+"""Dense regime: a query's T dense score rows summed over item tiles, filtered by a floor.
+
+``rows`` is the index as a (V, N) matrix (float16, bfloat16 or float32) with NaN where a
+code's list lacks the item. One program sums one query's T rows over one tile of BLOCK_N
+items in token order (float32; NaN + v = v, so the first present score starts the sum and
+absent pairs add nothing) and keeps the items whose sum is at or above the query's floor,
+a lower bound of its k-th score. Programs are launched queries-first: consecutive
+programs read the same item tile of the rows, so rows shared by queries come from L2.
+Each program reserves room for its survivors with one atomic add and places them with a
+prefix sum. The survivors, hundreds per query instead of N, go to ``torch.topk``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import pack_keys
+from .keys import ITEM_BIAS, ITEM_MASK, select_row_keys
+
+
+@triton.jit
+def _dense_keys_kernel(
+    rows_ptr, codes_ptr, floor_ptr, keys_ptr, owners_ptr, counter_ptr, n_items, n_tokens, capacity,
+    BLOCK_N: tl.constexpr,
+):
+    query = tl.program_id(0).to(tl.int64)
+    item = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    inside = item < n_items
+    code = tl.load(codes_ptr + query * n_tokens)
+    total = tl.load(rows_ptr + code * n_items + item, mask=inside, other=float("nan")).to(tl.float32)
+    for t in range(1, n_tokens):
+        code = tl.load(codes_ptr + query * n_tokens + t)
+        value = tl.load(rows_ptr + code * n_items + item, mask=inside, other=float("nan")).to(tl.float32)
+        total = tl.where(total != total, value, tl.where(value != value, total, total + value))
+    keep = inside & (total >= tl.load(floor_ptr + query))  # False for NaN: not a candidate
+    count = tl.sum(keep.to(tl.int32), axis=0)
+    base = tl.atomic_add(counter_ptr, count)
+    at = base + tl.cumsum(keep.to(tl.int32), axis=0) - 1
+    store = keep & (at < capacity)
+    tl.store(keys_ptr + at, pack_keys(total, item), mask=store)
+    tl.store(owners_ptr + at, query, mask=store)
+
+
+def dense_keys(rows: torch.Tensor, codes: torch.Tensor, floor: torch.Tensor, *, block_n: int = 1024,
+               capacity: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(owners int64, keys int64) of every (query, item) whose summed score is at or above
+    the query's ``floor`` (float32, -inf for none), grouped by query in query order and
+    sorted by key (best first) within each query."""
+    n_queries, n_tokens = codes.shape
+    n_items = rows.shape[1]
+    counter = torch.zeros(1, dtype=torch.int32, device=codes.device)
+    empty = torch.empty(0, dtype=torch.int64, device=codes.device)
+    if n_queries == 0 or n_items == 0:
+        return empty, empty
+    capacity = capacity if capacity is not None else min(n_queries * n_items, 4096 + 64 * n_queries)
+    grid = (n_queries, triton.cdiv(n_items, block_n))
+    while True:
+        keys = torch.empty(max(1, capacity), dtype=torch.int64, device=codes.device)
+        owners = torch.empty(max(1, capacity), dtype=torch.int64, device=codes.device)
+        counter.zero_()
+        _dense_keys_kernel[grid](rows, codes.contiguous(), floor.to(torch.float32).contiguous(), keys, owners, counter,
+                                 n_items, n_tokens, capacity, BLOCK_N=block_n)
+        found = int(counter)
+        if found <= capacity:
+            break
+        capacity = found  # every survivor counted: the second launch fits exactly
+    keys, owners = keys[:found], owners[:found]
+    order = torch.argsort(keys, descending=True, stable=True)
+    order = order[torch.argsort(owners[order], stable=True)]
+    return owners[order], keys[order]
+
+
+def dense_search(rows: torch.Tensor, codes: torch.Tensor, floor: torch.Tensor, ex_offsets: torch.Tensor,
+                 ex_items: torch.Tensor, k: int, *, block_n: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k (scores float32, internal ids int64) per query, dense regime. ``floor`` must
+    bound the (k + excluded)-th score from below (``engine/selection.py::score_floor``)."""
+    owners, keys = dense_keys(rows, codes, floor, block_n=block_n)
+    n_queries, n_items = codes.shape[0], rows.shape[1]
+    if ex_items.numel() and keys.numel():
+        items = ITEM_BIAS - (keys & ITEM_MASK)
+        ex_rows = torch.repeat_interleave(torch.arange(n_queries, device=codes.device), ex_offsets.diff())
+        kept = ~torch.isin(owners * n_items + items, ex_rows * n_items + ex_items[: ex_rows.numel()])
+        owners, keys = owners[kept], keys[kept]
+    crow = torch.zeros(n_queries + 1, dtype=torch.int64, device=codes.device)
+    crow[1:] = torch.bincount(owners, minlength=n_queries).cumsum(0)
+    return select_row_keys(crow, keys, k)
