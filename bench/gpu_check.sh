@@ -21,11 +21,11 @@ fi
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv >"$OUT/nvidia-smi.csv" 2>&1
 "$PY" -c "import torch, triton; print(\"torch\", torch.__version__, \"triton\", triton.__version__, torch.cuda.get_device_name())"
 echo "== pytest -m gpu"
-timeout 120 "$PY" -m pytest -q -m gpu -p no:cacheprovider >"$OUT/pytest-gpu.log" 2>&1
+timeout 90 "$PY" -m pytest -q -m gpu -p no:cacheprovider >"$OUT/pytest-gpu.log" 2>&1
 tests=$?
 tail -3 "$OUT/pytest-gpu.log"
 echo "== benchmarks"
-timeout 300 "$PY" -m sparcode.bench.gpu_bench --out "$OUT" 2>&1 | tee "$OUT/gpu-bench.log" | tail -25
+timeout 240 "$PY" -m sparcode.bench.gpu_bench --out "$OUT" 2>&1 | tee "$OUT/gpu-bench.log" | tail -25
 bench=${PIPESTATUS[0]}
 echo "gpu_check: pytest exit $tests, bench exit $bench"
 [ "$tests" -eq 0 ] && [ "$bench" -eq 0 ]

@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sparcode.engine import Engine
+from sparcode.engine import CodeIndex, Engine
+from sparcode.engine.dense import fits
 
 from . import baselines
 from .options import build_parser
@@ -98,8 +99,9 @@ def copy_bandwidth(device: str) -> float | None:
 
 
 def bench_regime(regime: Regime, device: str, *, repeats: int, all_to_all_queries: int, seed: int = 0,
-                 faiss_methods: bool = True) -> dict:
-    """Measure every method on one regime; ``all_to_all_queries`` = 0 leaves that out."""
+                 faiss_methods: bool = True, triton_side_by_side: bool = False) -> dict:
+    """Measure every method on one regime; ``all_to_all_queries`` = 0 leaves that out;
+    ``triton_side_by_side`` adds the Triton backend forced into each regime (the GPU check)."""
     index, batches = build(regime, device, seed=seed, n_batches=N_BATCHES)
     postings = float(np.mean([int(index.lengths[b].sum()) for b in batches])) / regime.batch
     k = regime.k
@@ -116,6 +118,8 @@ def bench_regime(regime: Regime, device: str, *, repeats: int, all_to_all_querie
         rows = min(regime.batch, 256) if (device == "cuda" and backend == "torch") else regime.batch
         methods.append(Method(f"sparcode-{backend}", lambda i, e=engine, r=rows: e.search(batches[i % N_BATCHES][:r], k=k),
                               rows, {"postings_per_query": postings}))
+        if backend == "triton" and triton_side_by_side:
+            methods += triton_regimes(index, batches, regime, k, postings, device)
 
     rng = np.random.default_rng(seed)
     centers = rng.standard_normal((max(16, regime.n_items // 100), baselines.DIM)).astype(np.float32)
@@ -170,6 +174,31 @@ def bench_regime(regime: Regime, device: str, *, repeats: int, all_to_all_querie
             "vectors": {"dim": baselines.DIM, "clusters": int(centers.shape[0]), "spread": VECTOR_SPREAD,
                         "note": "two-tower and faiss item/query vectors: Gaussian mixture, standard-normal centers"},
             **notes}
+
+
+def triton_regimes(index: CodeIndex, batches: list[torch.Tensor], regime: Regime, k: int, postings: float,
+                   device: str) -> list[Method]:
+    """The Triton backend forced into each regime that fits: candidate always, dense when its
+    rows fit the budget, tiled when queries touch a tenth of the items or more (below that
+    it is hopeless and would take minutes). Each carries its breakdown of one search."""
+    from sparcode.engine.triton_backend import TritonBackend  # triton is imported only here
+
+    from .breakdown import breakdown
+
+    out = []
+    tile = 1024 if device == "cuda" else 64
+    for name in ("candidate", "tiled", "dense"):
+        backend = TritonBackend(regime=name, tile_items=tile)
+        if name == "dense" and not fits(index, index.scores.dtype, None):
+            continue
+        if name == "tiled" and postings < regime.n_items / 10:
+            continue
+        engine = Engine(index, backend="triton", workspace_bytes=8 * 2**30 if device == "cuda" else None)
+        engine.backend = backend
+        split = breakdown(index, batches[0], k, name, tile_items=tile)
+        out.append(Method(f"sparcode-triton-{name}", lambda i, e=engine: e.search(batches[i % N_BATCHES], k=k),
+                          regime.batch, {"postings_per_query": postings, "breakdown_seconds": split}))
+    return out
 
 
 def scaling(device: str, *, quick: bool, repeats: int) -> dict:

@@ -152,3 +152,17 @@ def test_dense_edge_cases():
     assert scores[0, :4].tolist() == [3.0, 2.0, 1.0, -1.0]
     empty = ds.dense_search(rows, codes[:0], floor[:0], *exclusion([]), 3)
     assert empty[1].shape == (0, 3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dense_realistic_gpu(dtype):
+    from sparcode.engine.dense import build_rows
+    from sparcode.kernels import dense_search as ds
+
+    index = quantized_index(256, 50_000, 5_000, seed=15, dtype=dtype).to("cuda")
+    rows = build_rows(index, dtype)
+    codes = random_codes(16, 8, 256, seed=16, device="cuda")
+    floor = torch.full((16,), 20.0, device="cuda")
+    got, want = ds.dense_keys(rows, codes, floor), ref.dense_keys(rows, codes, floor)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

@@ -80,7 +80,7 @@ def test_regime_is_validated():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("regime", ["auto", "candidate", "tiled"])
+@pytest.mark.parametrize("regime", ["auto", "candidate", "tiled", "dense"])
 def test_triton_equals_torch_at_scale_gpu(regime):
     index = quantized_index(4096, 200_000, 300, seed=1).to("cuda")
     codes = random_codes(512, 4, 4096, seed=2, device="cuda")

@@ -1,0 +1,64 @@
+"""Where one Triton search spends its time: the kernel, the selection, and the rest
+(planning, the score floor, exclusion handling), each timed with device synchronisation."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from sparcode.engine import CodeIndex
+from sparcode.engine.dense import dense_rows
+from sparcode.engine.selection import score_floor
+from sparcode.kernels import candidate_search, dense_search, tiled_search
+from sparcode.kernels.keys import select_keys, select_row_keys
+
+
+def _timed(fn: Callable[[], object], device: str) -> tuple[object, float]:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - start
+
+
+def breakdown(index: CodeIndex, codes: torch.Tensor, k: int, regime: str, *, tile_items: int = 1024,
+              repeats: int = 3) -> dict[str, float]:
+    """Median seconds of each phase of one search of ``codes`` in ``regime``."""
+    device = index.device.type
+    ex_offsets = torch.zeros(codes.shape[0] + 1, dtype=torch.int64, device=index.device)
+    ex_items = torch.zeros(1, dtype=torch.int64, device=index.device)
+    phases: dict[str, list[float]] = {"rest": [], "kernel": [], "selection": []}
+    for _ in range(repeats + 1):  # the first run compiles and builds derived layouts
+        if regime == "candidate":
+            offsets, rest = _timed(lambda: candidate_search.query_offsets(index.indptr, codes), device)
+            keys, kernel = _timed(lambda o=offsets: candidate_search.candidate_keys(
+                index.indptr, index.items, index.scores, codes, ex_offsets, ex_items, o), device)
+            _, selection = _timed(lambda o=offsets, kk=keys: select_row_keys(o, kk, k), device)
+        elif regime == "tiled":
+            rest = 0.0
+            keys, kernel = _timed(lambda: tiled_search.tiled_keys(index.indptr, index.items, index.scores, codes, ex_offsets,
+                                                                  ex_items, index.n_items, k, block_n=tile_items), device)
+            _, selection = _timed(lambda kk=keys: select_keys(kk, k), device)
+        elif regime == "dense":
+            rows = dense_rows(index, index.scores.dtype)
+            floor, rest = _timed(lambda: score_floor(index, codes, torch.full((codes.shape[0],), k, device=index.device)),
+                                 device)
+            found, kernel = _timed(lambda f=floor: dense_search.dense_keys(rows, codes, f, block_n=tile_items), device)
+            owners, keys = found
+
+            def select(owners=owners, keys=keys):
+                crow = torch.zeros(codes.shape[0] + 1, dtype=torch.int64, device=index.device)
+                crow[1:] = torch.bincount(owners, minlength=codes.shape[0]).cumsum(0)
+                return select_row_keys(crow, keys, k)
+
+            _, selection = _timed(select, device)
+        else:
+            raise ValueError(f"regime: expected candidate, tiled or dense, got {regime!r}")
+        for name, value in (("rest", rest), ("kernel", kernel), ("selection", selection)):
+            phases[name].append(value)
+    return {name: statistics.median(values[1:]) for name, values in phases.items()}
