@@ -35,10 +35,11 @@ def breakdown(index: CodeIndex, codes: torch.Tensor, k: int, regime: str, *, til
     phases: dict[str, list[float]] = {"rest": [], "kernel": [], "selection": []}
     for _ in range(repeats + 1):  # the first run compiles and builds derived layouts
         if regime == "candidate":
-            offsets, rest = _timed(lambda: candidate_search.query_offsets(index.indptr, codes), device)
-            keys, kernel = _timed(lambda o=offsets: candidate_search.candidate_keys(
-                index.indptr, index.items, index.scores, codes, ex_offsets, ex_items, o), device)
-            _, selection = _timed(lambda o=offsets, kk=keys: select_row_keys(o, kk, k), device)
+            (offsets, floor), rest = _timed(lambda: (candidate_search.query_offsets(index.indptr, codes), score_floor(
+                index, codes, torch.full((codes.shape[0],), k, device=index.device))), device)
+            found, kernel = _timed(lambda o=offsets, f=floor: candidate_search.candidate_survivors(
+                index.indptr, index.items, index.scores, codes, ex_offsets, ex_items, o, f), device)
+            _, selection = _timed(lambda o=found[0], kk=found[1]: _select(o, kk, codes.shape[0], k), device)
         elif regime == "tiled":
             rest = 0.0
             keys, kernel = _timed(lambda: tiled_search.tiled_keys(index.indptr, index.items, index.scores, codes, ex_offsets,
@@ -49,16 +50,16 @@ def breakdown(index: CodeIndex, codes: torch.Tensor, k: int, regime: str, *, til
             floor, rest = _timed(lambda: score_floor(index, codes, torch.full((codes.shape[0],), k, device=index.device)),
                                  device)
             found, kernel = _timed(lambda f=floor: dense_search.dense_keys(rows, codes, f, block_n=tile_items), device)
-            owners, keys = found
-
-            def select(owners=owners, keys=keys):
-                crow = torch.zeros(codes.shape[0] + 1, dtype=torch.int64, device=index.device)
-                crow[1:] = torch.bincount(owners, minlength=codes.shape[0]).cumsum(0)
-                return select_row_keys(crow, keys, k)
-
-            _, selection = _timed(select, device)
+            _, selection = _timed(lambda o=found[0], kk=found[1]: _select(o, kk, codes.shape[0], k), device)
         else:
             raise ValueError(f"regime: expected candidate, tiled or dense, got {regime!r}")
         for name, value in (("rest", rest), ("kernel", kernel), ("selection", selection)):
             phases[name].append(value)
     return {name: statistics.median(values[1:]) for name, values in phases.items()}
+
+
+def _select(owners: torch.Tensor, keys: torch.Tensor, n_queries: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of survivors grouped by query (as the candidate and dense searches select)."""
+    crow = torch.zeros(n_queries + 1, dtype=torch.int64, device=keys.device)
+    crow[1:] = torch.bincount(owners, minlength=n_queries).cumsum(0)
+    return select_row_keys(crow, keys, k)

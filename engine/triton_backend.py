@@ -91,5 +91,5 @@ class TritonBackend:
             return dense_search(dense_rows(index, index.scores.dtype), codes, floor, ex_offsets, ex_items, k,
                                 block_n=self.tile_items)
         if regime == "candidate":
-            return candidate_search(*args)
+            return candidate_search(*args, floor=score_floor(index, codes, k + ex_offsets.diff()))
         return tiled_search(*args, index.n_items, block_n=self.tile_items)

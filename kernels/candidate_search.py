@@ -27,7 +27,8 @@ from .keys import select_row_keys
 def _candidate_keys_kernel(
     indptr_ptr, items_ptr, scores_ptr, codes_ptr, ex_offsets_ptr, ex_items_ptr, offsets_ptr,
     block_query_ptr, block_index_ptr, out_ptr, n_tokens,
-    STEPS: tl.constexpr, EX_STEPS: tl.constexpr, BLOCK: tl.constexpr,
+    floor_ptr, owners_ptr, counter_ptr, capacity,
+    STEPS: tl.constexpr, EX_STEPS: tl.constexpr, BLOCK: tl.constexpr, FILTER: tl.constexpr,
 ):
     pid = tl.program_id(0)
     query = tl.load(block_query_ptr + pid).to(tl.int64)
@@ -70,8 +71,16 @@ def _candidate_keys_kernel(
     excluded = inside & (tl.load(ex_items_ptr + at, mask=inside, other=-1) == item.to(tl.int64))
     keep = keep & ~excluded
 
-    keys = tl.where(keep, pack_keys(total, item), empty_keys(pos))
-    tl.store(out_ptr + tl.load(offsets_ptr + query) + pos, keys, mask=valid)
+    if FILTER:  # only what reaches the query's floor, packed: one atomic add reserves the room
+        keep = keep & (total >= tl.load(floor_ptr + query))
+        base = tl.atomic_add(counter_ptr, tl.sum(keep.to(tl.int32), axis=0))
+        at = base + tl.cumsum(keep.to(tl.int32), axis=0) - 1
+        store = keep & (at < capacity)
+        tl.store(out_ptr + at, pack_keys(total, item), mask=store)
+        tl.store(owners_ptr + at, query, mask=store)
+    else:
+        keys = tl.where(keep, pack_keys(total, item), empty_keys(pos))
+        tl.store(out_ptr + tl.load(offsets_ptr + query) + pos, keys, mask=valid)
 
 
 def query_offsets(indptr: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
@@ -93,29 +102,75 @@ def candidate_keys(
     ``codes`` (B, T) int64; ``ex_offsets`` (B+1) int64 and ``ex_items`` int64 hold each
     query's excluded items, sorted within each query.
     """
-    n_queries, n_tokens = codes.shape
     total = int(offsets[-1])
     out = torch.empty(total, dtype=torch.int64, device=codes.device)
     if total == 0:
         return out
+    _launch(indptr, items, scores, codes, ex_offsets, ex_items, offsets, out, block, None, out, None, 0)
+    return out
+
+
+def candidate_survivors(
+    indptr: torch.Tensor, items: torch.Tensor, scores: torch.Tensor, codes: torch.Tensor,
+    ex_offsets: torch.Tensor, ex_items: torch.Tensor, offsets: torch.Tensor, floor: torch.Tensor, *, block: int = 128,
+    capacity: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(owners int64, keys int64) of the candidates whose sum reaches their query's
+    ``floor`` (float32, -inf for none) and are not excluded, grouped by query in query
+    order and sorted by key (best first) within each query."""
+    n_queries = codes.shape[0]
+    empty = torch.empty(0, dtype=torch.int64, device=codes.device)
+    if int(offsets[-1]) == 0:
+        return empty, empty
+    capacity = capacity if capacity is not None else 4096 + 64 * n_queries
+    counter = torch.zeros(1, dtype=torch.int32, device=codes.device)
+    while True:
+        keys = torch.empty(max(1, capacity), dtype=torch.int64, device=codes.device)
+        owners = torch.empty(max(1, capacity), dtype=torch.int64, device=codes.device)
+        counter.zero_()
+        _launch(indptr, items, scores, codes, ex_offsets, ex_items, offsets, keys, block,
+                floor.to(torch.float32).contiguous(), owners, counter, capacity)
+        found = int(counter)
+        if found <= capacity:
+            break
+        capacity = found  # every survivor counted: the second launch fits exactly
+    keys, owners = keys[:found], owners[:found]
+    order = torch.argsort(keys, descending=True, stable=True)
+    order = order[torch.argsort(owners[order], stable=True)]
+    return owners[order], keys[order]
+
+
+def _launch(indptr, items, scores, codes, ex_offsets, ex_items, offsets, out, block, floor, owners, counter, capacity):
+    """One program per (query, block of its postings) over exactly the non-empty blocks;
+    with ``floor`` the survivors are packed, else every posting gets its slot."""
+    n_queries, n_tokens = codes.shape
     blocks = (offsets.diff() + block - 1) // block
     block_query = torch.repeat_interleave(torch.arange(n_queries, device=codes.device), blocks)
     first_block = blocks.cumsum(0) - blocks
     block_index = torch.arange(block_query.numel(), device=codes.device) - first_block[block_query]
     longest = int((indptr[1:] - indptr[:-1]).max())
     most_excluded = int((ex_offsets[1:] - ex_offsets[:-1]).max())
+    filtered = floor is not None
     _candidate_keys_kernel[(block_query.numel(),)](
         indptr, items, scores, codes.contiguous(), ex_offsets, ex_items, offsets,
         block_query.to(torch.int32), block_index.to(torch.int32), out, n_tokens,
-        STEPS=search_steps(longest), EX_STEPS=search_steps(most_excluded), BLOCK=block,
+        floor if filtered else out, owners, counter if filtered else out, capacity,
+        STEPS=search_steps(longest), EX_STEPS=search_steps(most_excluded), BLOCK=block, FILTER=filtered,
     )
-    return out
 
 
 def candidate_search(
     indptr: torch.Tensor, items: torch.Tensor, scores: torch.Tensor, codes: torch.Tensor,
-    ex_offsets: torch.Tensor, ex_items: torch.Tensor, k: int,
+    ex_offsets: torch.Tensor, ex_items: torch.Tensor, k: int, floor: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k (scores float32, internal ids int64) per query, candidate regime."""
+    """Top-k (scores float32, internal ids int64) per query, candidate regime. With
+    ``floor``, a lower bound of each query's (k + excluded)-th score
+    (``engine/selection.py::score_floor``), only the candidates that reach it are written
+    and selected: hundreds of keys per query instead of every posting."""
     offsets = query_offsets(indptr, codes)
-    return select_row_keys(offsets, candidate_keys(indptr, items, scores, codes, ex_offsets, ex_items, offsets), k)
+    if floor is None:
+        return select_row_keys(offsets, candidate_keys(indptr, items, scores, codes, ex_offsets, ex_items, offsets), k)
+    owners, keys = candidate_survivors(indptr, items, scores, codes, ex_offsets, ex_items, offsets, floor)
+    crow = torch.zeros(codes.shape[0] + 1, dtype=torch.int64, device=codes.device)
+    crow[1:] = torch.bincount(owners, minlength=codes.shape[0]).cumsum(0)
+    return select_row_keys(crow, keys, k)

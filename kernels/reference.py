@@ -52,8 +52,25 @@ def query_offsets(indptr, codes):
     return torch.tensor([0] + lengths, dtype=torch.int64, device=codes.device).cumsum(0)
 
 
-def candidate_search(indptr, items, scores, codes, ex_offsets, ex_items, k):
-    """Reference for ``candidate_search.candidate_search``: a dense per-query sort."""
+def candidate_survivors(indptr, items, scores, codes, ex_offsets, ex_items, offsets, floor, *, block=128, capacity=None):
+    """Reference for ``candidate_search.candidate_survivors``."""
+    keys = candidate_keys(indptr, items, scores, codes, ex_offsets, ex_items, offsets)
+    owners_out, keys_out = [], []
+    for q in range(codes.shape[0]):
+        mine = keys[int(offsets[q]) : int(offsets[q + 1])]
+        mine = mine[(mine != EMPTY_KEY) & (unpack_keys(mine)[0] >= floor[q])]
+        mine = torch.sort(mine, descending=True).values
+        keys_out.append(mine)
+        owners_out.append(torch.full_like(mine, q))
+    if not keys_out:
+        empty = torch.empty(0, dtype=torch.int64, device=codes.device)
+        return empty, empty
+    return torch.cat(owners_out), torch.cat(keys_out)
+
+
+def candidate_search(indptr, items, scores, codes, ex_offsets, ex_items, k, floor=None):
+    """Reference for ``candidate_search.candidate_search``: a dense per-query sort (a valid
+    ``floor`` changes nothing, so it is ignored)."""
     n_items = int(items.max()) + 1 if items.numel() else 1
     out = torch.full((codes.shape[0], k), EMPTY_KEY, dtype=torch.int64, device=codes.device)
     for q in range(codes.shape[0]):

@@ -47,6 +47,10 @@ def test_search_writes_parquet_equal_to_the_api(index_dir, tmp_path, fmt, capsys
     ref_scores, ref_ids = Engine(index, backend="torch").search(torch.tensor(codes), k=5)
     assert table["user_id"] == users.tolist()
     assert table["item_ids"] == ref_ids.tolist()
+    for backend in ("numba", "torch"):
+        assert main(["search", str(path), "--codes", str(tmp_path / f"codes.{fmt}"), "--k", "5", "--out", str(out),
+                     "--backend", backend, "--device", "cpu"]) == 0
+        assert pq.read_table(out).to_pydict()["item_ids"] == ref_ids.tolist()
     np.testing.assert_array_equal(np.array(table["scores"], dtype=np.float32), ref_scores.numpy())
 
 

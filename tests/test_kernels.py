@@ -30,10 +30,22 @@ def check_candidate(index, codes, ex, *, block=32):
     args = (index.indptr, index.items, index.scores, codes, *ex, offsets)
     got = cs.candidate_keys(*args, block=block)
     assert torch.equal(got, ref.candidate_keys(*args)), "candidate keys differ from the reference"
-    found = cs.candidate_search(index.indptr, index.items, index.scores, codes, *ex, 9)
     want = ref.candidate_search(index.indptr, index.items, index.scores, codes, *ex, 9)
-    assert torch.equal(found[0], want[0]) and torch.equal(found[1], want[1])
+    n = codes.shape[0]
+    for floor in (None, torch.full((n,), float("-inf"), device=codes.device), survivor_floor(want[0], 8)):
+        found = cs.candidate_search(index.indptr, index.items, index.scores, codes, *ex, 9, floor=floor)
+        assert torch.equal(found[0], want[0]) and torch.equal(found[1], want[1])
+        if floor is not None:
+            for capacity in (None, 1):  # 1: the first launch overflows, the second fits exactly
+                survivors = cs.candidate_survivors(*args, floor, block=block, capacity=capacity)
+                expected = ref.candidate_survivors(*args, floor)
+                assert torch.equal(survivors[0], expected[0]) and torch.equal(survivors[1], expected[1])
     return got
+
+
+def survivor_floor(top_scores, rank):
+    """The tightest valid floor: each query's own rank-th best score (-inf, the padding, where it has none)."""
+    return top_scores[:, rank].clone()
 
 
 def check_tiled(index, codes, ex, kb, *, block_n=64, n_programs=3):
