@@ -13,7 +13,7 @@ from sparcode.engine import CodeIndex
 from sparcode.engine.dense import dense_rows
 from sparcode.engine.selection import score_floor
 from sparcode.kernels import candidate_search, dense_search, tiled_search
-from sparcode.kernels.keys import select_keys, select_row_keys
+from sparcode.kernels.keys import select_keys, select_survivors
 
 
 def _timed(fn: Callable[[], object], device: str) -> tuple[object, float]:
@@ -39,7 +39,7 @@ def breakdown(index: CodeIndex, codes: torch.Tensor, k: int, regime: str, *, til
                 index, codes, torch.full((codes.shape[0],), k, device=index.device))), device)
             found, kernel = _timed(lambda o=offsets, f=floor: candidate_search.candidate_survivors(
                 index.indptr, index.items, index.scores, codes, ex_offsets, ex_items, o, f), device)
-            _, selection = _timed(lambda o=found[0], kk=found[1]: _select(o, kk, codes.shape[0], k), device)
+            _, selection = _timed(lambda o=found[0], kk=found[1]: select_survivors(o, kk, codes.shape[0], k), device)
         elif regime == "tiled":
             rest = 0.0
             keys, kernel = _timed(lambda: tiled_search.tiled_keys(index.indptr, index.items, index.scores, codes, ex_offsets,
@@ -50,16 +50,10 @@ def breakdown(index: CodeIndex, codes: torch.Tensor, k: int, regime: str, *, til
             floor, rest = _timed(lambda: score_floor(index, codes, torch.full((codes.shape[0],), k, device=index.device)),
                                  device)
             found, kernel = _timed(lambda f=floor: dense_search.dense_keys(rows, codes, f, block_n=tile_items), device)
-            _, selection = _timed(lambda o=found[0], kk=found[1]: _select(o, kk, codes.shape[0], k), device)
+            _, selection = _timed(lambda o=found[0], kk=found[1]: select_survivors(o, kk, codes.shape[0], k), device)
         else:
             raise ValueError(f"regime: expected candidate, tiled or dense, got {regime!r}")
         for name, value in (("rest", rest), ("kernel", kernel), ("selection", selection)):
             phases[name].append(value)
     return {name: statistics.median(values[1:]) for name, values in phases.items()}
 
-
-def _select(owners: torch.Tensor, keys: torch.Tensor, n_queries: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k of survivors grouped by query (as the candidate and dense searches select)."""
-    crow = torch.zeros(n_queries + 1, dtype=torch.int64, device=keys.device)
-    crow[1:] = torch.bincount(owners, minlength=n_queries).cumsum(0)
-    return select_row_keys(crow, keys, k)

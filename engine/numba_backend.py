@@ -70,6 +70,17 @@ def _scores_and_table(index: CodeIndex) -> tuple[np.ndarray, np.ndarray]:
     return index.scores.view(torch.int16).numpy().view(np.uint16), _table(index.scores.dtype)
 
 
+@numba.njit(cache=True, nogil=True)
+def _write_top(acc, ids, k, out_row):
+    """The k best (acc[id], id) keys of ``ids``, best first, ``EMPTY_KEY``-padded, into ``out_row``."""
+    keys = _pack(acc[ids], ids)
+    if ids.size > k:
+        keys = np.partition(keys, ids.size - k)[ids.size - k :]
+    keys = np.sort(keys)[::-1]
+    out_row[: keys.size] = keys
+    out_row[keys.size :] = EMPTY_KEY
+
+
 @numba.njit(parallel=True, cache=True, nogil=True)
 def _search(indptr, items, scores, table, codes, ex_offsets, ex_items, floor, n_items, k, n_workers, out):
     n_queries, n_tokens = codes.shape
@@ -105,13 +116,7 @@ def _search(indptr, items, scores, table, codes, ex_offsets, ex_items, floor, n_
                 if acc[item] >= floor[q]:  # False for NaN: excluded items drop out here
                     ids[n_kept] = item
                     n_kept += 1
-            ids = ids[:n_kept]
-            keys = _pack(acc[ids], ids)
-            if n_kept > k:
-                keys = np.partition(keys, n_kept - k)[n_kept - k :]
-            keys = np.sort(keys)[::-1]
-            out[q, : keys.size] = keys
-            out[q, keys.size :] = EMPTY_KEY
+            _write_top(acc, ids[:n_kept], k, out[q])
             for j in range(n_touched):
                 acc[touched[j]] = np.nan
 
@@ -150,13 +155,7 @@ def _search_dense(rows, positive, codes, ex_offsets, ex_items, floor, k, n_worke
                 if acc[j] >= bound:  # False for NaN: absent and excluded items drop out here
                     ids[n_kept] = j
                     n_kept += 1
-            kept = ids[:n_kept]
-            keys = _pack(acc[kept], kept)
-            if n_kept > k:
-                keys = np.partition(keys, n_kept - k)[n_kept - k :]
-            keys = np.sort(keys)[::-1]
-            out[q, : keys.size] = keys
-            out[q, keys.size :] = EMPTY_KEY
+            _write_top(acc, ids[:n_kept], k, out[q])
 
 
 # Per-query cost of the two CPU regimes in ns per unit of work, measured on 2 AMD EPYC

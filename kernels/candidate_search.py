@@ -19,8 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import empty_keys, lower_bound, pack_keys, search_steps
-from .keys import select_row_keys
+from .common import empty_keys, lower_bound, pack_keys, packed_launch, search_steps
+from .keys import select_row_keys, select_survivors
 
 
 @triton.jit
@@ -123,21 +123,10 @@ def candidate_survivors(
     if int(offsets[-1]) == 0:
         return empty, empty
     capacity = capacity if capacity is not None else 4096 + 64 * n_queries
-    counter = torch.zeros(1, dtype=torch.int32, device=codes.device)
-    while True:
-        keys = torch.empty(max(1, capacity), dtype=torch.int64, device=codes.device)
-        owners = torch.empty(max(1, capacity), dtype=torch.int64, device=codes.device)
-        counter.zero_()
-        _launch(indptr, items, scores, codes, ex_offsets, ex_items, offsets, keys, block,
-                floor.to(torch.float32).contiguous(), owners, counter, capacity)
-        found = int(counter)
-        if found <= capacity:
-            break
-        capacity = found  # every survivor counted: the second launch fits exactly
-    keys, owners = keys[:found], owners[:found]
-    order = torch.argsort(keys, descending=True, stable=True)
-    order = order[torch.argsort(owners[order], stable=True)]
-    return owners[order], keys[order]
+    floor = floor.to(torch.float32).contiguous()
+    return packed_launch(lambda keys, owners, counter, cap: _launch(
+        indptr, items, scores, codes, ex_offsets, ex_items, offsets, keys, block, floor, owners, counter, cap),
+        capacity, codes.device)
 
 
 def _launch(indptr, items, scores, codes, ex_offsets, ex_items, offsets, out, block, floor, owners, counter, capacity):
@@ -171,6 +160,4 @@ def candidate_search(
     if floor is None:
         return select_row_keys(offsets, candidate_keys(indptr, items, scores, codes, ex_offsets, ex_items, offsets), k)
     owners, keys = candidate_survivors(indptr, items, scores, codes, ex_offsets, ex_items, offsets, floor)
-    crow = torch.zeros(codes.shape[0] + 1, dtype=torch.int64, device=codes.device)
-    crow[1:] = torch.bincount(owners, minlength=codes.shape[0]).cumsum(0)
-    return select_row_keys(crow, keys, k)
+    return select_survivors(owners, keys, codes.shape[0], k)

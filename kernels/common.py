@@ -4,6 +4,9 @@ The packing matches ``keys.pack_keys`` bit for bit, so kernel output can be comp
 with the torch references with ``torch.equal``.
 """
 
+from collections.abc import Callable
+
+import torch
 import triton
 import triton.language as tl
 
@@ -47,3 +50,23 @@ def lower_bound(items_ptr, lo, hi, target, STEPS: tl.constexpr):
 def search_steps(longest: int) -> int:
     """Binary-search iterations that settle any range of ``longest`` elements."""
     return max(1, int(longest).bit_length())
+
+
+def packed_launch(launch: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], None], capacity: int,
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run a kernel that packs (owner, key) survivors behind an atomic counter:
+    ``launch(keys, owners, counter, capacity)``. A launch that finds more than ``capacity``
+    still counts them all, so a second launch with that capacity fits exactly. Returns
+    (owners, keys) grouped by owner, best first (``keys.group_survivors``)."""
+    from .keys import group_survivors
+
+    counter = torch.zeros(1, dtype=torch.int32, device=device)
+    while True:
+        keys = torch.empty(max(1, capacity), dtype=torch.int64, device=device)
+        owners = torch.empty(max(1, capacity), dtype=torch.int64, device=device)
+        counter.zero_()
+        launch(keys, owners, counter, capacity)
+        found = int(counter)
+        if found <= capacity:
+            return group_survivors(owners[:found], keys[:found])
+        capacity = found

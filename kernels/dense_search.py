@@ -16,8 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import pack_keys
-from .keys import ITEM_BIAS, ITEM_MASK, select_row_keys
+from .common import pack_keys, packed_launch
+from .keys import ITEM_BIAS, ITEM_MASK, select_survivors
 
 
 @triton.jit
@@ -50,26 +50,14 @@ def dense_keys(rows: torch.Tensor, codes: torch.Tensor, floor: torch.Tensor, *, 
     sorted by key (best first) within each query."""
     n_queries, n_tokens = codes.shape
     n_items = rows.shape[1]
-    counter = torch.zeros(1, dtype=torch.int32, device=codes.device)
     empty = torch.empty(0, dtype=torch.int64, device=codes.device)
     if n_queries == 0 or n_items == 0:
         return empty, empty
     capacity = capacity if capacity is not None else min(n_queries * n_items, 4096 + 64 * n_queries)
     grid = (n_queries, triton.cdiv(n_items, block_n))
-    while True:
-        keys = torch.empty(max(1, capacity), dtype=torch.int64, device=codes.device)
-        owners = torch.empty(max(1, capacity), dtype=torch.int64, device=codes.device)
-        counter.zero_()
-        _dense_keys_kernel[grid](rows, codes.contiguous(), floor.to(torch.float32).contiguous(), keys, owners, counter,
-                                 n_items, n_tokens, capacity, BLOCK_N=block_n)
-        found = int(counter)
-        if found <= capacity:
-            break
-        capacity = found  # every survivor counted: the second launch fits exactly
-    keys, owners = keys[:found], owners[:found]
-    order = torch.argsort(keys, descending=True, stable=True)
-    order = order[torch.argsort(owners[order], stable=True)]
-    return owners[order], keys[order]
+    codes, floor = codes.contiguous(), floor.to(torch.float32).contiguous()
+    return packed_launch(lambda keys, owners, counter, cap: _dense_keys_kernel[grid](
+        rows, codes, floor, keys, owners, counter, n_items, n_tokens, cap, BLOCK_N=block_n), capacity, codes.device)
 
 
 def dense_search(rows: torch.Tensor, codes: torch.Tensor, floor: torch.Tensor, ex_offsets: torch.Tensor,
@@ -83,6 +71,4 @@ def dense_search(rows: torch.Tensor, codes: torch.Tensor, floor: torch.Tensor, e
         ex_rows = torch.repeat_interleave(torch.arange(n_queries, device=codes.device), ex_offsets.diff())
         kept = ~torch.isin(owners * n_items + items, ex_rows * n_items + ex_items[: ex_rows.numel()])
         owners, keys = owners[kept], keys[kept]
-    crow = torch.zeros(n_queries + 1, dtype=torch.int64, device=codes.device)
-    crow[1:] = torch.bincount(owners, minlength=n_queries).cumsum(0)
-    return select_row_keys(crow, keys, k)
+    return select_survivors(owners, keys, n_queries, k)

@@ -87,3 +87,17 @@ def row_topk(crow: torch.Tensor, values: torch.Tensor, k: int, fill: float | int
 def select_row_keys(crow: torch.Tensor, keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k of each ragged CSR row of keys: (scores (B, k), ids (B, k))."""
     return unpack_keys(row_topk(crow, keys, k, EMPTY_KEY))
+
+
+def group_survivors(owners: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(owner, key) pairs grouped by owner in owner order, best key first within each."""
+    order = torch.argsort(keys, descending=True, stable=True)
+    order = order[torch.argsort(owners[order], stable=True)]
+    return owners[order], keys[order]
+
+
+def select_survivors(owners: torch.Tensor, keys: torch.Tensor, n_queries: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of (owner query, key) pairs per query: (scores (B, k), ids (B, k))."""
+    crow = torch.zeros(n_queries + 1, dtype=torch.int64, device=keys.device)
+    crow[1:] = torch.bincount(owners, minlength=n_queries).cumsum(0)
+    return select_row_keys(crow, keys, k)
