@@ -37,8 +37,10 @@ def breakdown(index: CodeIndex, codes: torch.Tensor, k: int, regime: str, *, til
         if regime == "candidate":
             (offsets, floor), rest = _timed(lambda: (candidate_search.query_offsets(index.indptr, codes), score_floor(
                 index, codes, torch.full((codes.shape[0],), k, device=index.device))), device)
-            found, kernel = _timed(lambda o=offsets, f=floor: candidate_search.candidate_survivors(
-                index.indptr, index.items, index.scores, codes, ex_offsets, ex_items, o, f), device)
+            skip = index.derived(("skip_table", candidate_search.SKIP_SHIFT),
+                                 lambda ix: candidate_search.skip_table(ix.indptr, ix.items, ix.n_items))
+            found, kernel = _timed(lambda o=offsets, f=floor, s=skip: candidate_search.candidate_survivors(
+                index.indptr, index.items, index.scores, codes, ex_offsets, ex_items, o, f, skip=s), device)
             _, selection = _timed(lambda o=found[0], kk=found[1]: select_survivors(o, kk, codes.shape[0], k), device)
         elif regime == "tiled":
             rest = 0.0

@@ -11,7 +11,7 @@ import math
 import numpy as np
 import torch
 
-from sparcode.kernels.candidate_search import candidate_search
+from sparcode.kernels.candidate_search import SKIP_SHIFT, SkipTable, candidate_search, skip_table
 from sparcode.kernels.dense_search import dense_search
 from sparcode.kernels.tiled_search import tiled_search
 
@@ -29,7 +29,8 @@ def choose_regime(n_items: int, n_tokens: int, mean_postings: float, longest: in
                   dense_fits: bool = False, score_bytes: int = 2) -> str:
     """Pick the cheapest regime from a count of memory operations (sectors) per query.
 
-    candidate: every posting binary-searches all T lists (T x log2 L loads) and is
+    candidate: every posting binary-searches its superblock segment of all T lists
+    (T x log2 of the longest segment, ``longest``) and, if it reaches the floor, is
     written once as a key. tiled: every posting is a read-modify-write of the scratch
     row, and every item slot costs an init, a read-back and its share of the on-chip
     sort. dense (only when the rows fit their budget): T coalesced rows of N scores. The
@@ -42,6 +43,11 @@ def choose_regime(n_items: int, n_tokens: int, mean_postings: float, longest: in
     if dense_fits:
         costs["dense"] = n_tokens * n_items * score_bytes / SECTOR_BYTES
     return min(costs, key=costs.get)
+
+
+def _skip(index: CodeIndex) -> SkipTable:
+    """The index's skip table for candidate searches (derived once, ~16 MB at R1)."""
+    return index.derived(("skip_table", SKIP_SHIFT), lambda ix: skip_table(ix.indptr, ix.items, ix.n_items))
 
 
 class TritonBackend:
@@ -64,7 +70,8 @@ class TritonBackend:
         if regime == "auto":
             mean = float(postings.mean()) if postings.size else 0.0
             dense_ok = fits(index, index.scores.dtype, self.dense_bytes)
-            regime = choose_regime(index.n_items, codes.shape[1], mean, int(index.lengths.max()), self.tile_items,
+            searched = (1 << _skip(index).steps) - 1  # the longest segment a candidate search covers
+            regime = choose_regime(index.n_items, codes.shape[1], mean, searched, self.tile_items,
                                    dense_ok, index.scores.element_size())
         if regime == "dense":  # survivors of the floor (keys and owners, sorted twice), the (B, k) keys
             return Plan(np.full(postings.shape, 64 * (64 + k) + 16 * k), regime=regime)
@@ -91,5 +98,5 @@ class TritonBackend:
             return dense_search(dense_rows(index, index.scores.dtype), codes, floor, ex_offsets, ex_items, k,
                                 block_n=self.tile_items)
         if regime == "candidate":
-            return candidate_search(*args, floor=score_floor(index, codes, k + ex_offsets.diff()))
+            return candidate_search(*args, floor=score_floor(index, codes, k + ex_offsets.diff()), skip=_skip(index))
         return tiled_search(*args, index.n_items, block_n=self.tile_items)

@@ -15,6 +15,8 @@ exactly the non-empty blocks. Nothing of size B x N exists: work and memory are 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -22,13 +24,38 @@ import triton.language as tl
 from .common import empty_keys, lower_bound, pack_keys, packed_launch, search_steps
 from .keys import select_row_keys, select_survivors
 
+SKIP_SHIFT = 14  # superblocks of 2**14 items: 62 entries per list at N = 10**6 (16 MB at V = 65,536)
+
+
+class SkipTable(NamedTuple):
+    """``positions[c, j]``: the first position in list c whose item is >= j * 2**shift
+    ((V, n_super + 1) int64, the last column the list's end), and the binary-search
+    steps that settle the longest superblock segment."""
+
+    positions: torch.Tensor
+    shift: int
+    steps: int
+
+
+def skip_table(indptr: torch.Tensor, items: torch.Tensor, n_items: int, shift: int = SKIP_SHIFT) -> SkipTable:
+    """The skip table of a CSR (items strictly increasing within each list)."""
+    n_codes = indptr.numel() - 1
+    n_super = max(1, (n_items + (1 << shift) - 1) >> shift)
+    code_of = torch.repeat_interleave(torch.arange(n_codes, device=indptr.device), indptr.diff())
+    key = code_of * (n_super + 1) + (items.to(torch.int64) >> shift)  # sorted: by code, then item
+    positions = torch.searchsorted(key, torch.arange(n_codes * (n_super + 1), device=indptr.device))
+    positions = positions.view(n_codes, n_super + 1)
+    longest = int(positions.diff(dim=1).max()) if items.numel() else 0
+    return SkipTable(positions, shift, search_steps(longest))
+
 
 @triton.jit
 def _candidate_keys_kernel(
     indptr_ptr, items_ptr, scores_ptr, codes_ptr, ex_offsets_ptr, ex_items_ptr, offsets_ptr,
     block_query_ptr, block_index_ptr, out_ptr, n_tokens,
-    floor_ptr, owners_ptr, counter_ptr, capacity,
+    floor_ptr, owners_ptr, counter_ptr, capacity, skip_ptr, n_super,
     STEPS: tl.constexpr, EX_STEPS: tl.constexpr, BLOCK: tl.constexpr, FILTER: tl.constexpr,
+    SKIP: tl.constexpr, SHIFT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     query = tl.load(block_query_ptr + pid).to(tl.int64)
@@ -56,8 +83,15 @@ def _candidate_keys_kernel(
         code = tl.load(codes_ptr + query * n_tokens + t)
         lo = tl.load(indptr_ptr + code)
         hi = tl.load(indptr_ptr + code + 1)
-        at = lower_bound(items_ptr, tl.zeros([BLOCK], dtype=tl.int64) + lo, tl.zeros([BLOCK], dtype=tl.int64) + hi, item, STEPS)
-        inside = valid & (at < hi)
+        if SKIP:  # the skip table narrows the search to the item's superblock of the list
+            entry = code * (n_super + 1) + (item.to(tl.int64) >> SHIFT)
+            seg_lo = tl.load(skip_ptr + entry, mask=valid, other=0)
+            seg_hi = tl.load(skip_ptr + entry + 1, mask=valid, other=0)
+        else:
+            seg_lo = tl.zeros([BLOCK], dtype=tl.int64) + lo
+            seg_hi = tl.zeros([BLOCK], dtype=tl.int64) + hi
+        at = lower_bound(items_ptr, seg_lo, seg_hi, item, STEPS)
+        inside = valid & (at < seg_hi)
         found = inside & (tl.load(items_ptr + at, mask=inside, other=-1) == item)
         total += tl.where(found, tl.load(scores_ptr + at, mask=found, other=0.0).to(tl.float32), 0.0)
         owner = tl.where(found & (owner > t), t, owner)
@@ -94,6 +128,7 @@ def query_offsets(indptr: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
 def candidate_keys(
     indptr: torch.Tensor, items: torch.Tensor, scores: torch.Tensor, codes: torch.Tensor,
     ex_offsets: torch.Tensor, ex_items: torch.Tensor, offsets: torch.Tensor, *, block: int = 128,
+    skip: SkipTable | None = None,
 ) -> torch.Tensor:
     """Flat keys, one per posting of each query's concatenated T lists (query q at
     ``offsets[q]:offsets[q+1]``, from :func:`query_offsets`): the posting's key if it
@@ -106,14 +141,14 @@ def candidate_keys(
     out = torch.empty(total, dtype=torch.int64, device=codes.device)
     if total == 0:
         return out
-    _launch(indptr, items, scores, codes, ex_offsets, ex_items, offsets, out, block, None, out, None, 0)
+    _launch(indptr, items, scores, codes, ex_offsets, ex_items, offsets, out, block, None, out, None, 0, skip)
     return out
 
 
 def candidate_survivors(
     indptr: torch.Tensor, items: torch.Tensor, scores: torch.Tensor, codes: torch.Tensor,
     ex_offsets: torch.Tensor, ex_items: torch.Tensor, offsets: torch.Tensor, floor: torch.Tensor, *, block: int = 128,
-    capacity: int | None = None,
+    capacity: int | None = None, skip: SkipTable | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(owners int64, keys int64) of the candidates whose sum reaches their query's
     ``floor`` (float32, -inf for none) and are not excluded, grouped by query in query
@@ -125,32 +160,37 @@ def candidate_survivors(
     capacity = capacity if capacity is not None else 4096 + 64 * n_queries
     floor = floor.to(torch.float32).contiguous()
     return packed_launch(lambda keys, owners, counter, cap: _launch(
-        indptr, items, scores, codes, ex_offsets, ex_items, offsets, keys, block, floor, owners, counter, cap),
+        indptr, items, scores, codes, ex_offsets, ex_items, offsets, keys, block, floor, owners, counter, cap, skip),
         capacity, codes.device)
 
 
-def _launch(indptr, items, scores, codes, ex_offsets, ex_items, offsets, out, block, floor, owners, counter, capacity):
+def _launch(indptr, items, scores, codes, ex_offsets, ex_items, offsets, out, block, floor, owners, counter, capacity,
+            skip=None):
     """One program per (query, block of its postings) over exactly the non-empty blocks;
-    with ``floor`` the survivors are packed, else every posting gets its slot."""
+    with ``floor`` the survivors are packed, else every posting gets its slot; with
+    ``skip`` each search covers one superblock segment instead of the whole list."""
     n_queries, n_tokens = codes.shape
     blocks = (offsets.diff() + block - 1) // block
     block_query = torch.repeat_interleave(torch.arange(n_queries, device=codes.device), blocks)
     first_block = blocks.cumsum(0) - blocks
     block_index = torch.arange(block_query.numel(), device=codes.device) - first_block[block_query]
-    longest = int((indptr[1:] - indptr[:-1]).max())
+    steps = skip.steps if skip is not None else search_steps(int((indptr[1:] - indptr[:-1]).max()))
     most_excluded = int((ex_offsets[1:] - ex_offsets[:-1]).max())
     filtered = floor is not None
     _candidate_keys_kernel[(block_query.numel(),)](
         indptr, items, scores, codes.contiguous(), ex_offsets, ex_items, offsets,
         block_query.to(torch.int32), block_index.to(torch.int32), out, n_tokens,
         floor if filtered else out, owners, counter if filtered else out, capacity,
-        STEPS=search_steps(longest), EX_STEPS=search_steps(most_excluded), BLOCK=block, FILTER=filtered,
+        skip.positions if skip is not None else out, skip.positions.shape[1] - 1 if skip is not None else 0,
+        STEPS=steps, EX_STEPS=search_steps(most_excluded), BLOCK=block, FILTER=filtered,
+        SKIP=skip is not None, SHIFT=skip.shift if skip is not None else 0,
     )
 
 
 def candidate_search(
     indptr: torch.Tensor, items: torch.Tensor, scores: torch.Tensor, codes: torch.Tensor,
     ex_offsets: torch.Tensor, ex_items: torch.Tensor, k: int, floor: torch.Tensor | None = None,
+    skip: SkipTable | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k (scores float32, internal ids int64) per query, candidate regime. With
     ``floor``, a lower bound of each query's (k + excluded)-th score
@@ -158,6 +198,7 @@ def candidate_search(
     and selected: hundreds of keys per query instead of every posting."""
     offsets = query_offsets(indptr, codes)
     if floor is None:
-        return select_row_keys(offsets, candidate_keys(indptr, items, scores, codes, ex_offsets, ex_items, offsets), k)
-    owners, keys = candidate_survivors(indptr, items, scores, codes, ex_offsets, ex_items, offsets, floor)
+        return select_row_keys(offsets, candidate_keys(indptr, items, scores, codes, ex_offsets, ex_items, offsets,
+                                                       skip=skip), k)
+    owners, keys = candidate_survivors(indptr, items, scores, codes, ex_offsets, ex_items, offsets, floor, skip=skip)
     return select_survivors(owners, keys, codes.shape[0], k)

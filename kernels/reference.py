@@ -29,7 +29,7 @@ def _query_sums(indptr, items, scores, codes_row, n_items):
     return total, present, first, lists
 
 
-def candidate_keys(indptr, items, scores, codes, ex_offsets, ex_items, offsets, *, block=128):
+def candidate_keys(indptr, items, scores, codes, ex_offsets, ex_items, offsets, *, block=128, skip=None):
     """Reference for ``candidate_search.candidate_keys``."""
     n_items = int(items.max()) + 1 if items.numel() else 1
     out = torch.full((int(offsets[-1]),), EMPTY_KEY, dtype=torch.int64, device=codes.device)
@@ -52,7 +52,8 @@ def query_offsets(indptr, codes):
     return torch.tensor([0] + lengths, dtype=torch.int64, device=codes.device).cumsum(0)
 
 
-def candidate_survivors(indptr, items, scores, codes, ex_offsets, ex_items, offsets, floor, *, block=128, capacity=None):
+def candidate_survivors(indptr, items, scores, codes, ex_offsets, ex_items, offsets, floor, *, block=128, capacity=None,
+                        skip=None):
     """Reference for ``candidate_search.candidate_survivors``."""
     keys = candidate_keys(indptr, items, scores, codes, ex_offsets, ex_items, offsets)
     owners_out, keys_out = [], []
@@ -68,9 +69,9 @@ def candidate_survivors(indptr, items, scores, codes, ex_offsets, ex_items, offs
     return torch.cat(owners_out), torch.cat(keys_out)
 
 
-def candidate_search(indptr, items, scores, codes, ex_offsets, ex_items, k, floor=None):
+def candidate_search(indptr, items, scores, codes, ex_offsets, ex_items, k, floor=None, skip=None):
     """Reference for ``candidate_search.candidate_search``: a dense per-query sort (a valid
-    ``floor`` changes nothing, so it is ignored)."""
+    ``floor`` and the ``skip`` table change nothing, so they are ignored)."""
     n_items = int(items.max()) + 1 if items.numel() else 1
     out = torch.full((codes.shape[0], k), EMPTY_KEY, dtype=torch.int64, device=codes.device)
     for q in range(codes.shape[0]):

@@ -30,14 +30,19 @@ def check_candidate(index, codes, ex, *, block=32):
     args = (index.indptr, index.items, index.scores, codes, *ex, offsets)
     got = cs.candidate_keys(*args, block=block)
     assert torch.equal(got, ref.candidate_keys(*args)), "candidate keys differ from the reference"
+    for shift in (0, 2, 5):  # superblocks of 1, 4 and 32 items: narrowed searches give the same keys
+        skip = cs.skip_table(index.indptr, index.items, index.n_items, shift)
+        assert torch.equal(cs.candidate_keys(*args, block=block, skip=skip), got)
     want = ref.candidate_search(index.indptr, index.items, index.scores, codes, *ex, 9)
     n = codes.shape[0]
+    skip = cs.skip_table(index.indptr, index.items, index.n_items, 3)
     for floor in (None, torch.full((n,), float("-inf"), device=codes.device), survivor_floor(want[0], 8)):
-        found = cs.candidate_search(index.indptr, index.items, index.scores, codes, *ex, 9, floor=floor)
-        assert torch.equal(found[0], want[0]) and torch.equal(found[1], want[1])
+        for table in (None, skip):
+            found = cs.candidate_search(index.indptr, index.items, index.scores, codes, *ex, 9, floor=floor, skip=table)
+            assert torch.equal(found[0], want[0]) and torch.equal(found[1], want[1])
         if floor is not None:
             for capacity in (None, 1):  # 1: the first launch overflows, the second fits exactly
-                survivors = cs.candidate_survivors(*args, floor, block=block, capacity=capacity)
+                survivors = cs.candidate_survivors(*args, floor, block=block, capacity=capacity, skip=skip)
                 expected = ref.candidate_survivors(*args, floor)
                 assert torch.equal(survivors[0], expected[0]) and torch.equal(survivors[1], expected[1])
     return got
@@ -178,3 +183,11 @@ def test_dense_realistic_gpu(dtype):
     floor = torch.full((16,), 20.0, device="cuda")
     got, want = ds.dense_keys(rows, codes, floor), ref.dense_keys(rows, codes, floor)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_skip_table_points_at_each_superblock():
+    # list 0: items 0, 5, 9, 17; list 1 empty; list 2: 3, 16 (N = 20, superblocks of 8 items)
+    index = csr_index([[(0, 1.0), (5, 1.0), (9, 1.0), (17, 1.0)], [], [(3, 1.0), (16, 1.0)]], n_items=20).to(DEVICE)
+    table = cs.skip_table(index.indptr, index.items, 20, shift=3)
+    assert table.positions.tolist() == [[0, 2, 3, 4], [4, 4, 4, 4], [4, 5, 5, 6]]
+    assert table.steps == cs.search_steps(2)  # the longest segment holds 2 postings
