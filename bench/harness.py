@@ -198,6 +198,15 @@ def triton_regimes(index: CodeIndex, batches: list[torch.Tensor], regime: Regime
         split = breakdown(index, batches[0], k, name, tile_items=tile)
         out.append(Method(f"sparcode-triton-{name}", lambda i, e=engine: e.search(batches[i % N_BATCHES], k=k),
                           regime.batch, {"postings_per_query": postings, "breakdown_seconds": split}))
+    if postings >= regime.n_items / 10:  # writing every posting's key would take gigabytes there
+        return out
+    # the candidate kernel as first measured: whole-list searches, every posting written and selected
+    from sparcode.kernels.candidate_search import candidate_search
+
+    no_ex = (torch.zeros(regime.batch + 1, dtype=torch.int64, device=device), torch.zeros(1, dtype=torch.int64, device=device))
+    out.append(Method("sparcode-triton-candidate-unfiltered",
+                      lambda i: candidate_search(index.indptr, index.items, index.scores, batches[i % N_BATCHES], *no_ex, k),
+                      regime.batch, {"postings_per_query": postings}))
     return out
 
 
