@@ -7,11 +7,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SUFFIXES = {".md", ".py", ".json", ".sh", ".cfg", ".toml", ".txt"}
-EXEMPT = {"CHANGELOG.md", "tests/test_repository.py"}
+EXEMPT = {"CHANGELOG.md"}
 NARRATIVE = re.compile("|".join([
-    r"\.\./shared", r"\.git/info/exclude", r"NOTES\.md", r"\bsessions?\b", r"\bold TwoTower\b", r"\bpredates?\b",
-    r"\brounds? of work\b", r"accuracy-runs", r"\blent (?:a |no )?GPU\b", r"\bdevice machine\b", r"\bsince replaced\b",
-    r"\bsuperseded\b", r"\bfixed since\b", r"\bthe issue\b", r"\bissue's\b",
+    # (character classes keep this file from matching its own patterns)
+    r"\.\./share[d]", r"\.git/info/exclud[e]", r"NOTES\.m[d]", r"\bsessio[n]s?\b", r"\bold [T]woTower\b", r"\bpredate[s]?\b",
+    r"\brounds? of wor[k]\b", r"accuracy-run[s]", r"\blen[t] (?:a |no )?GPU\b", r"\bdevice machin[e]\b", r"\bsince replace[d]\b",
+    r"\bsupersede[d]\b", r"\bfixed sinc[e]\b", r"\bthe issu[e]\b", r"\bissu[e]'s\b",
 ]), re.IGNORECASE)
 
 
