@@ -56,17 +56,11 @@ def candidate_survivors(indptr, items, scores, codes, ex_offsets, ex_items, offs
                         skip=None):
     """Reference for ``candidate_search.candidate_survivors``."""
     keys = candidate_keys(indptr, items, scores, codes, ex_offsets, ex_items, offsets)
-    owners_out, keys_out = [], []
+    per_query = []
     for q in range(codes.shape[0]):
         mine = keys[int(offsets[q]) : int(offsets[q + 1])]
-        mine = mine[(mine != EMPTY_KEY) & (unpack_keys(mine)[0] >= floor[q])]
-        mine = torch.sort(mine, descending=True).values
-        keys_out.append(mine)
-        owners_out.append(torch.full_like(mine, q))
-    if not keys_out:
-        empty = torch.empty(0, dtype=torch.int64, device=codes.device)
-        return empty, empty
-    return torch.cat(owners_out), torch.cat(keys_out)
+        per_query.append(mine[(mine != EMPTY_KEY) & (unpack_keys(mine)[0] >= floor[q])])
+    return _grouped(per_query, codes.device)
 
 
 def candidate_search(indptr, items, scores, codes, ex_offsets, ex_items, k, floor=None, skip=None):
@@ -108,19 +102,24 @@ def tiled_search(indptr, items, scores, codes, ex_offsets, ex_items, k, n_items,
 
 def dense_keys(rows, codes, floor, *, block_n=1024, capacity=None):
     """Reference for ``dense_search.dense_keys``."""
-    owners, keys = [], []
+    per_query = []
     for q in range(codes.shape[0]):
         total = rows[codes[q, 0]].to(torch.float32)
         for t in range(1, codes.shape[1]):
             value = rows[codes[q, t]].to(torch.float32)
             total = torch.where(torch.isnan(total), value, torch.where(torch.isnan(value), total, total + value))
         ids = torch.nonzero(total >= floor[q]).squeeze(1)
-        best = torch.sort(pack_keys(total[ids], ids), descending=True).values
-        keys.append(best)
-        owners.append(torch.full_like(best, q))
-    if not keys:
-        empty = torch.empty(0, dtype=torch.int64, device=codes.device)
+        per_query.append(pack_keys(total[ids], ids))
+    return _grouped(per_query, codes.device)
+
+
+def _grouped(per_query, device):
+    """(owners, keys): each query's keys, best first, in query order."""
+    if not per_query:
+        empty = torch.empty(0, dtype=torch.int64, device=device)
         return empty, empty
+    keys = [torch.sort(mine, descending=True).values for mine in per_query]
+    owners = [torch.full_like(mine, q) for q, mine in enumerate(keys)]
     return torch.cat(owners), torch.cat(keys)
 
 
