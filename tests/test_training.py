@@ -403,7 +403,7 @@ def test_train_command_defaults_by_device_and_options(tmp_path, capsys, monkeypa
 
     seen = []
 
-    def fit(model, data, cfg, validate):  # the plumbing, not the training
+    def fit(model, data, cfg, validate, measure_start=False):  # the plumbing, not the training
         seen.append((model, cfg))
         return {"epochs": 0, "best_valid_recall@20": 0.0, "train_seconds": 0.0, "history": []}
 
@@ -543,11 +543,16 @@ def test_every_entry_point_takes_its_defaults_from_one_place():
             sparcode["quantizer"].default, sparcode["per_token"].default, sparcode["embedding_std"].default) == (
         defaults.DIM, defaults.TOKENS, defaults.CPU_CODEWORDS, defaults.CPU_HIDDEN, defaults.QUANTIZER, defaults.PER_TOKEN,
         defaults.EMBEDDING_STD)
-    assert inspect.signature(TwoTower).parameters["temperature"].default == defaults.TEMPERATURE
+    assert sparcode["tokenizer_hidden"].default == defaults.TOKENIZER_HIDDEN
+    two_tower = inspect.signature(TwoTower).parameters
+    assert (two_tower["temperature"].default, two_tower["tokenizer_hidden"].default,
+            two_tower["history_dropout"].default) == (defaults.TEMPERATURE, defaults.TWO_TOWER_TOKENIZER_HIDDEN,
+                                                      defaults.TWO_TOWER_HISTORY_DROPOUT)
     sub = argparse.ArgumentParser().add_subparsers()
     add_commands(sub)
     train_cmd = sub.choices["train"].parse_args(["--out", "x"])
     bench = parse_args(["--dataset", "synthetic", "--out", "x"])
+    assert (bench.cap_density, bench.density) == (defaults.INDEX_DENSITY, None)  # the headline index: the rule to use
     for args in (train_cmd, bench):
         assert (args.epochs, args.batch_size, args.lr, args.negatives, args.l2, args.patience, args.dim, args.tokens,
                 args.quantizer, args.per_token_codebooks, args.embedding_std, args.sampling, args.codewords, args.hidden,

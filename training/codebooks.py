@@ -8,6 +8,8 @@ encoder saved with an index holds only what serving reads: the codebooks.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -65,7 +67,7 @@ class EMACodebooks(nn.Module):
                 self.cluster_size[p][dead] = 1.0
 
     @torch.no_grad()
-    def initialize(self, z: torch.Tensor, iters: int = 10) -> None:
+    def initialize(self, z: torch.Tensor, iters: int = 10, seed: int = 0) -> None:
         """Codebooks from k-means over token vectors ``z`` (..., dim), stage by stage: the
         first training batch's by default, or a larger sample after an unquantized warm-up."""
         q = self.quantizer
@@ -73,7 +75,7 @@ class EMACodebooks(nn.Module):
         words = torch.zeros(flat.shape[0], q.n_sub, dtype=torch.int64, device=z.device)
         for p in range(q.n_sub):
             x = q.stage_input(flat, words, p)
-            centers = kmeans(x, q.n_words, iters)
+            centers = kmeans(x, q.n_words, iters, seed=seed)
             q.codebooks[p].copy_(centers)
             self.embed_sum[p].copy_(centers)
             self.cluster_size[p].fill_(1.0)
@@ -103,15 +105,16 @@ class CodebookTrainer(nn.Module):
         return torch.stack([q for q, _, _ in outs], -2), codes, torch.stack([c for _, _, c in outs]).mean()
 
     @torch.no_grad()
-    def initialize(self, z: torch.Tensor, iters: int = 10) -> None:
-        """Codebooks from k-means over ``z``: each position's over that position's tokens."""
+    def initialize(self, z: torch.Tensor, iters: int = 10, seeds: Iterable[int] | None = None) -> None:
+        """Codebooks from k-means over ``z``: each position's over that position's tokens,
+        from the k-means seed ``seeds`` gives it (all 0 by default)."""
         quantizer = self._quantizer[0]
         if not isinstance(quantizer, PerTokenQuantizer):
             self.stages[0].initialize(z, iters)
             return
         quantizer.check(z)
-        for t, stage in enumerate(self.stages):
-            stage.initialize(z[..., t, :], iters)
+        for t, (stage, seed) in enumerate(zip(self.stages, seeds or [0] * len(self.stages))):
+            stage.initialize(z[..., t, :], iters, seed)
 
 
 def kmeans(x: torch.Tensor, k: int, iters: int = 10, seed: int = 0) -> torch.Tensor:

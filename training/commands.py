@@ -27,6 +27,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--sampling", default=None, choices=defaults.SAMPLINGS,
                        help="how negatives are drawn (default: popularity; in-batch for two_tower; uniform with --density)")
     train.add_argument("--warmup", type=int, default=0, help="sparcode: epochs without quantization first")
+    train.add_argument("--init-from", type=Path, default=None, metavar="TWO_TOWER_CHECKPOINT",
+                       help="sparcode, all_to_all: start from a trained two_tower's tokenizer and item embeddings "
+                            "(same data, --dim and --tokens), the codebooks from k-means over its tokens")
     train.add_argument("--density", type=float, default=None,
                        help="sparcode: train for an index of this density (the bias follows a score quantile)")
     train.add_argument("--commitment", type=float, default=defaults.COMMITMENT,
@@ -36,7 +39,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--time-budget", type=float, default=None,
                        help=f"stop after the epoch that passes this many seconds (default: {defaults.CPU_TIME_BUDGET:,.0f} "
                             "on a CPU, none on a GPU; 0 for none)")
-    train.add_argument("--l2", type=float, default=defaults.L2, help="weight of the embeddings' squared norm")
+    train.add_argument("--l2", type=float, default=defaults.L2, help="weight of the squared norm of each batch's item vectors")
     train.add_argument("--patience", type=int, default=defaults.PATIENCE,
                        help="epochs without a better validation Recall@20 before stopping")
     train.add_argument("--tokens", type=int, default=defaults.TOKENS, help="T")
@@ -94,7 +97,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
     from .checkpoint import checkpoint_config, load_data, save_checkpoint
-    from .train import TrainConfig, fit, make_model, validator
+    from .train import TrainConfig, fit, make_model, tensors, validator
 
     device = _device(args.device)
     hidden = list(args.hidden or defaults.hidden(device))
@@ -124,14 +127,40 @@ def cmd_train(args: argparse.Namespace) -> int:
                "embedding_std": args.embedding_std} if args.model == "two_tower"
               else {"dim": args.dim, "n_tokens": args.tokens, "n_words": codewords, "hidden": hidden,
                     "quantizer": args.quantizer, "per_token": args.per_token_codebooks, "embedding_std": args.embedding_std})
+    source = None if args.init_from is None else two_tower_source(args.init_from, args.model, data, device)
+    if source is not None:  # the tokenizer's shape is the two-tower's (sparcode.training.warm)
+        kwargs.update(tokenizer_hidden=list(source.tokenizer.hidden), normalize_tokens=False)
     torch.manual_seed(args.seed)
     model = make_model(args.model, data, **kwargs)
-    info = fit(model, data, cfg, validator(data, cfg))
+    if source is not None:
+        from .warm import warm_start
+
+        t = tensors(data, cfg)
+        warm_start(model.to(device), source, t["history"], t["user_features"])
+    info = fit(model, data, cfg, validator(data, cfg), measure_start=args.init_from is not None)
+    if args.init_from is not None:
+        info["init_from"] = str(args.init_from.resolve())
     save_checkpoint(args.out, model, checkpoint_config(args.model, kwargs, args.data, args.path, args.seed,
                                                        (2000, 800), cfg, info))
     print(f"train: {args.model} on {data.name}: {info['epochs']} epochs, best validation Recall@20 "
           f"{info['best_valid_recall@20']:.4f}, {info['train_seconds']:.0f} s; checkpoint in {args.out}")
     return 0
+
+
+def two_tower_source(checkpoint: Path, kind: str, data, device: str):
+    """The trained TwoTower in ``checkpoint`` that a ``kind`` model on ``data`` starts from."""
+    from .checkpoint import load_checkpoint
+    from .models import TwoTower
+
+    if kind == "two_tower":
+        raise ValueError("--init-from: starts a sparcode or all_to_all model from a two_tower checkpoint")
+    source, source_data, _ = load_checkpoint(checkpoint, device)
+    if not isinstance(source, TwoTower):
+        raise ValueError(f"--init-from: {checkpoint} holds a {type(source).__name__}, not a two_tower")
+    if (source_data.name, source_data.n_users, source_data.n_items) != (data.name, data.n_users, data.n_items):
+        raise ValueError(f"--init-from: {checkpoint} was trained on {source_data.name} ({source_data.n_users} users, "
+                         f"{source_data.n_items} items), not on {data.name} ({data.n_users} users, {data.n_items} items)")
+    return source
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -19,11 +19,12 @@ EPOCHS = 20
 BATCH_SIZE = 1024
 LR = 1e-3
 NEGATIVES = 100  # shared by the batch; "in-batch" sampling uses the batch's positives instead
-L2 = 1e-5  # weight of the embeddings' squared norm
+L2 = 1e-5  # weight of the squared norm of each batch's item vectors (per example)
 PATIENCE = 10  # epochs without a better validation Recall@20 before stopping
 VALID_USERS = 1000  # users whose validation Recall@20 drives early stopping
-HISTORY = 20  # history items per query
+HISTORY = 100  # history items per query (on Gowalla 91% of training interactions; 20 held 56%)
 COMMITMENT = 0.0  # the quantizer's commitment loss: it collapses batch-normalised tokens
+INDEX_DENSITY = 0.01  # the export rule to use: each code keeps its top 1% of the items (sparcode export --cap-density)
 CPU_TIME_BUDGET = 2700.0  # seconds; training stops after the epoch that crosses it
 
 # model
@@ -34,6 +35,9 @@ QUANTIZER = "residual"  # or "product", the paper's
 PER_TOKEN = True  # one quantizer per token position: V = T * C**P
 EMBEDDING_STD = 0.1  # initial std of the id and feature embeddings
 TEMPERATURE = 0.1  # TwoTower: cosine similarity over this temperature
+TOKENIZER_HIDDEN = (256, 256)  # the tokenizer's MLP widths (SparCode, AllToAll)
+TWO_TOWER_TOKENIZER_HIDDEN = ()  # TwoTower: the pooled history through one linear map
+TWO_TOWER_HISTORY_DROPOUT = 0.5  # TwoTower: history items left out of each training query's mean
 GPU_HIDDEN = (256, 256, 256)  # the scorer's MLP widths
 CPU_HIDDEN = (64, 64)
 GPU_CODEWORDS = 128  # C: V = 4 x 128**2 = 65,536, the paper's code space

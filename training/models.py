@@ -119,10 +119,11 @@ class SparCode(nn.Module):
                  n_sub: int = defaults.SUB_CODEBOOKS, n_words: int = defaults.CPU_CODEWORDS,
                  hidden: tuple[int, ...] = defaults.CPU_HIDDEN, bias: float = 0.0, quantize: bool = True,
                  embedding_std: float = defaults.EMBEDDING_STD, quantizer: str = defaults.QUANTIZER,
-                 per_token: bool = defaults.PER_TOKEN) -> None:
+                 per_token: bool = defaults.PER_TOKEN, tokenizer_hidden: tuple[int, ...] = defaults.TOKENIZER_HIDDEN,
+                 normalize_tokens: bool = True) -> None:
         super().__init__()
         tokenizer = Tokenizer(data.n_items, list(data.user_cardinalities), dim=dim, n_tokens=n_tokens,
-                              embedding_std=embedding_std)
+                              hidden=tuple(tokenizer_hidden), normalize=normalize_tokens, embedding_std=embedding_std)
         self.encoder = QueryEncoder(tokenizer, make_quantizer(quantizer, dim, n_sub, n_words,
                                                               per_token=n_tokens if per_token else None),
                                     history=defaults.HISTORY)
@@ -165,29 +166,33 @@ class SparCode(nn.Module):
 
 
 class TwoTower(nn.Module):
-    """The same tokenizer (without the normalisation that only quantization needs), its T
-    tokens mean-pooled into one user vector, scored against the item tower's vector by
-    cosine similarity over a temperature (YoutubeDNN's form as BARS runs it).
+    """A user vector from the tokenizer (without the normalisation that only quantization
+    needs; its T heads mean-pooled), scored against the item tower's vector by cosine
+    similarity over a temperature (YoutubeDNN's form as BARS runs it).
 
-    Both vectors are L2-normalised and the user's is divided by ``temperature``, so
-    the score is still one inner product (exact MIPS serves it) but its range is
-    bounded. Items with features pass
-    id + feature embeddings through an MLP (64-256-64), which can cross them; an id
-    alone goes straight in, as an MLP over a free table only reparametrises it. On
-    Gowalla (ids only, in-batch negatives, 6 epochs, 2 CPU cores) the raw dot behind an
-    item MLP from N(0, 1) reached validation Recall@20 0.117, the cosine at 0.1 0.147
-    (0.05: 0.138, 0.2: 0.106), without the MLP and from the small start 0.175; on the
-    synthetic data (features) dropping the MLP cost a third, and with it the cosine
-    was 1% (d = 16, at 0.2) and 9% (d = 64, at 0.1) under the raw dot (docs/accuracy.md)."""
+    Both vectors are L2-normalised and the user's is divided by ``temperature``, so the
+    score is still one inner product (exact MIPS serves it) but its range is bounded.
+    The history is pooled from the item tower's own id table (one table, as in SimpleX)
+    through one linear map, with history dropout in training: on Gowalla (2 CPU cores,
+    in-batch negatives) that reached test Recall@20 0.154 after 4 epochs where a separate
+    history table reached 0.145 and an MLP tokenizer over 20 sampled history items 0.153
+    after 21 (docs/accuracy.md). Items with features pass id + feature embeddings through
+    an MLP (64-256-64), which can cross them; an id alone goes straight in, as an MLP over
+    a free table only reparametrises it (on the synthetic data, with features, dropping
+    the MLP cost a third)."""
 
     def __init__(self, data: InteractionData, *, dim: int = defaults.DIM, n_tokens: int = defaults.TOKENS,
-                 temperature: float = defaults.TEMPERATURE, embedding_std: float = defaults.EMBEDDING_STD) -> None:
+                 temperature: float = defaults.TEMPERATURE, embedding_std: float = defaults.EMBEDDING_STD,
+                 tokenizer_hidden: tuple[int, ...] = defaults.TWO_TOWER_TOKENIZER_HIDDEN,
+                 history_dropout: float = defaults.TWO_TOWER_HISTORY_DROPOUT) -> None:
         super().__init__()
         if not temperature > 0:
             raise ValueError(f"temperature: expected a positive number, got {temperature!r}")
         self.tokenizer = Tokenizer(data.n_items, list(data.user_cardinalities), dim=dim, n_tokens=n_tokens, normalize=False,
-                                   embedding_std=embedding_std)
+                                   hidden=tuple(tokenizer_hidden), embedding_std=embedding_std,
+                                   history_dropout=history_dropout)
         self.items = ItemTower(data.n_items, data.item_cardinalities, dim, std=embedding_std)
+        self.tokenizer.item_embedding = self.items.ids  # one item table for the history and the items
         self.item_mlp = (nn.Sequential(nn.Linear(dim, 256), nn.ReLU(), nn.Linear(256, dim)) if data.item_cardinalities
                          else nn.Identity())
         self.temperature = temperature

@@ -1,0 +1,141 @@
+"""Warm start from a trained TwoTower, sparse embedding updates, history pooling and
+history dropout."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from sparcode.cli import main
+from sparcode.engine.encoder import Tokenizer
+from sparcode.training.data import synthetic
+from sparcode.training.train import TrainConfig, fit, full_scores, make_model, make_optimizers, tensors, validator
+from sparcode.training.warm import warm_start
+
+
+@pytest.fixture(scope="module")
+def ids_only():
+    """Synthetic interactions without features, and a TwoTower trained on them."""
+    data = dataclasses.replace(synthetic(1000, 800, seed=0), item_features=None, item_cardinalities=(),
+                               user_features=None, user_cardinalities=())
+    torch.manual_seed(0)
+    two_tower = make_model("two_tower", data)
+    fit(two_tower, data, TrainConfig(epochs=2, progress=False, valid_users=200), lambda m, u, t: {"recall@20": 0.0})
+    return data, two_tower.eval()
+
+
+def top_items(model, data, k: int = 10) -> np.ndarray:
+    cfg = TrainConfig()
+    users = np.arange(data.n_users)
+    return torch.topk(full_scores(model, data, cfg, users, tensors(data, cfg)), k, dim=1).indices.numpy()
+
+
+def warm(kind: str, data, two_tower):
+    model = make_model(kind, data, tokenizer_hidden=two_tower.tokenizer.hidden, normalize_tokens=False)
+    t = tensors(data, TrainConfig())
+    warm_start(model, two_tower, t["history"], t["user_features"])
+    return model.eval()
+
+
+def test_warm_all_to_all_ranks_as_the_two_tower(ids_only):
+    data, two_tower = ids_only
+    model = warm("all_to_all", data, two_tower)
+    cfg = TrainConfig()
+    users = np.arange(data.n_users)
+    t = tensors(data, cfg)
+    mine, theirs = full_scores(model, data, cfg, users, t), full_scores(two_tower, data, cfg, users, t)
+    factor = mine.max(1).values / theirs.max(1).values  # one positive factor per user
+    assert bool((factor > 0).all())
+    expected = factor.unsqueeze(1) * theirs.clamp(min=0)  # the activation cuts at 0
+    assert (mine - expected).abs().max() < 1e-4 * mine.max()
+    assert (top_items(model, data) == top_items(two_tower, data)).mean() > 0.95  # only near-ties reorder
+
+
+def test_warm_sparcode_starts_near_the_two_tower_with_distinct_codebooks(ids_only):
+    data, two_tower = ids_only
+    model = warm("sparcode", data, two_tower)
+    parts = model.encoder.quantizer.parts
+    assert all(bool(stage.initialized) for stage in model.codebook_trainer.stages)
+    assert not torch.equal(parts[0].codebooks, parts[1].codebooks)  # one k-means seed per position
+    evaluate = validator(data, TrainConfig())
+    users = np.nonzero(data.valid.lengths)[0]
+    ours, theirs = evaluate(model, users, data.valid)["recall@20"], evaluate(two_tower, users, data.valid)["recall@20"]
+    cold = make_model("sparcode", data).eval()
+    assert ours > 0.7 * theirs and ours > 2 * evaluate(cold, users, data.valid)["recall@20"]
+
+
+def test_warm_start_refuses_what_does_not_fit(ids_only):
+    data, two_tower = ids_only
+    t = tensors(data, TrainConfig())
+    with pytest.raises(ValueError, match="--init-from: the two-tower's tokenizer dim is 64, this model's 32"):
+        warm_start(make_model("sparcode", data, dim=32, tokenizer_hidden=(), normalize_tokens=False), two_tower,
+                   t["history"], None)
+    with pytest.raises(ValueError, match="--init-from: the model normalises its tokens"):
+        warm_start(make_model("sparcode", data, tokenizer_hidden=()), two_tower, t["history"], None)
+    with pytest.raises(ValueError, match="--init-from: expected a two_tower checkpoint, got a SparCode"):
+        warm_start(make_model("sparcode", data, normalize_tokens=False), make_model("sparcode", data), t["history"], None)
+
+
+def test_train_init_from_command(tmp_path, capsys):
+    """sparcode train --init-from: the checkpoint records the source and the starting
+    validation, reloads, and wrong sources are named."""
+    assert main(["train", "--model", "two_tower", "--out", str(tmp_path / "tt"), "--epochs", "1", "--no-progress"]) == 0
+    assert main(["train", "--model", "sparcode", "--init-from", str(tmp_path / "tt"), "--out", str(tmp_path / "sc"),
+                 "--epochs", "1", "--no-progress"]) == 0
+    config = json.loads((tmp_path / "sc" / "config.json").read_text())
+    assert config["result"]["init_from"] == str((tmp_path / "tt").resolve())
+    assert [h["epoch"] for h in config["result"]["history"]] == [0, 1] and config["result"]["epochs"] == 1
+    assert config["model"]["kwargs"]["normalize_tokens"] is False and config["model"]["kwargs"]["tokenizer_hidden"] == []
+    assert main(["evaluate", str(tmp_path / "tt")]) == 0  # the tied two-tower checkpoint reloads
+    capsys.readouterr()
+    for model, source, message in (("two_tower", "tt", "starts a sparcode or all_to_all model"),
+                                   ("all_to_all", "sc", "holds a SparCode, not a two_tower")):
+        assert main(["train", "--model", model, "--init-from", str(tmp_path / source), "--out", str(tmp_path / "x"),
+                     "--epochs", "1", "--no-progress"]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_history_pooling_is_the_masked_mean_and_its_gradient_sparse():
+    tokenizer = Tokenizer(50, [], dim=8, n_tokens=2, hidden=(16,))
+    history = torch.tensor([[1, 2, -1], [-1, -1, -1], [3, 3, 4]])
+    mask = (history >= 0).unsqueeze(-1).float()
+    expected = (tokenizer.item_embedding(history.clamp(min=0)) * mask).sum(1) / mask.sum(1).clamp(min=1)
+    assert torch.allclose(tokenizer.pool(history), expected, atol=1e-6)
+    tokenizer.item_embedding.sparse = True
+    tokenizer.pool(history).sum().backward()
+    assert tokenizer.item_embedding.weight.grad.is_sparse
+
+
+def test_history_dropout_only_in_training():
+    torch.manual_seed(0)
+    tokenizer = Tokenizer(500, [], dim=8, n_tokens=1, hidden=(), normalize=False, history_dropout=0.5)
+    history = torch.arange(400).view(4, 100)
+    tokenizer.eval()
+    assert torch.equal(tokenizer(history, None), tokenizer(history, None))
+    whole = tokenizer.pool(history)
+    tokenizer.train()
+    dropped = tokenizer.pool(history)
+    assert not torch.allclose(dropped, whole)
+    with pytest.raises(ValueError, match="history_dropout: expected a probability in"):
+        Tokenizer(5, [], dim=8, n_tokens=1, history_dropout=1.0)
+
+
+def test_embedding_tables_get_lazy_adam_and_untouched_rows_stay():
+    data = synthetic(200, 100, seed=0)
+    model = make_model("two_tower", data)
+    optimizers = make_optimizers(model, 1e-2)
+    assert [type(o).__name__ for o in optimizers] == ["SparseAdam", "Adam"]
+    assert model.items.ids is model.tokenizer.item_embedding  # one table, stepped once
+    before = model.items.ids.weight.detach().clone()
+    model.train()
+    t = tensors(data, TrainConfig())
+    users = model.user_vectors(t["history"][:4], t["user_features"][:4])
+    items = model.item_vectors(model.items(torch.tensor([7, 8]), t["item_features"]))
+    (users @ items.T).sum().backward()
+    for optimizer in optimizers:
+        optimizer.step()
+    touched = set(t["history"][:4].flatten().clamp(min=0).tolist()) | {0, 7, 8}
+    changed = set((model.items.ids.weight != before).any(1).nonzero().flatten().tolist())
+    assert {7, 8} <= changed <= touched
