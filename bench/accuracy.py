@@ -34,6 +34,7 @@ from sparcode.training.checkpoint import load_data
 from sparcode.training.evaluate import encode_users, evaluate_engine, evaluate_exact
 from sparcode.training.export import ExportRule, export_indexes
 from sparcode.training.train import TrainConfig, fit, make_model, tensors, validator
+from sparcode.training.warm import warm_start
 
 from .harness import device_label
 
@@ -50,6 +51,7 @@ REFERENCES = {  # the BARS leaderboard on gowalla_m1
                 "LightGCN": {"recall@20": 0.1820, "ndcg@20": 0.1547},
                 "SimpleX": {"recall@20": 0.1872, "ndcg@20": 0.1557, "recall@50": 0.2874, "ndcg@50": 0.1868}},
 }
+MODELS = ["two_tower", "sparcode", "sparcode_warm", "all_to_all"]
 METRICS = [f"{m}@{k}" for m in ("recall", "ndcg", "precision", "hitrate") for k in (10, 20, 50)]
 
 
@@ -58,8 +60,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dataset", required=True, choices=list(DATASETS))
     p.add_argument("--path", type=Path, default=None, help="dataset directory (not needed for synthetic)")
     p.add_argument("--out", type=Path, required=True, help="directory for accuracy-<dataset>.json")
-    p.add_argument("--models", nargs="+", default=["two_tower", "sparcode", "all_to_all"],
-                   choices=["two_tower", "sparcode", "all_to_all"])
+    p.add_argument("--models", nargs="+", default=["two_tower", "sparcode", "all_to_all"], choices=MODELS,
+                   help="sparcode_warm: SparCode started from this run's TwoTower (list two_tower before it)")
     p.add_argument("--device", default=None)
     p.add_argument("--epochs", type=int, default=defaults.EPOCHS)
     p.add_argument("--time-budget", type=float, default=None,
@@ -79,7 +81,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--two-tower-temperature", type=float, default=defaults.TEMPERATURE,
                    help="TwoTower: its scores are cosine similarities over this temperature")
     p.add_argument("--lr", type=float, default=defaults.LR)
-    p.add_argument("--l2", type=float, default=defaults.L2, help="weight of the embeddings' squared norm (all models)")
+    p.add_argument("--l2", type=float, default=defaults.L2, help="weight of the squared norm of each batch's item vectors (all models)")
     p.add_argument("--patience", type=int, default=defaults.PATIENCE)
     p.add_argument("--valid-users", type=int, default=defaults.VALID_USERS,
                    help="users whose validation Recall@20 drives early stopping (all models)")
@@ -99,11 +101,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--all-to-all-sample", type=int, default=5000, help="users scored exactly for AllToAll")
     headline = p.add_mutually_exclusive_group()
     headline.add_argument("--density", type=float, default=None,
-                          help="SparCode export: target density by one bias for all codes (default: the model's "
-                               "own ReLU bias)")
+                          help="SparCode export: target density by one bias for all codes")
     headline.add_argument("--cap-density", type=float, default=None,
                           help="SparCode export: target density by the per-code rule, each code's top FRACTION x N "
-                               "items (export --density 1 --cap)")
+                               f"items (export --density 1 --cap; the default, at {defaults.INDEX_DENSITY:g})")
     p.add_argument("--train-density", type=float, default=None,
                    help="SparCode: train for an index of this density (the bias follows a score quantile)")
     p.add_argument("--densities", type=float, nargs="*", default=[], help="sparsity curve: target densities")
@@ -121,6 +122,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         bad = [v for v in values if v is not None and not 0 < v <= 1]
         if bad:
             p.error(f"{flag}: expected fractions in (0, 1], got {bad[0]:g}")
+    if args.density is None and args.cap_density is None:
+        args.cap_density = defaults.INDEX_DENSITY
+    if "sparcode_warm" in args.models and ("two_tower" not in args.models
+                                           or args.models.index("two_tower") > args.models.index("sparcode_warm")):
+        p.error("--models: sparcode_warm starts from this run's two_tower; list two_tower before it")
     try:  # option values that TrainConfig rejects fail here, before any data is read
         train_configs(args, "cpu")
     except ValueError as exc:
@@ -172,16 +178,29 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         report["config"]["train_two_tower"] = asdict(cfg_two_tower)
     if args.dataset in REFERENCES:
         report["references"] = REFERENCES[args.dataset]
+    two_tower = None
+    curve_model = "sparcode_warm" if "sparcode_warm" in args.models else "sparcode"
     for kind in args.models:
         torch.manual_seed(args.seed)
-        model = make_model(kind, data, **model_kwargs)
-        info = fit(model, data, cfg_two_tower if kind == "two_tower" else cfg, validate)
+        warm = kind == "sparcode_warm"
+        if warm:  # the tokenizer's shape is the two-tower's
+            model = make_model("sparcode", data, **model_kwargs, tokenizer_hidden=two_tower.tokenizer.hidden,
+                               normalize_tokens=False)
+            started_warm = time.perf_counter()
+            t = tensors(data, cfg)
+            warm_start(model, two_tower, t["history"], t["user_features"])
+            warm_seconds = time.perf_counter() - started_warm
+        else:
+            model = make_model(kind, data, **model_kwargs)
+        info = fit(model, data, cfg_two_tower if kind == "two_tower" else cfg, validate, measure_start=warm)
         model.eval()
         entry = {"epochs": info["epochs"], "train_seconds": info["train_seconds"],
                  "best_valid_recall@20": info["best_valid_recall@20"], "valid_history": info["history"]}
-        if kind == "sparcode":
+        if warm:
+            entry["warm_start_seconds"] = warm_seconds
+        if kind in ("sparcode", "sparcode_warm"):
             codes = encode_users(model, data, cfg)  # shared by the headline index and the curve
-            points = curve_points(args, data)
+            points = curve_points(args, data) if kind == curve_model else []
             rules = [headline_rule(args, data)] + [rule for _, _, rule in points]
             exports = export_all(model, item_features, data.n_items, rules, seed=args.seed, progress=not args.no_progress)
             index, export = exports.pop(0)
@@ -203,8 +222,10 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         print(f"[accuracy] {args.dataset} {kind}: {headline} {metrics[headline]:.4f} recall@20 {metrics['recall@20']:.4f} "
               f"({info['epochs']} epochs, {info['train_seconds']:.0f} s)", flush=True)
         write(args.out, report, started)  # after every model: an interrupted run keeps what finished
-        if kind == "sparcode" and exports:
+        if kind == curve_model and exports:
             sparsity_curve(exports, points, model, data, codes, report, args.out, started)
+        if kind == "two_tower":
+            two_tower = model
         del model
     return report
 
