@@ -81,7 +81,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--two-tower-temperature", type=float, default=defaults.TEMPERATURE,
                    help="TwoTower: its scores are cosine similarities over this temperature")
     p.add_argument("--lr", type=float, default=defaults.LR)
-    p.add_argument("--l2", type=float, default=defaults.L2, help="weight of the squared norm of each batch's item vectors (all models)")
+    p.add_argument("--l2", type=float, default=defaults.L2,
+                   help="weight of the squared norm of each batch's item vectors (all models)")
     p.add_argument("--patience", type=int, default=defaults.PATIENCE)
     p.add_argument("--valid-users", type=int, default=defaults.VALID_USERS,
                    help="users whose validation Recall@20 drives early stopping (all models)")
