@@ -34,6 +34,7 @@ from sparcode.training.checkpoint import load_data
 from sparcode.training.evaluate import encode_users, evaluate_engine, evaluate_exact
 from sparcode.training.export import ExportRule, export_indexes
 from sparcode.training.train import TrainConfig, fit, make_model, tensors, validator
+from sparcode.training.warm import model_kwargs as warm_kwargs
 from sparcode.training.warm import warm_start
 
 from .harness import device_label
@@ -168,7 +169,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
                     "per_token": args.per_token_codebooks, "temperature": args.two_tower_temperature}
     n_codes = codewords**2 * (args.tokens if args.per_token_codebooks else 1)
     validate = validator(data, cfg)
-    item_features = tensors(data, cfg)["item_features"]
+    t = tensors(data, cfg)
+    item_features = t["item_features"]
     report: dict = {"dataset": args.dataset, "command": "python -m sparcode.bench.accuracy " + shlex.join(argv),
                     "date": date.today().isoformat(), "device": device_label(device), "torch": torch.__version__,
                     "seed": args.seed, "headline_metric": headline,
@@ -184,11 +186,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     for kind in args.models:
         torch.manual_seed(args.seed)
         warm = kind == "sparcode_warm"
-        if warm:  # the tokenizer's shape is the two-tower's
-            model = make_model("sparcode", data, **model_kwargs, tokenizer_hidden=two_tower.tokenizer.hidden,
-                               normalize_tokens=False)
+        if warm:
+            model = make_model("sparcode", data, **model_kwargs, **warm_kwargs(two_tower))
             started_warm = time.perf_counter()
-            t = tensors(data, cfg)
             warm_start(model, two_tower, t["history"], t["user_features"])
             warm_seconds = time.perf_counter() - started_warm
         else:

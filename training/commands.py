@@ -128,13 +128,13 @@ def cmd_train(args: argparse.Namespace) -> int:
               else {"dim": args.dim, "n_tokens": args.tokens, "n_words": codewords, "hidden": hidden,
                     "quantizer": args.quantizer, "per_token": args.per_token_codebooks, "embedding_std": args.embedding_std})
     source = None if args.init_from is None else two_tower_source(args.init_from, args.model, data, device)
-    if source is not None:  # the tokenizer's shape is the two-tower's (sparcode.training.warm)
-        kwargs.update(tokenizer_hidden=list(source.tokenizer.hidden), normalize_tokens=False)
+    if source is not None:
+        from .warm import model_kwargs, warm_start
+
+        kwargs.update(model_kwargs(source))
     torch.manual_seed(args.seed)
     model = make_model(args.model, data, **kwargs)
     if source is not None:
-        from .warm import warm_start
-
         t = tensors(data, cfg)
         warm_start(model.to(device), source, t["history"], t["user_features"])
     info = fit(model, data, cfg, validator(data, cfg), measure_start=args.init_from is not None)

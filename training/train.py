@@ -182,7 +182,7 @@ def make_optimizers(model: torch.nn.Module, lr: float) -> list[torch.optim.Optim
     tables, whose gradients become sparse: a step then touches only the rows its batch
     looked up. Dense gradients over every row made Adam's passes over the two 40,981 x 64
     Gowalla tables most of a TwoTower step (0.25-0.29 s per batch of 1,024 on 2 CPU cores;
-    0.045 s with sparse updates, docs/performance.md)."""
+    0.077 s with sparse updates, docs/performance.md)."""
     tables = [m for m in model.modules() if isinstance(m, torch.nn.Embedding)]
     for table in tables:
         table.sparse = True

@@ -28,6 +28,12 @@ from .models import SparCode, TwoTower
 TOKENIZER_SHAPE = ("n_items", "user_cardinalities", "dim", "n_tokens", "hidden")
 
 
+def model_kwargs(source: TwoTower) -> dict:
+    """What a model that starts from ``source`` must be built with: its tokenizer's shape,
+    no token normalisation."""
+    return {"tokenizer_hidden": list(source.tokenizer.hidden), "normalize_tokens": False}
+
+
 def check_compatible(model: SparCode, source: TwoTower) -> None:
     """A clear error when ``source``'s weights do not fit ``model``."""
     if not isinstance(source, TwoTower):
