@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+from sparcode.bench import warm_loss
 from sparcode.cli import main
 from sparcode.engine.encoder import Tokenizer
 from sparcode.training.data import synthetic
+from sparcode.training.export import ExportRule
 from sparcode.training.train import TrainConfig, fit, full_scores, make_model, make_optimizers, tensors, validator
 from sparcode.training.warm import warm_start
 
@@ -32,16 +34,17 @@ def top_items(model, data, k: int = 10) -> np.ndarray:
     return torch.topk(full_scores(model, data, cfg, users, tensors(data, cfg)), k, dim=1).indices.numpy()
 
 
-def warm(kind: str, data, two_tower):
-    model = make_model(kind, data, tokenizer_hidden=two_tower.tokenizer.hidden, normalize_tokens=False)
+def warm(kind: str, data, two_tower, **kwargs):
+    model = make_model(kind, data, tokenizer_hidden=two_tower.tokenizer.hidden, normalize_tokens=False, **kwargs)
     t = tensors(data, TrainConfig())
     warm_start(model, two_tower, t["history"], t["user_features"])
     return model.eval()
 
 
-def test_warm_all_to_all_ranks_as_the_two_tower(ids_only):
+@pytest.mark.parametrize("n_tokens", [4, 1])  # the two-tower's 4 heads mean-pool into one user vector
+def test_warm_all_to_all_ranks_as_the_two_tower(ids_only, n_tokens):
     data, two_tower = ids_only
-    model = warm("all_to_all", data, two_tower)
+    model = warm("all_to_all", data, two_tower, n_tokens=n_tokens)
     cfg = TrainConfig()
     users = np.arange(data.n_users)
     t = tensors(data, cfg)
@@ -139,3 +142,24 @@ def test_embedding_tables_get_lazy_adam_and_untouched_rows_stay():
     touched = set(t["history"][:4].flatten().clamp(min=0).tolist()) | {0, 7, 8}
     changed = set((model.items.ids.weight != before).any(1).nonzero().flatten().tolist())
     assert {7, 8} <= changed <= touched
+
+
+def test_warm_loss_bench_splits_quantization_from_the_index(ids_only, tmp_path, capsys):
+    """Unquantized, the warm model ranks as the two-tower; a cap of every item is the
+    quantized model; the command writes its report and names a bad --space."""
+    data, two_tower = ids_only
+    t = tensors(data, TrainConfig())
+    users = np.nonzero(data.valid.lengths)[0]
+    mine = validator(data, TrainConfig())(two_tower, users, data.valid)["recall@20"]
+    row = warm_loss.measure(two_tower, data, t, users, 2, 8, ExportRule.top(1.0, data.n_items))
+    assert abs(row["unquantized"] - mine) < 0.02 and row["codes"] == 2 * 8**2
+    assert row["index"] == pytest.approx(row["quantized"], abs=0.02)  # softplus lists rank as the ReLU sum, near ties aside
+    few = warm_loss.measure(two_tower, data, t, users, 2, 8, ExportRule.top(0.01, data.n_items))
+    assert few["candidates_per_user"] <= 2 * 8 and few["index"] < row["index"]
+    assert main(["train", "--model", "two_tower", "--out", str(tmp_path / "tt"), "--epochs", "1", "--no-progress"]) == 0
+    assert warm_loss.main(["--checkpoint", str(tmp_path / "tt"), "--space", "2x4", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "warm-loss-synthetic.json").read_text())
+    assert [(r["tokens"], r["codewords"]) for r in report["spaces"]] == [(2, 4)] and 0 <= report["two_tower"] <= 1
+    with pytest.raises(SystemExit):
+        warm_loss.main(["--checkpoint", str(tmp_path / "tt"), "--space", "4by64", "--out", str(tmp_path)])
+    assert "expected TOKENSxCODEWORDS such as 4x64" in capsys.readouterr().err

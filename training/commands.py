@@ -29,7 +29,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--warmup", type=int, default=0, help="sparcode: epochs without quantization first")
     train.add_argument("--init-from", type=Path, default=None, metavar="TWO_TOWER_CHECKPOINT",
                        help="sparcode, all_to_all: start from a trained two_tower's tokenizer and item embeddings "
-                            "(same data, --dim and --tokens), the codebooks from k-means over its tokens")
+                            "(same data and --dim), the codebooks from k-means over its tokens")
     train.add_argument("--density", type=float, default=None,
                        help="sparcode: train for an index of this density (the bias follows a score quantile)")
     train.add_argument("--commitment", type=float, default=defaults.COMMITMENT,

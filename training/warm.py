@@ -2,19 +2,21 @@
 
 The two share the tokenizer's design and the item tower, so the weights carry over.
 Every token head starts as the two-tower's user vector (the mean of its heads, which is
-what it scores with), the item vectors as its unit item vectors, scaled so that the sum
-over tokens of the scorer's dot product is the two-tower's logit for a typical user, and
-the scorer's MLP already starts at zero output (``Scorer``). Unquantized (AllToAll), a
-user's scores are then the two-tower's times a positive factor of that user, cut at 0 by
-the activation: the same top items wherever any cosine is positive. The model must be
-built without token normalisation (``normalize_tokens=False``): standardising each token
-dimension over a batch would shift every item's score by its own offset. SparCode's
-codebooks start from k-means over the tokens of every user, with a different seed per
-token position, so that the T quantizations of one starting vector differ and their sum
-averages their errors. Items with features keep their embedding tables but not the
-two-tower's item MLP, which the SparCode item tower does not have (its scorer crosses
-features instead): there the start is only near the two-tower's, and the first
-validation Recall is measured (``fit(measure_start=True)``) rather than assumed.
+what it scores with; so the model's T need not be the two-tower's), the item vectors as
+its unit item vectors, scaled so that the sum over tokens of the scorer's dot product is
+the two-tower's logit for a typical user, and the scorer's MLP already starts at zero
+output (``Scorer``). Unquantized (AllToAll), a user's scores are then the two-tower's
+times a positive factor of that user, cut at 0 by the activation: the same top items
+wherever any cosine is positive. The model must be built without token normalisation
+(``normalize_tokens=False``): standardising each token dimension over a batch would
+shift every item's score by its own offset. SparCode's codebooks start from k-means over
+the tokens of every user, with a different seed per token position, so that the T
+quantizations of one starting vector differ and their sum averages their errors (on
+Gowalla the quantization, not the 1% index, is what the start loses: docs/accuracy.md).
+Items with features keep their embedding tables but not the two-tower's item MLP, which
+the SparCode item tower does not have (its scorer crosses features instead): there the
+start is only near the two-tower's, and the first validation Recall is measured
+(``fit(measure_start=True)``) rather than assumed.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from torch import nn
 
 from .models import SparCode, TwoTower
 
-TOKENIZER_SHAPE = ("n_items", "user_cardinalities", "dim", "n_tokens", "hidden")
+TOKENIZER_SHAPE = ("n_items", "user_cardinalities", "dim", "hidden")
 
 
 def model_kwargs(source: TwoTower) -> dict:
@@ -42,7 +44,7 @@ def check_compatible(model: SparCode, source: TwoTower) -> None:
     for name in TOKENIZER_SHAPE:
         if getattr(dst, name) != getattr(src, name):
             raise ValueError(f"--init-from: the two-tower's tokenizer {name} is {getattr(src, name)}, this model's "
-                             f"{getattr(dst, name)} (train both on the same data with the same --dim and --tokens)")
+                             f"{getattr(dst, name)} (train both on the same data with the same --dim)")
     if dst.normalize:
         raise ValueError("--init-from: the model normalises its tokens; build it with normalize_tokens=False")
 
@@ -60,10 +62,11 @@ def warm_start(model: SparCode, source: TwoTower, history: torch.Tensor, user_fe
     ``user_features`` (U, F) (see the module's docstring)."""
     check_compatible(model, source)
     dst = model.encoder.tokenizer
-    dst.load_state_dict(source.tokenizer.state_dict())
-    heads, dim, n_tokens = dst.heads, dst.dim, dst.n_tokens
-    heads.weight.copy_(heads.weight.view(n_tokens, dim, -1).mean(0).repeat(n_tokens, 1))
-    heads.bias.copy_(heads.bias.view(n_tokens, dim).mean(0).repeat(n_tokens))
+    src_heads, dim, n_tokens = source.tokenizer.heads, dst.dim, dst.n_tokens
+    kept = {k: v for k, v in source.tokenizer.state_dict().items() if not k.startswith("heads.")}  # T may differ
+    dst.load_state_dict({**dst.state_dict(), **kept})
+    dst.heads.weight.copy_(src_heads.weight.view(source.tokenizer.n_tokens, dim, -1).mean(0).repeat(n_tokens, 1))
+    dst.heads.bias.copy_(src_heads.bias.view(source.tokenizer.n_tokens, dim).mean(0).repeat(n_tokens))
     model.items.load_state_dict(source.items.state_dict())
     training = dst.training
     dst.eval()
