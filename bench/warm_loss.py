@@ -56,18 +56,27 @@ def recall(scores: torch.Tensor, data, users: np.ndarray) -> float:
 
 
 @torch.no_grad()
-def measure(two_tower: TwoTower, data, t: dict, users: np.ndarray, tokens: int, words: int, rule: ExportRule) -> dict:
+def unquantized_recall(two_tower: TwoTower, data, t: dict, users: np.ndarray, tokens: int) -> float:
+    """Validation Recall@20 of the AllToAll warm-started from ``two_tower`` with ``tokens``
+    tokens: the SparCode before quantization, whatever its codewords."""
+    model = make_model("all_to_all", data, n_tokens=tokens, **model_kwargs(two_tower))
+    warm_start(model, two_tower, t["history"], t["user_features"])
+    return recall(full_scores(model.eval(), data, TrainConfig(), users, t), data, users)
+
+
+@torch.no_grad()
+def measure(two_tower: TwoTower, data, t: dict, users: np.ndarray, tokens: int, words: int, rule: ExportRule,
+            unquantized: float | None = None) -> dict:
     """Validation Recall@20 of the SparCode warm-started from ``two_tower`` with ``tokens``
-    x ``words``: unquantized, quantized over every item, and through ``rule``'s lists."""
+    x ``words``: unquantized (``unquantized`` if already measured for this T), quantized
+    over every item, and through ``rule``'s lists."""
     started = time.perf_counter()
+    if unquantized is None:
+        unquantized = unquantized_recall(two_tower, data, t, users, tokens)
     torch.manual_seed(0)
     model = make_model("sparcode", data, n_tokens=tokens, n_words=words, **model_kwargs(two_tower))
     warm_start(model, two_tower, t["history"], t["user_features"])
     model.eval()
-    cfg = TrainConfig()
-    model.quantize = False
-    unquantized = recall(full_scores(model, data, cfg, users, t), data, users)
-    model.quantize = True
     u = torch.from_numpy(users)
     quantizer = model.encoder.quantizer
     codes = quantizer.codes(model.encoder.tokenizer(t["history"][u], None if t["user_features"] is None
@@ -122,8 +131,10 @@ def main(argv: list[str] | None = None) -> int:
               "two_tower": recall(full_scores(two_tower, data, TrainConfig(), users, t), data, users), "spaces": []}
     rule = ExportRule.top(args.cap_density, data.n_items)
     print(f"warm_loss: {data.name}, {len(users)} validation users; two-tower Recall@20 {report['two_tower']:.4f}")
+    by_tokens: dict[int, float] = {}  # the unquantized model depends on T only
     for tokens, words in args.space:
-        report["spaces"].append(measure(two_tower, data, t, users, tokens, words, rule))
+        report["spaces"].append(measure(two_tower, data, t, users, tokens, words, rule, by_tokens.get(tokens)))
+        by_tokens[tokens] = report["spaces"][-1]["unquantized"]
         row = report["spaces"][-1]
         print(f"  {tokens} x {words} ({row['codes']:,} codes): unquantized {row['unquantized']:.4f}, quantized "
               f"{row['quantized']:.4f}, index {row['index']:.4f} ({row['candidates_per_user']:.0f} candidates per user)",
