@@ -95,6 +95,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="SparCode: residual or product (the paper's) quantization")
     p.add_argument("--per-token-codebooks", action=argparse.BooleanOptionalAction, default=defaults.PER_TOKEN,
                    help="SparCode: one quantizer per token position, V = T * C**2, or one shared, V = C**2")
+    p.add_argument("--error-feedback", action=argparse.BooleanOptionalAction, default=defaults.FEEDBACK,
+                   help="SparCode with per-token codebooks: each position also quantizes the error the positions "
+                        "before it left")
     p.add_argument("--hidden", type=int, nargs="+", default=None,
                    help=f"scorer MLP widths (default: {' '.join(map(str, defaults.GPU_HIDDEN))} on a GPU, "
                         f"{' '.join(map(str, defaults.CPU_HIDDEN))} on a CPU)")
@@ -166,7 +169,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     hidden = tuple(args.hidden or defaults.hidden(device))
     model_kwargs = {"dim": args.dim, "n_tokens": args.tokens, "n_words": codewords, "hidden": hidden,
                     "embedding_std": args.embedding_std, "quantizer": args.quantizer,
-                    "per_token": args.per_token_codebooks, "temperature": args.two_tower_temperature}
+                    "per_token": args.per_token_codebooks, "feedback": args.error_feedback,
+                    "temperature": args.two_tower_temperature}
     n_codes = codewords**2 * (args.tokens if args.per_token_codebooks else 1)
     validate = validator(data, cfg)
     t = tensors(data, cfg)

@@ -66,15 +66,16 @@ def unquantized_recall(two_tower: TwoTower, data, t: dict, users: np.ndarray, to
 
 @torch.no_grad()
 def measure(two_tower: TwoTower, data, t: dict, users: np.ndarray, tokens: int, words: int, rule: ExportRule,
-            unquantized: float | None = None) -> dict:
+            unquantized: float | None = None, feedback: bool = defaults.FEEDBACK) -> dict:
     """Validation Recall@20 of the SparCode warm-started from ``two_tower`` with ``tokens``
-    x ``words``: unquantized (``unquantized`` if already measured for this T), quantized
-    over every item, and through ``rule``'s lists."""
+    x ``words`` (per-token codebooks, with error ``feedback`` or without): unquantized
+    (``unquantized`` if already measured for this T), quantized over every item, and
+    through ``rule``'s lists."""
     started = time.perf_counter()
     if unquantized is None:
         unquantized = unquantized_recall(two_tower, data, t, users, tokens)
     torch.manual_seed(0)
-    model = make_model("sparcode", data, n_tokens=tokens, n_words=words, **model_kwargs(two_tower))
+    model = make_model("sparcode", data, n_tokens=tokens, n_words=words, feedback=feedback, **model_kwargs(two_tower))
     warm_start(model, two_tower, t["history"], t["user_features"])
     model.eval()
     u = torch.from_numpy(users)
@@ -93,7 +94,8 @@ def measure(two_tower: TwoTower, data, t: dict, users: np.ndarray, tokens: int, 
     lists = torch.zeros_like(rows).scatter_(1, torch.cat([k.indices for k in kept]), torch.cat([k.values for k in kept]))
     per_user = inverse.view(len(users), tokens)
     indexed = lists[per_user].sum(1)
-    return {"tokens": tokens, "codewords": words, "codes": quantizer.n_codes, "unquantized": unquantized,
+    return {"tokens": tokens, "codewords": words, "codes": quantizer.n_codes, "feedback": feedback,
+            "unquantized": unquantized,
             "quantized": recall(rows[per_user].sum(1), data, users), "index": recall(indexed, data, users),
             "candidates_per_user": float((indexed > 0).sum(1).float().mean()), "distinct_codes": len(distinct),
             "seconds": time.perf_counter() - started}
@@ -104,6 +106,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--checkpoint", type=Path, required=True, help="a trained two_tower checkpoint")
     p.add_argument("--space", type=space, nargs="+", default=[(defaults.TOKENS, defaults.CPU_CODEWORDS)],
                    metavar="TxC", help="code spaces: T tokens x C codewords per stage (V = T x C**2)")
+    p.add_argument("--error-feedback", action=argparse.BooleanOptionalAction, default=defaults.FEEDBACK,
+                   help="each token position also quantizes the error the positions before it left")
     p.add_argument("--cap-density", type=float, default=defaults.INDEX_DENSITY,
                    help="each code keeps its top FRACTION x N items")
     p.add_argument("--out", type=Path, required=True, help="directory of warm-loss-<dataset>.json")
@@ -126,14 +130,15 @@ def main(argv: list[str] | None = None) -> int:
     users = np.nonzero(data.valid.lengths)[0]
     report = {"dataset": data.name, "command": "python -m sparcode.bench.warm_loss " + shlex.join(argv),
               "date": date.today().isoformat(), "device": device_label("cpu"), "torch": torch.__version__,
-              "users": len(users), "cap_density": args.cap_density,
+              "users": len(users), "cap_density": args.cap_density, "error_feedback": args.error_feedback,
               "checkpoint": {"train": config.get("train"), "epochs": config.get("result", {}).get("epochs")},
               "two_tower": recall(full_scores(two_tower, data, TrainConfig(), users, t), data, users), "spaces": []}
     rule = ExportRule.top(args.cap_density, data.n_items)
     print(f"warm_loss: {data.name}, {len(users)} validation users; two-tower Recall@20 {report['two_tower']:.4f}")
     by_tokens: dict[int, float] = {}  # the unquantized model depends on T only
     for tokens, words in args.space:
-        report["spaces"].append(measure(two_tower, data, t, users, tokens, words, rule, by_tokens.get(tokens)))
+        report["spaces"].append(measure(two_tower, data, t, users, tokens, words, rule, by_tokens.get(tokens),
+                                        args.error_feedback))
         by_tokens[tokens] = report["spaces"][-1]["unquantized"]
         row = report["spaces"][-1]
         print(f"  {tokens} x {words} ({row['codes']:,} codes): unquantized {row['unquantized']:.4f}, quantized "

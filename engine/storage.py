@@ -31,7 +31,7 @@ from .replace import recover, replace_dir
 from .validate import check_codebooks, check_item_ids, check_postings, fail
 
 FORMAT_NAME = "sparcode-index"
-FORMAT_VERSION = 2  # 2: the encoder file holds serving tensors only (codebooks, no training statistics)
+FORMAT_VERSION = 3  # the encoder config names whether per-token codebooks use error feedback
 MANIFEST = "manifest.json"
 ENCODER = "encoder.safetensors"
 TENSORS = "index.safetensors"

@@ -66,15 +66,17 @@ def test_residual_encoder_round_trips(tmp_path):
 def test_per_token_encoder_round_trips_with_its_codebooks(tmp_path):
     torch.manual_seed(0)
     tokenizer = Tokenizer(N_ITEMS, [3, 5], dim=8, n_tokens=3, hidden=(16,))
-    encoder = QueryEncoder(tokenizer, PerTokenQuantizer("residual", 3, 8, n_sub=2, n_words=4), history=HISTORY).eval()
+    encoder = QueryEncoder(tokenizer, PerTokenQuantizer("residual", 3, 8, n_sub=2, n_words=4, feedback=True),
+                           history=HISTORY).eval()
     plain = random_index(48, N_ITEMS, 10, seed=0)
     index = CodeIndex.from_postings(plain.indptr, plain.items, plain.scores, N_ITEMS,  # export stores (T, P, C, d)
                                     codebooks=encoder.quantizer.codebooks.clone())
     index.save(tmp_path / "tok", encoder=encoder)
     manifest = json.loads((tmp_path / "tok" / "manifest.json").read_text())
     assert manifest["encoder"]["per_token"] is True and manifest["codebooks"] == [3, 2, 4, 8]
+    assert manifest["encoder"]["feedback"] is True
     engine = Engine.load(tmp_path / "tok", device="cpu")
-    assert isinstance(engine.encoder.quantizer, PerTokenQuantizer)
+    assert isinstance(engine.encoder.quantizer, PerTokenQuantizer) and engine.encoder.quantizer.feedback
     torch.testing.assert_close(engine.index.codebooks, encoder.quantizer.codebooks)
     feats = features(30)
     codes = engine.encoder(feats)

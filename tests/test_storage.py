@@ -163,7 +163,7 @@ def test_garbage_header(saved):
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (lambda m: m.update(format_version=99), "manifest.json: format_version: this library reads version 2, got 99"),
+        (lambda m: m.update(format_version=99), "manifest.json: format_version: this library reads version 3, got 99"),
         (lambda m: m.update(format="other"), "manifest.json: format: expected 'sparcode-index'"),
         (lambda m: m.update(n_items=-3), "manifest.json: n_items: expected a positive integer"),
         (lambda m: m.update(nnz=m["nnz"] + 1) or m.update(nnz=26), "differs from the manifest's [26]"),

@@ -157,9 +157,11 @@ def test_warm_loss_bench_splits_quantization_from_the_index(ids_only, tmp_path, 
     few = warm_loss.measure(two_tower, data, t, users, 2, 8, ExportRule.top(0.01, data.n_items))
     assert few["candidates_per_user"] <= 2 * 8 and few["index"] < row["index"]
     assert main(["train", "--model", "two_tower", "--out", str(tmp_path / "tt"), "--epochs", "1", "--no-progress"]) == 0
-    assert warm_loss.main(["--checkpoint", str(tmp_path / "tt"), "--space", "2x4", "--out", str(tmp_path)]) == 0
+    assert warm_loss.main(["--checkpoint", str(tmp_path / "tt"), "--space", "2x4", "--no-error-feedback",
+                           "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "warm-loss-synthetic.json").read_text())
-    assert [(r["tokens"], r["codewords"]) for r in report["spaces"]] == [(2, 4)] and 0 <= report["two_tower"] <= 1
+    assert [(r["tokens"], r["codewords"], r["feedback"]) for r in report["spaces"]] == [(2, 4, False)]
+    assert report["error_feedback"] is False and 0 <= report["two_tower"] <= 1
     with pytest.raises(SystemExit):
         warm_loss.main(["--checkpoint", str(tmp_path / "tt"), "--space", "4by64", "--out", str(tmp_path)])
     assert "expected TOKENSxCODEWORDS such as 4x64" in capsys.readouterr().err

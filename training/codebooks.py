@@ -99,22 +99,32 @@ class CodebookTrainer(nn.Module):
         quantizer = self._quantizer[0]
         if not isinstance(quantizer, PerTokenQuantizer):
             return self.stages[0](z)
-        quantizer.check(z)
-        outs = [stage(z[..., t, :]) for t, stage in enumerate(self.stages)]
+
+        def step(t: int, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+            out = self.stages[t](x)
+            return out[0], out
+
+        outs = quantizer.in_order(z, step)
         codes = torch.stack([c + t * quantizer.codes_per_token for t, (_, c, _) in enumerate(outs)], -1)
         return torch.stack([q for q, _, _ in outs], -2), codes, torch.stack([c for _, _, c in outs]).mean()
 
     @torch.no_grad()
     def initialize(self, z: torch.Tensor, iters: int = 10, seeds: Iterable[int] | None = None) -> None:
-        """Codebooks from k-means over ``z``: each position's over that position's tokens,
-        from the k-means seed ``seeds`` gives it (all 0 by default)."""
+        """Codebooks from k-means over ``z``: each position's over that position's tokens
+        (plus the error carried to it, with feedback, by the codebooks started before
+        it), from the k-means seed ``seeds`` gives it (all 0 by default)."""
         quantizer = self._quantizer[0]
         if not isinstance(quantizer, PerTokenQuantizer):
             self.stages[0].initialize(z, iters)
             return
-        quantizer.check(z)
-        for t, (stage, seed) in enumerate(zip(self.stages, seeds or [0] * len(self.stages))):
-            stage.initialize(z[..., t, :], iters, seed)
+        seeds = list(seeds or [0] * len(self.stages))
+
+        def start(t: int, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+            self.stages[t].initialize(x, iters, seeds[t])
+            part = quantizer.parts[t]
+            return part.lookup(part.assign(x)), None
+
+        quantizer.in_order(z, start)
 
 
 def kmeans(x: torch.Tensor, k: int, iters: int = 10, seed: int = 0) -> torch.Tensor:

@@ -50,6 +50,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                             "paper's: each stage quantizes a slice of the token)")
     train.add_argument("--per-token-codebooks", action=argparse.BooleanOptionalAction, default=defaults.PER_TOKEN,
                        help="sparcode: one quantizer per token position, V = T * C**2, or one shared, V = C**2")
+    train.add_argument("--error-feedback", action=argparse.BooleanOptionalAction, default=defaults.FEEDBACK,
+                       help="sparcode: with per-token codebooks, each position also quantizes the error the "
+                            "positions before it left, so that the errors cancel in the sum over tokens")
     train.add_argument("--dim", type=int, default=defaults.DIM, help="token and item embedding size")
     train.add_argument("--hidden", type=int, nargs="+", default=None,
                        help=f"scorer MLP widths (default: {' '.join(map(str, defaults.GPU_HIDDEN))} on a GPU, "
@@ -126,7 +129,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     kwargs = ({"dim": args.dim, "n_tokens": args.tokens, "temperature": args.temperature,
                "embedding_std": args.embedding_std} if args.model == "two_tower"
               else {"dim": args.dim, "n_tokens": args.tokens, "n_words": codewords, "hidden": hidden,
-                    "quantizer": args.quantizer, "per_token": args.per_token_codebooks, "embedding_std": args.embedding_std})
+                    "quantizer": args.quantizer, "per_token": args.per_token_codebooks,
+                    "feedback": args.error_feedback, "embedding_std": args.embedding_std})
     source = None if args.init_from is None else two_tower_source(args.init_from, args.model, data, device)
     if source is not None:
         from .warm import model_kwargs, warm_start

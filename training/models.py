@@ -119,13 +119,15 @@ class SparCode(nn.Module):
                  n_sub: int = defaults.SUB_CODEBOOKS, n_words: int = defaults.CPU_CODEWORDS,
                  hidden: tuple[int, ...] = defaults.CPU_HIDDEN, bias: float = 0.0, quantize: bool = True,
                  embedding_std: float = defaults.EMBEDDING_STD, quantizer: str = defaults.QUANTIZER,
-                 per_token: bool = defaults.PER_TOKEN, tokenizer_hidden: tuple[int, ...] = defaults.TOKENIZER_HIDDEN,
+                 per_token: bool = defaults.PER_TOKEN, feedback: bool = defaults.FEEDBACK,
+                 tokenizer_hidden: tuple[int, ...] = defaults.TOKENIZER_HIDDEN,
                  normalize_tokens: bool = True) -> None:
         super().__init__()
         tokenizer = Tokenizer(data.n_items, list(data.user_cardinalities), dim=dim, n_tokens=n_tokens,
                               hidden=tuple(tokenizer_hidden), normalize=normalize_tokens, embedding_std=embedding_std)
         self.encoder = QueryEncoder(tokenizer, make_quantizer(quantizer, dim, n_sub, n_words,
-                                                              per_token=n_tokens if per_token else None),
+                                                              per_token=n_tokens if per_token else None,
+                                                              feedback=feedback),
                                     history=defaults.HISTORY)
         self.codebook_trainer = CodebookTrainer(self.encoder.quantizer)
         self.items = ItemTower(data.n_items, data.item_cardinalities, dim, embedding_std)

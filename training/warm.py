@@ -10,9 +10,10 @@ times a positive factor of that user, cut at 0 by the activation: the same top i
 wherever any cosine is positive. The model must be built without token normalisation
 (``normalize_tokens=False``): standardising each token dimension over a batch would
 shift every item's score by its own offset. SparCode's codebooks start from k-means over
-the tokens of every user, with a different seed per token position, so that the T
-quantizations of one starting vector differ and their sum averages their errors (on
-Gowalla the quantization, not the 1% index, is what the start loses: docs/accuracy.md).
+the tokens of every user, one seed per token position; with error feedback (the
+default) position t quantizes the user vector plus the error positions 0..t-1 left, so
+the errors cancel in the sum over tokens (on Gowalla the quantization, not the 1%
+index, is what the start loses: docs/accuracy.md).
 Items with features keep their embedding tables but not the two-tower's item MLP, which
 the SparCode item tower does not have (its scorer crosses features instead): there the
 start is only near the two-tower's, and the first validation Recall is measured
