@@ -133,7 +133,7 @@ class PerTokenQuantizer(nn.Module):
     it left (error feedback), so the errors of the T quantizations cancel in their sum
     instead of adding up; the scorer sums over tokens, so it is the sum that counts. A
     SparCode warm-started from a Gowalla two-tower (4 x 64^2 codes) kept validation
-    Recall@20 0.1611 through its 1% index with it and 0.1480 without, the two-tower's
+    Recall@20 0.1614 through its 1% index with it and 0.1479 without, the two-tower's
     being 0.1768 (docs/accuracy.md)."""
 
     def __init__(self, kind: str, n_tokens: int, dim: int, n_sub: int, n_words: int, *, feedback: bool) -> None:
