@@ -442,7 +442,7 @@ def test_train_command_defaults_by_device_and_options(tmp_path, capsys, monkeypa
     assert kwargs["quantizer"] == "residual" and kwargs["per_token"] and seen[-1][0].encoder.quantizer.n_codes == 4 * 64**2
     assert config["train"]["time_budget"] == defaults.CPU_TIME_BUDGET and config["train"]["sampling"] == "popularity"
     assert config["train"]["l2"] == 1e-5 and config["train"]["patience"] == 10
-    assert ("popularity negatives, scorer hidden 64 64, 64 codewords, time budget 2,700 s "
+    assert ("popularity negatives, scorer hidden 64 64, 64 codewords, time budget 1,800 s "
             "(the defaults for sparcode on cpu") in capsys.readouterr().err
     assert main(["train", "--model", "sparcode", "--out", str(ckpt), "--device", "cpu", "--hidden", "8",
                  "--time-budget", "0", "--codewords", "8", "--sampling", "uniform", "--no-per-token-codebooks",
