@@ -7,7 +7,7 @@ export rule, ``--cap-density``, which keeps the training activation's scores):
 
     python -m sparcode.bench.warm_loss --checkpoint TWO_TOWER_CHECKPOINT --space 4x64 4x128 --out bench/results
 
-writes ``warm-loss-<dataset>.json`` (``-no-feedback.json`` with ``--no-error-feedback``).
+writes ``warm-loss-<dataset>.json`` (``-feedback.json`` with ``--error-feedback``).
 
 Only the codes that the evaluated users hold are scored: a code's kept items depend on
 its own scores alone, so the index restricted to those codes ranks them exactly as the
@@ -112,7 +112,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="each token position also quantizes the error the positions before it left")
     p.add_argument("--cap-density", type=float, default=defaults.INDEX_DENSITY,
                    help="each code keeps its top FRACTION x N items")
-    p.add_argument("--out", type=Path, required=True, help="directory of warm-loss-<dataset>[-no-feedback].json")
+    p.add_argument("--out", type=Path, required=True, help="directory of warm-loss-<dataset>[-feedback].json")
     args = p.parse_args(argv)
     if not 0 < args.cap_density <= 1:
         p.error(f"--cap-density: expected a fraction in (0, 1], got {args.cap_density:g}")
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['quantized']:.4f}, index {row['index']:.4f} ({row['candidates_per_user']:.0f} candidates per user)",
               flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    file = args.out / f"warm-loss-{slug(data.name)}{'' if args.error_feedback else '-no-feedback'}.json"
+    file = args.out / f"warm-loss-{slug(data.name)}{'-feedback' if args.error_feedback else ''}.json"
     tmp = file.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     tmp.replace(file)

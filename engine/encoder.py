@@ -134,7 +134,9 @@ class PerTokenQuantizer(nn.Module):
     instead of adding up; the scorer sums over tokens, so it is the sum that counts. A
     SparCode warm-started from a Gowalla two-tower (4 x 64^2 codes) kept validation
     Recall@20 0.1614 through its 1% index with it and 0.1479 without, the two-tower's
-    being 0.1768 (docs/accuracy.md)."""
+    being 0.1768; but trained on, the later positions become corrections whose top 1%
+    holds the wrong items, and the 1% index fell to test Recall@20 0.1290 against 0.1419
+    without feedback (docs/accuracy.md). Training's default leaves it off."""
 
     def __init__(self, kind: str, n_tokens: int, dim: int, n_sub: int, n_words: int, *, feedback: bool) -> None:
         super().__init__()

@@ -159,7 +159,7 @@ def test_warm_loss_bench_splits_quantization_from_the_index(ids_only, tmp_path, 
     assert main(["train", "--model", "two_tower", "--out", str(tmp_path / "tt"), "--epochs", "1", "--no-progress"]) == 0
     assert warm_loss.main(["--checkpoint", str(tmp_path / "tt"), "--space", "2x4", "--no-error-feedback",
                            "--out", str(tmp_path)]) == 0
-    report = json.loads((tmp_path / "warm-loss-synthetic-no-feedback.json").read_text())
+    report = json.loads((tmp_path / "warm-loss-synthetic.json").read_text())
     assert [(r["tokens"], r["codewords"], r["feedback"]) for r in report["spaces"]] == [(2, 4, False)]
     assert report["error_feedback"] is False and 0 <= report["two_tower"] <= 1
     with pytest.raises(SystemExit):

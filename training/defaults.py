@@ -33,7 +33,8 @@ TOKENS = 4  # T
 SUB_CODEBOOKS = 2  # P
 QUANTIZER = "residual"  # or "product", the paper's
 PER_TOKEN = True  # one quantizer per token position: V = T * C**P
-FEEDBACK = True  # per-token codebooks: each position also quantizes the error the positions before it left
+FEEDBACK = False  # per-token codebooks: each position also quantizes the error the positions before it left
+# (closer at the start, but trained on, the 1% index loses more: docs/accuracy.md)
 EMBEDDING_STD = 0.1  # initial std of the id and feature embeddings
 TEMPERATURE = 0.1  # TwoTower: cosine similarity over this temperature
 TOKENIZER_HIDDEN = (256, 256)  # the tokenizer's MLP widths (SparCode, AllToAll)

@@ -10,8 +10,8 @@ times a positive factor of that user, cut at 0 by the activation: the same top i
 wherever any cosine is positive. The model must be built without token normalisation
 (``normalize_tokens=False``): standardising each token dimension over a batch would
 shift every item's score by its own offset. SparCode's codebooks start from k-means over
-the tokens of every user, one seed per token position; with error feedback (the
-default) position t quantizes the user vector plus the error positions 0..t-1 left, so
+the tokens of every user, one seed per token position; with error feedback
+(``--error-feedback``) position t quantizes the user vector plus the error positions 0..t-1 left, so
 the errors cancel in the sum over tokens (on Gowalla the quantization, not the 1%
 index, is what the start loses: docs/accuracy.md).
 Items with features keep their embedding tables but not the two-tower's item MLP, which
