@@ -134,9 +134,8 @@ class PerTokenQuantizer(nn.Module):
     instead of adding up; the scorer sums over tokens, so it is the sum that counts. A
     SparCode warm-started from a Gowalla two-tower (4 x 64^2 codes) kept validation
     Recall@20 0.1614 through its 1% index with it and 0.1479 without, the two-tower's
-    being 0.1768; but trained on, the later positions become corrections whose top 1%
-    holds the wrong items, and the 1% index fell to test Recall@20 0.1290 against 0.1419
-    without feedback (docs/accuracy.md). Training's default leaves it off."""
+    being 0.1768; but trained on, its 1% index reached test Recall@20 0.1290 against
+    0.1419 without feedback (docs/accuracy.md). Training's default leaves it off."""
 
     def __init__(self, kind: str, n_tokens: int, dim: int, n_sub: int, n_words: int, *, feedback: bool) -> None:
         super().__init__()
@@ -215,6 +214,8 @@ def make_quantizer(kind: object, dim: int, n_sub: int, n_words: int, where: str 
         raise ValueError(f"{where}: expected one of {sorted(QUANTIZERS)}, got {kind!r}")
     if per_token is not None:
         return PerTokenQuantizer(kind, per_token, dim, n_sub, n_words, feedback=feedback)
+    if feedback:
+        raise ValueError(f"{where}: error feedback carries errors between token positions; it needs per-token codebooks")
     return QUANTIZERS[kind](dim, n_sub, n_words)
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sparcode.engine.encoder import PerTokenQuantizer, ProductQuantizer, ResidualQuantizer
+from sparcode.engine.encoder import PerTokenQuantizer, ProductQuantizer, ResidualQuantizer, make_quantizer
 from sparcode.training import data as datasets
 from sparcode.training.codebooks import CodebookTrainer, EMACodebooks
 from sparcode.training.data import CSR
@@ -200,6 +200,8 @@ def test_error_feedback_quantizes_each_token_plus_the_error_before_it():
         torch.testing.assert_close(quantized, q.lookup(words))
         errors[feedback] = float((quantized.sum(1) - z.sum(1)).pow(2).sum(1).mean())
     assert errors[True] < 0.7 * errors[False]
+    with pytest.raises(ValueError, match="quantizer: error feedback .* needs per-token codebooks"):
+        make_quantizer("residual", 8, 2, 8, feedback=True)
 
 
 @pytest.mark.parametrize("kind", [ProductQuantizer, ResidualQuantizer])

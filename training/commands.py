@@ -51,7 +51,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--per-token-codebooks", action=argparse.BooleanOptionalAction, default=defaults.PER_TOKEN,
                        help="sparcode: one quantizer per token position, V = T * C**2, or one shared, V = C**2")
     train.add_argument("--error-feedback", action=argparse.BooleanOptionalAction, default=defaults.FEEDBACK,
-                       help="sparcode: with per-token codebooks, each position also quantizes the error the "
+                       help="sparcode, per-token codebooks only: each position also quantizes the error the "
                             "positions before it left, so that the errors cancel in the sum over tokens")
     train.add_argument("--dim", type=int, default=defaults.DIM, help="token and item embedding size")
     train.add_argument("--hidden", type=int, nargs="+", default=None,

@@ -11,13 +11,13 @@ wherever any cosine is positive. The model must be built without token normalisa
 (``normalize_tokens=False``): standardising each token dimension over a batch would
 shift every item's score by its own offset. SparCode's codebooks start from k-means over
 the tokens of every user, one seed per token position; with error feedback
-(``--error-feedback``) position t quantizes the user vector plus the error positions 0..t-1 left, so
-the errors cancel in the sum over tokens (on Gowalla the quantization, not the 1%
-index, is what the start loses: docs/accuracy.md).
-Items with features keep their embedding tables but not the two-tower's item MLP, which
-the SparCode item tower does not have (its scorer crosses features instead): there the
-start is only near the two-tower's, and the first validation Recall is measured
-(``fit(measure_start=True)``) rather than assumed.
+(``--error-feedback``) position t quantizes the user vector plus the error positions
+0..t-1 left, so the errors cancel in the sum over tokens (on Gowalla the quantization,
+not the 1% index, is what the start loses: docs/accuracy.md). Items with features keep
+their embedding tables but not the two-tower's item MLP, which the SparCode item tower
+does not have (its scorer crosses features instead): there the start is only near the
+two-tower's, and the first validation Recall is measured (``fit(measure_start=True)``)
+rather than assumed.
 """
 
 from __future__ import annotations
