@@ -81,14 +81,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--two-tower-negatives", type=int, default=None, help="TwoTower's own --negatives")
     p.add_argument("--two-tower-temperature", type=float, default=defaults.TEMPERATURE,
                    help="TwoTower: its scores are cosine similarities over this temperature")
-    p.add_argument("--lr", type=float, default=defaults.LR)
+    p.add_argument("--two-tower-dim", type=int, default=defaults.TWO_TOWER_DIM, help="TwoTower's embedding size")
+    p.add_argument("--two-tower-lr", type=float, default=defaults.TWO_TOWER_LR, help="TwoTower's learning rate")
+    p.add_argument("--lr", type=float, default=defaults.LR, help="SparCode's and AllToAll's learning rate")
     p.add_argument("--l2", type=float, default=defaults.L2,
                    help="weight of the squared norm of each batch's item vectors (all models)")
     p.add_argument("--patience", type=int, default=defaults.PATIENCE)
     p.add_argument("--valid-users", type=int, default=defaults.VALID_USERS,
                    help="users whose validation Recall@20 drives early stopping (all models)")
     p.add_argument("--tokens", type=int, default=defaults.TOKENS)
-    p.add_argument("--dim", type=int, default=defaults.DIM, help="token and item embedding size (all models)")
+    p.add_argument("--dim", type=int, default=defaults.DIM,
+                   help="token and item embedding size of SparCode and AllToAll (a warm start takes the two-tower's)")
     p.add_argument("--codewords", type=int, default=None,
                    help=f"C per codebook (default: {defaults.GPU_CODEWORDS} on a GPU, {defaults.CPU_CODEWORDS} on a CPU)")
     p.add_argument("--quantizer", default=defaults.QUANTIZER, choices=sorted(QUANTIZERS),
@@ -150,6 +153,7 @@ def train_configs(args: argparse.Namespace, device: str) -> tuple[TrainConfig, T
                       density=args.train_density, commitment=args.commitment, valid_users=args.valid_users)
     try:
         two_tower = replace(cfg, sampling=args.two_tower_sampling or defaults.sampling("two_tower"), density=None,
+                            lr=args.two_tower_lr,
                             negatives=cfg.negatives if args.two_tower_negatives is None else args.two_tower_negatives)
     except ValueError as exc:
         raise ValueError(f"--two-tower-sampling / --two-tower-negatives: {exc}") from None
@@ -171,6 +175,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
                     "embedding_std": args.embedding_std, "quantizer": args.quantizer,
                     "per_token": args.per_token_codebooks, "feedback": args.error_feedback,
                     "temperature": args.two_tower_temperature}
+    two_tower_kwargs = {**model_kwargs, "dim": args.two_tower_dim}
     n_codes = codewords**2 * (args.tokens if args.per_token_codebooks else 1)
     validate = validator(data, cfg)
     t = tensors(data, cfg)
@@ -180,7 +185,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
                     "seed": args.seed, "headline_metric": headline,
                     "data": {"users": data.n_users, "items": data.n_items, "train": int(data.train.items.size),
                              "valid": int(data.valid.items.size), "test": int(data.test.items.size)},
-                    "config": {"train": asdict(cfg), "model": {**model_kwargs, "codes": n_codes}}, "models": {}}
+                    "config": {"train": asdict(cfg), "model": {**model_kwargs, "codes": n_codes,
+                                                                "two_tower_dim": args.two_tower_dim}}, "models": {}}
     if cfg_two_tower != cfg:
         report["config"]["train_two_tower"] = asdict(cfg_two_tower)
     if args.dataset in REFERENCES:
@@ -191,12 +197,12 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         torch.manual_seed(args.seed)
         warm = kind == "sparcode_warm"
         if warm:
-            model = make_model("sparcode", data, **model_kwargs, **warm_kwargs(two_tower))
+            model = make_model("sparcode", data, **{**model_kwargs, **warm_kwargs(two_tower)})
             started_warm = time.perf_counter()
             warm_start(model, two_tower, t["history"], t["user_features"])
             warm_seconds = time.perf_counter() - started_warm
         else:
-            model = make_model(kind, data, **model_kwargs)
+            model = make_model(kind, data, **(two_tower_kwargs if kind == "two_tower" else model_kwargs))
         info = fit(model, data, cfg_two_tower if kind == "two_tower" else cfg, validate, measure_start=warm)
         model.eval()
         entry = {"epochs": info["epochs"], "train_seconds": info["train_seconds"],

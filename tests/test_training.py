@@ -574,6 +574,9 @@ def test_every_entry_point_takes_its_defaults_from_one_place():
         defaults.EMBEDDING_STD)
     assert sparcode["tokenizer_hidden"].default == defaults.TOKENIZER_HIDDEN
     two_tower = inspect.signature(TwoTower).parameters
+    assert two_tower["dim"].default == defaults.TWO_TOWER_DIM == defaults.dim("two_tower")
+    assert (defaults.dim("sparcode"), defaults.lr("two_tower"), defaults.lr("all_to_all")) == (
+        defaults.DIM, defaults.TWO_TOWER_LR, defaults.LR)
     assert (two_tower["temperature"].default, two_tower["tokenizer_hidden"].default,
             two_tower["history_dropout"].default) == (defaults.TEMPERATURE, defaults.TWO_TOWER_TOKENIZER_HIDDEN,
                                                       defaults.TWO_TOWER_HISTORY_DROPOUT)
@@ -582,9 +585,12 @@ def test_every_entry_point_takes_its_defaults_from_one_place():
     train_cmd = sub.choices["train"].parse_args(["--out", "x"])
     bench = parse_args(["--dataset", "synthetic", "--out", "x"])
     assert (bench.cap_density, bench.density) == (defaults.INDEX_DENSITY, None)  # the headline index: the rule to use
+    assert (bench.lr, bench.dim, bench.two_tower_lr, bench.two_tower_dim) == (
+        defaults.LR, defaults.DIM, defaults.TWO_TOWER_LR, defaults.TWO_TOWER_DIM)
+    assert (train_cmd.lr, train_cmd.dim) == (None, None)  # defaults.lr / defaults.dim of the model chosen
     for args in (train_cmd, bench):
-        assert (args.epochs, args.batch_size, args.lr, args.negatives, args.l2, args.patience, args.dim, args.tokens,
+        assert (args.epochs, args.batch_size, args.negatives, args.l2, args.patience, args.tokens,
                 args.quantizer, args.per_token_codebooks, args.embedding_std, args.sampling, args.codewords, args.hidden,
-                args.time_budget) == (defaults.EPOCHS, defaults.BATCH_SIZE, defaults.LR, defaults.NEGATIVES, defaults.L2,
-                                      defaults.PATIENCE, defaults.DIM, defaults.TOKENS, defaults.QUANTIZER,
+                args.time_budget) == (defaults.EPOCHS, defaults.BATCH_SIZE, defaults.NEGATIVES, defaults.L2,
+                                      defaults.PATIENCE, defaults.TOKENS, defaults.QUANTIZER,
                                       defaults.PER_TOKEN, defaults.EMBEDDING_STD, None, None, None, None)

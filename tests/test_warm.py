@@ -11,10 +11,11 @@ import torch
 from sparcode.bench import warm_loss
 from sparcode.cli import main
 from sparcode.engine.encoder import Tokenizer
+from sparcode.training import defaults
 from sparcode.training.data import synthetic
 from sparcode.training.export import ExportRule
 from sparcode.training.train import TrainConfig, fit, full_scores, make_model, make_optimizers, tensors, validator
-from sparcode.training.warm import warm_start
+from sparcode.training.warm import model_kwargs, warm_start
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,7 @@ def top_items(model, data, k: int = 10) -> np.ndarray:
 
 
 def warm(kind: str, data, two_tower, **kwargs):
-    model = make_model(kind, data, tokenizer_hidden=two_tower.tokenizer.hidden, normalize_tokens=False, **kwargs)
+    model = make_model(kind, data, **{**model_kwargs(two_tower), **kwargs})
     t = tensors(data, TrainConfig())
     warm_start(model, two_tower, t["history"], t["user_features"])
     return model.eval()
@@ -72,11 +73,12 @@ def test_warm_sparcode_starts_near_the_two_tower_with_distinct_codebooks(ids_onl
 def test_warm_start_refuses_what_does_not_fit(ids_only):
     data, two_tower = ids_only
     t = tensors(data, TrainConfig())
-    with pytest.raises(ValueError, match="--init-from: the two-tower's tokenizer dim is 64, this model's 32"):
+    with pytest.raises(ValueError, match="--init-from: the two-tower's tokenizer dim is 128, this model's 32"):
         warm_start(make_model("sparcode", data, dim=32, tokenizer_hidden=(), normalize_tokens=False), two_tower,
                    t["history"], None)
     with pytest.raises(ValueError, match="--init-from: the model normalises its tokens"):
-        warm_start(make_model("sparcode", data, tokenizer_hidden=()), two_tower, t["history"], None)
+        warm_start(make_model("sparcode", data, dim=two_tower.tokenizer.dim, tokenizer_hidden=()), two_tower,
+                   t["history"], None)
     with pytest.raises(ValueError, match="--init-from: expected a two_tower checkpoint, got a SparCode"):
         warm_start(make_model("sparcode", data, normalize_tokens=False), make_model("sparcode", data), t["history"], None)
 
@@ -91,12 +93,16 @@ def test_train_init_from_command(tmp_path, capsys):
     assert config["result"]["init_from"] == str((tmp_path / "tt").resolve())
     assert [h["epoch"] for h in config["result"]["history"]] == [0, 1] and config["result"]["epochs"] == 1
     assert config["model"]["kwargs"]["normalize_tokens"] is False and config["model"]["kwargs"]["tokenizer_hidden"] == []
+    assert config["model"]["kwargs"]["dim"] == json.loads((tmp_path / "tt" / "config.json").read_text())["model"][
+        "kwargs"]["dim"] == defaults.TWO_TOWER_DIM  # the two-tower's size, not SparCode's default
     assert main(["evaluate", str(tmp_path / "tt")]) == 0  # the tied two-tower checkpoint reloads
     capsys.readouterr()
-    for model, source, message in (("two_tower", "tt", "starts a sparcode or all_to_all model"),
-                                   ("all_to_all", "sc", "holds a SparCode, not a two_tower")):
+    for model, source, extra, message in (
+            ("two_tower", "tt", [], "starts a sparcode or all_to_all model"),
+            ("all_to_all", "sc", [], "holds a SparCode, not a two_tower"),
+            ("sparcode", "tt", ["--dim", "32"], f"--dim: 32, but the two-tower in --init-from has dim {defaults.TWO_TOWER_DIM}")):
         assert main(["train", "--model", model, "--init-from", str(tmp_path / source), "--out", str(tmp_path / "x"),
-                     "--epochs", "1", "--no-progress"]) == 2
+                     "--epochs", "1", "--no-progress", *extra]) == 2
         assert message in capsys.readouterr().err
 
 

@@ -22,7 +22,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--out", type=Path, required=True, help="checkpoint directory")
     train.add_argument("--epochs", type=int, default=defaults.EPOCHS)
     train.add_argument("--batch-size", type=int, default=defaults.BATCH_SIZE)
-    train.add_argument("--lr", type=float, default=defaults.LR)
+    train.add_argument("--lr", type=float, default=None,
+                       help=f"learning rate (default: {defaults.TWO_TOWER_LR:g} for two_tower, {defaults.LR:g} otherwise)")
     train.add_argument("--negatives", type=int, default=defaults.NEGATIVES, help="negatives shared by each batch")
     train.add_argument("--sampling", default=None, choices=defaults.SAMPLINGS,
                        help="how negatives are drawn (default: popularity; in-batch for two_tower; uniform with --density)")
@@ -53,7 +54,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--error-feedback", action=argparse.BooleanOptionalAction, default=defaults.FEEDBACK,
                        help="sparcode, per-token codebooks only: each position also quantizes the error the "
                             "positions before it left, so that the errors cancel in the sum over tokens")
-    train.add_argument("--dim", type=int, default=defaults.DIM, help="token and item embedding size")
+    train.add_argument("--dim", type=int, default=None,
+                       help=f"token and item embedding size (default: {defaults.TWO_TOWER_DIM} for two_tower, "
+                            f"{defaults.DIM} otherwise; with --init-from, the two-tower's)")
     train.add_argument("--hidden", type=int, nargs="+", default=None,
                        help=f"scorer MLP widths (default: {' '.join(map(str, defaults.GPU_HIDDEN))} on a GPU, "
                             f"{' '.join(map(str, defaults.CPU_HIDDEN))} on a CPU)")
@@ -107,11 +110,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     codewords = defaults.codewords(device) if args.codewords is None else args.codewords
     sampling = args.sampling or defaults.sampling(args.model, args.density)
     budget = defaults.time_budget(device) if args.time_budget is None else args.time_budget
+    dim = defaults.dim(args.model) if args.dim is None else args.dim
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, negatives=args.negatives, sampling=sampling,
-                      lr=args.lr, seed=args.seed, device=device, progress=not args.no_progress, l2=args.l2,
+                      lr=defaults.lr(args.model) if args.lr is None else args.lr, seed=args.seed, device=device,
+                      progress=not args.no_progress, l2=args.l2,
                       patience=args.patience, time_budget=budget or None, warmup=args.warmup, density=args.density,
                       commitment=args.commitment, valid_users=args.valid_users)  # budget 0: none
-    for flag, value in (("--codewords", codewords), ("--tokens", args.tokens), ("--dim", args.dim),
+    for flag, value in (("--codewords", codewords), ("--tokens", args.tokens), ("--dim", dim),
                         *(("--hidden", width) for width in hidden)):
         if value < 1:
             raise ValueError(f"{flag}: expected a positive integer, got {value}")
@@ -126,15 +131,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"train: {', '.join(chosen)} (the defaults for {args.model} on {device}; --sampling, --hidden, "
               "--codewords and --time-budget override them)", file=sys.stderr)
     data = load_data(args.data, args.path, args.seed)
-    kwargs = ({"dim": args.dim, "n_tokens": args.tokens, "temperature": args.temperature,
+    kwargs = ({"dim": dim, "n_tokens": args.tokens, "temperature": args.temperature,
                "embedding_std": args.embedding_std} if args.model == "two_tower"
-              else {"dim": args.dim, "n_tokens": args.tokens, "n_words": codewords, "hidden": hidden,
+              else {"dim": dim, "n_tokens": args.tokens, "n_words": codewords, "hidden": hidden,
                     "quantizer": args.quantizer, "per_token": args.per_token_codebooks,
                     "feedback": args.error_feedback, "embedding_std": args.embedding_std})
     source = None if args.init_from is None else two_tower_source(args.init_from, args.model, data, device)
     if source is not None:
         from .warm import model_kwargs, warm_start
 
+        if args.dim is not None and args.dim != source.tokenizer.dim:
+            raise ValueError(f"--dim: {args.dim}, but the two-tower in --init-from has dim {source.tokenizer.dim} "
+                             "(a warm start takes the two-tower's; leave --dim out)")
         kwargs.update(model_kwargs(source))
     torch.manual_seed(args.seed)
     model = make_model(args.model, data, **kwargs)

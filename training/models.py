@@ -183,7 +183,7 @@ class TwoTower(nn.Module):
     a free table only reparametrises it (on the synthetic data, with features, dropping
     the MLP cost a third)."""
 
-    def __init__(self, data: InteractionData, *, dim: int = defaults.DIM, n_tokens: int = defaults.TOKENS,
+    def __init__(self, data: InteractionData, *, dim: int = defaults.TWO_TOWER_DIM, n_tokens: int = defaults.TOKENS,
                  temperature: float = defaults.TEMPERATURE, embedding_std: float = defaults.EMBEDDING_STD,
                  tokenizer_hidden: tuple[int, ...] = defaults.TWO_TOWER_TOKENIZER_HIDDEN,
                  history_dropout: float = defaults.TWO_TOWER_HISTORY_DROPOUT) -> None:

@@ -32,9 +32,9 @@ TOKENIZER_SHAPE = ("n_items", "user_cardinalities", "dim", "hidden")
 
 
 def model_kwargs(source: TwoTower) -> dict:
-    """What a model that starts from ``source`` must be built with: its tokenizer's shape,
-    no token normalisation."""
-    return {"tokenizer_hidden": list(source.tokenizer.hidden), "normalize_tokens": False}
+    """What a model that starts from ``source`` must be built with: its embedding size and
+    tokenizer's shape, no token normalisation."""
+    return {"dim": source.tokenizer.dim, "tokenizer_hidden": list(source.tokenizer.hidden), "normalize_tokens": False}
 
 
 def check_compatible(model: SparCode, source: TwoTower) -> None:
@@ -45,7 +45,7 @@ def check_compatible(model: SparCode, source: TwoTower) -> None:
     for name in TOKENIZER_SHAPE:
         if getattr(dst, name) != getattr(src, name):
             raise ValueError(f"--init-from: the two-tower's tokenizer {name} is {getattr(src, name)}, this model's "
-                             f"{getattr(dst, name)} (train both on the same data with the same --dim)")
+                             f"{getattr(dst, name)} (train both on the same data; without --dim the model takes the two-tower's)")
     if dst.normalize:
         raise ValueError("--init-from: the model normalises its tokens; build it with normalize_tokens=False")
 
