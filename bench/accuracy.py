@@ -205,7 +205,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
             model = make_model(kind, data, **(two_tower_kwargs if kind == "two_tower" else model_kwargs))
         info = fit(model, data, cfg_two_tower if kind == "two_tower" else cfg, validate, measure_start=warm)
         model.eval()
-        entry = {"epochs": info["epochs"], "train_seconds": info["train_seconds"],
+        tokenizer = model.tokenizer if kind == "two_tower" else model.encoder.tokenizer
+        entry = {"dim": tokenizer.dim, "epochs": info["epochs"], "train_seconds": info["train_seconds"],
                  "best_valid_recall@20": info["best_valid_recall@20"], "valid_history": info["history"]}
         if warm:
             entry["warm_start_seconds"] = warm_seconds

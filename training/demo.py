@@ -19,6 +19,7 @@ import torch
 
 from sparcode.engine.recommend import run_job
 
+from . import defaults
 from .checkpoint import load_data
 from .evaluate import encode_users, evaluate_exact, seen_items
 from .export import export_index
@@ -68,10 +69,10 @@ def run_demo(out: Path, *, data_name: str = "synthetic", path: Path | None = Non
 
     # TwoTower: same tokenizer and budget, exact maximum inner product over all items
     tower = make_model("two_tower", data).to(device)
-    info = fit(tower, data, replace(cfg), evaluate)
+    info = fit(tower, data, replace(cfg, lr=defaults.lr("two_tower")), evaluate)
     metrics = evaluate_exact(tower, data, cfg)
     rows.append({"model": "two_tower", **_pick(metrics), "queries_per_s": metrics["queries_per_s"],
-                 "index_bytes": data.n_items * 64 * 4, "density": None, "epochs": info["epochs"]})
+                 "index_bytes": data.n_items * tower.tokenizer.dim * 4, "density": None, "epochs": info["epochs"]})
 
     report = {"dataset": data.name, "device": device, "size": size, "seed": seed, "models": rows,
               "seconds": time.perf_counter() - started, "outputs": str(out)}
