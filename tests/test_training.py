@@ -519,8 +519,8 @@ def test_two_tower_scores_cosine_over_its_temperature():
     data = datasets.synthetic(50, 40, per_user=4, seed=0)
     history = torch.randint(-1, 40, (6, 5))
     user_features = torch.from_numpy(data.user_features[:6])
-    items = torch.randn(9, 64)
     model = TwoTower(data, temperature=0.25).eval()
+    items = torch.randn(9, model.tokenizer.dim)
     pooled = model.tokenizer(history, user_features).mean(1)
     scores = model.user_vectors(history, user_features) @ model.item_vectors(items).T
     items_out = model.item_mlp(items)  # synthetic items have features
@@ -536,7 +536,7 @@ def test_two_tower_crosses_item_features_in_an_mlp_and_takes_a_bare_id_as_it_is(
     ids_only = datasets.InteractionData("ids", with_features.n_users, with_features.n_items, with_features.train,
                                         with_features.valid, with_features.test)
     model = TwoTower(ids_only)
-    vectors = torch.randn(5, 64)
+    vectors = torch.randn(5, model.tokenizer.dim)
     assert isinstance(model.item_mlp, torch.nn.Identity)
     torch.testing.assert_close(model.item_vectors(vectors), torch.nn.functional.normalize(vectors, dim=-1))
 
