@@ -1,6 +1,8 @@
 """``sparcode bench --quick`` runs and writes JSON that holds what it promises."""
 
 import json
+import shlex
+from pathlib import Path
 
 import pytest
 
@@ -33,3 +35,33 @@ def test_quick_bench_writes_valid_json_and_plot(tmp_path, capsys):
 def test_bench_rejects_bad_arguments(capsys):
     assert main(["bench", "--scale", "0", "--quick"]) == 2
     assert "--scale must be > 0" in capsys.readouterr().err
+
+
+RECORDS = sorted((Path(__file__).resolve().parents[1] / "bench" / "results").rglob("accuracy-*.json"))
+
+
+@pytest.mark.parametrize("record", RECORDS, ids=lambda p: str(p.relative_to(p.parents[2])))
+def test_each_accuracy_record_is_reproduced_by_its_command(record):
+    """A record's command, parsed by today's bench, trains with the settings the record
+    holds: a changed default would otherwise make the command reproduce something else."""
+    from dataclasses import asdict
+
+    from sparcode.bench.accuracy import parse_args, train_configs
+    from sparcode.training import defaults
+
+    report = json.loads(record.read_text())
+    prefix = "python -m sparcode.bench.accuracy "
+    assert report["command"].startswith(prefix)
+    args = parse_args(shlex.split(report["command"][len(prefix):]))
+    device = report["config"]["train"]["device"]
+    cfg, two_tower = train_configs(args, device)
+    assert asdict(cfg) == report["config"]["train"]
+    assert asdict(two_tower) == report["config"].get("train_two_tower", report["config"]["train"])
+    codewords = args.codewords or defaults.codewords(device)
+    derived = {"dim": args.dim, "n_tokens": args.tokens, "n_words": codewords,
+               "hidden": list(args.hidden or defaults.hidden(device)), "embedding_std": args.embedding_std,
+               "quantizer": args.quantizer, "per_token": args.per_token_codebooks, "feedback": args.error_feedback,
+               "temperature": args.two_tower_temperature, "two_tower_dim": args.two_tower_dim,
+               "codes": codewords**2 * (args.tokens if args.per_token_codebooks else 1)}
+    recorded = report["config"]["model"]
+    assert {k: derived[k] for k in recorded} == recorded
