@@ -31,6 +31,7 @@ from sparcode.engine import Engine
 from sparcode.engine.encoder import QUANTIZERS
 from sparcode.training import defaults
 from sparcode.training.checkpoint import load_data
+from sparcode.training.data import SYNTHETIC_PER_USER
 from sparcode.training.evaluate import encode_users, evaluate_engine, evaluate_exact
 from sparcode.training.export import ExportRule, export_indexes
 from sparcode.training.train import TrainConfig, fit, make_model, tensors, validator
@@ -123,8 +124,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    if not args.two_tower_temperature > 0:
-        p.error(f"--two-tower-temperature: expected a positive number, got {args.two_tower_temperature}")
+    for flag, value in (("--dim", args.dim), ("--two-tower-dim", args.two_tower_dim), ("--tokens", args.tokens),
+                        ("--codewords", args.codewords), ("--all-to-all-sample", args.all_to_all_sample),
+                        *(("--hidden", width) for width in args.hidden or ()),
+                        *(("--synthetic-size", size) for size in args.synthetic_size)):
+        if value is not None and value < 1:
+            p.error(f"{flag}: expected a positive integer, got {value}")
+    if args.synthetic_size[1] < SYNTHETIC_PER_USER:
+        p.error(f"--synthetic-size: expected at least {SYNTHETIC_PER_USER} items (each user draws as many), "
+                f"got {args.synthetic_size[1]}")
+    for flag, value in (("--lr", args.lr), ("--two-tower-lr", args.two_tower_lr),
+                        ("--two-tower-temperature", args.two_tower_temperature), ("--embedding-std", args.embedding_std)):
+        if not value > 0:
+            p.error(f"{flag}: expected a positive number, got {value:g}")
     for flag, values in (("--density", [args.density]), ("--cap-density", [args.cap_density]),
                          ("--densities", args.densities), ("--cap-densities", args.cap_densities)):
         bad = [v for v in values if v is not None and not 0 < v <= 1]

@@ -66,6 +66,13 @@ def test_ml1m_loader(tmp_path):
         datasets.load_bars(str(tmp_path))
 
 
+def test_synthetic_names_a_size_it_cannot_draw():
+    with pytest.raises(ValueError, match=r"n_items: expected at least per_user \(30\) items, got 20"):
+        datasets.synthetic(50, 20)
+    with pytest.raises(ValueError, match="n_users: expected a positive integer, got 0"):
+        datasets.synthetic(0, 100)
+
+
 def test_synthetic_is_deterministic():
     a, b = datasets.synthetic(50, 40, per_user=10, seed=1), datasets.synthetic(50, 40, per_user=10, seed=1)
     assert np.array_equal(a.train.items, b.train.items) and np.array_equal(a.test.items, b.test.items)

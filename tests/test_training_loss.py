@@ -30,6 +30,8 @@ def test_train_config_rejects_bad_values():
         TrainConfig(valid_users=0)
     with pytest.raises(ValueError, match="l2: expected a weight >= 0, got -1"):
         TrainConfig(l2=-1)
+    with pytest.raises(ValueError, match="lr: expected a rate > 0, got 0"):
+        TrainConfig(lr=0)
     TrainConfig(sampling="in-batch", negatives=0)  # in-batch needs no sampled negatives
 
 
@@ -231,7 +233,16 @@ def test_accuracy_runner_names_a_bad_two_tower_option(tmp_path, capsys):
     assert exit_.value.code == 2 and "--two-tower-temperature: expected a positive number" in capsys.readouterr().err
     for flags, message in ((["--cap-density", "0"], "--cap-density: expected fractions in (0, 1], got 0"),
                            (["--densities", "1", "1.5"], "--densities: expected fractions in (0, 1], got 1.5"),
-                           (["--density", "0.1", "--cap-density", "0.1"], "not allowed with argument")):
+                           (["--density", "0.1", "--cap-density", "0.1"], "not allowed with argument"),
+                           (["--two-tower-dim", "0"], "--two-tower-dim: expected a positive integer, got 0"),
+                           (["--dim", "-3"], "--dim: expected a positive integer, got -3"),
+                           (["--hidden", "64", "0"], "--hidden: expected a positive integer, got 0"),
+                           (["--tokens", "0"], "--tokens: expected a positive integer, got 0"),
+                           (["--codewords", "0"], "--codewords: expected a positive integer, got 0"),
+                           (["--two-tower-lr", "-1"], "--two-tower-lr: expected a positive number, got -1"),
+                           (["--lr", "0"], "--lr: expected a positive number, got 0"),
+                           (["--embedding-std", "0"], "--embedding-std: expected a positive number, got 0"),
+                           (["--synthetic-size", "50", "20"], "--synthetic-size: expected at least 30 items")):
         with pytest.raises(SystemExit) as exit_:
             accuracy.main(argv[:-2] + flags)
         assert exit_.value.code == 2 and message in capsys.readouterr().err

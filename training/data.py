@@ -226,6 +226,7 @@ def load_ml1m(path: Path | str, *, seed: int = 0) -> InteractionData:
                    user_ids=user_ids, item_ids=item_ids)
 
 
+SYNTHETIC_PER_USER = 30  # items each synthetic user draws
 SEGMENT_VALUES = 16  # values of each of the 2 user and 2 item features: 256 segments, 256 categories
 
 
@@ -240,18 +241,19 @@ def affinity_table(seed: int = 0, liked: int = 16) -> np.ndarray:
     return table
 
 
-def synthetic(n_users: int = 3000, n_items: int = 1000, *, per_user: int = 30, seed: int = 0) -> InteractionData:
+def synthetic(n_users: int = 3000, n_items: int = 1000, *, per_user: int = SYNTHETIC_PER_USER, seed: int = 0) -> InteractionData:
     """Users with 2 categorical features (16 values each: 256 segments) and items with 2
     (256 categories). A segment likes 16 of the 256 categories, drawn at random
     (``affinity_table``): a feature cross with no structure to exploit, whose 256 x 256
     pattern a dot product can only approximate (at d = 16 badly, at d = 64 well enough
     to rank; docs/accuracy.md), while a scorer over (user, item) can learn it cell by cell.
     Item logits: 4 for a liked category, plus a power-law popularity. Each user draws
-    ``per_user`` items; 20% go to test.
-
-    (The generator it replaces liked items matching *both* user features; a dot product
-    ranks those first through the sum of the two matches, so the AND was never beyond
-    TwoTower, which led there.)"""
+    ``per_user`` items; 20% go to test."""
+    for name, value in (("n_users", n_users), ("per_user", per_user)):
+        if value < 1:
+            raise ValueError(f"{name}: expected a positive integer, got {value}")
+    if n_items < per_user:
+        raise ValueError(f"n_items: expected at least per_user ({per_user}) items, got {n_items}")
     rng = np.random.default_rng(seed)
     ufeat = rng.integers(0, SEGMENT_VALUES, size=(n_users, 2))
     ifeat = rng.integers(0, SEGMENT_VALUES, size=(n_items, 2))

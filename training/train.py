@@ -52,6 +52,8 @@ class TrainConfig:
             raise ValueError(f"warmup: expected 0 <= warmup < epochs ({self.epochs}), got {self.warmup}")
         if self.time_budget is not None and not self.time_budget > 0:
             raise ValueError(f"time_budget: expected seconds > 0 (None for no budget), got {self.time_budget}")
+        if not self.lr > 0:
+            raise ValueError(f"lr: expected a rate > 0, got {self.lr}")
         if self.l2 < 0:
             raise ValueError(f"l2: expected a weight >= 0, got {self.l2}")
         if self.commitment < 0:
