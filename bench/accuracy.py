@@ -69,6 +69,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--time-budget", type=float, default=None,
                    help=f"training seconds per model (default: {defaults.CPU_TIME_BUDGET:,.0f} on a CPU, none on a GPU; "
                         "0 for none)")
+    p.add_argument("--warm-epochs", type=int, default=None,
+                   help="sparcode_warm's epochs (default: --epochs); 0: the two-tower converted without training")
     p.add_argument("--warmup", type=int, default=0, help="SparCode: epochs without quantization first")
     p.add_argument("--commitment", type=float, default=defaults.COMMITMENT,
                    help="SparCode: weight of the quantizer's commitment loss")
@@ -130,6 +132,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         *(("--synthetic-size", size) for size in args.synthetic_size)):
         if value is not None and value < 1:
             p.error(f"{flag}: expected a positive integer, got {value}")
+    if args.epochs < 1:
+        p.error(f"--epochs: expected >= 1, got {args.epochs} (--warm-epochs 0 converts the two-tower without training)")
+    if args.warm_epochs is not None and (args.warm_epochs < 0 or "sparcode_warm" not in args.models):
+        p.error(f"--warm-epochs: expected >= 0 epochs of sparcode_warm, listed in --models; got {args.warm_epochs} "
+                f"with --models {' '.join(args.models)}")
+    if args.warm_epochs is not None and args.warmup and args.warm_epochs <= args.warmup:
+        p.error(f"--warm-epochs: expected more than --warmup ({args.warmup}), got {args.warm_epochs}")
     if args.synthetic_size[1] < SYNTHETIC_PER_USER:
         p.error(f"--synthetic-size: expected at least {SYNTHETIC_PER_USER} items (each user draws as many), "
                 f"got {args.synthetic_size[1]}")
@@ -199,8 +208,11 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
                              "valid": int(data.valid.items.size), "test": int(data.test.items.size)},
                     "config": {"train": asdict(cfg), "model": {**model_kwargs, "codes": n_codes,
                                                                 "two_tower_dim": args.two_tower_dim}}, "models": {}}
+    cfg_warm = cfg if args.warm_epochs is None else replace(cfg, epochs=args.warm_epochs)
     if cfg_two_tower != cfg:
         report["config"]["train_two_tower"] = asdict(cfg_two_tower)
+    if cfg_warm != cfg:
+        report["config"]["train_warm"] = asdict(cfg_warm)
     if args.dataset in REFERENCES:
         report["references"] = REFERENCES[args.dataset]
     two_tower = None
@@ -215,7 +227,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
             warm_seconds = time.perf_counter() - started_warm
         else:
             model = make_model(kind, data, **(two_tower_kwargs if kind == "two_tower" else model_kwargs))
-        info = fit(model, data, cfg_two_tower if kind == "two_tower" else cfg, validate, measure_start=warm)
+        info = fit(model, data, {"two_tower": cfg_two_tower, "sparcode_warm": cfg_warm}.get(kind, cfg), validate,
+                   measure_start=warm)
         model.eval()
         tokenizer = model.tokenizer if kind == "two_tower" else model.encoder.tokenizer
         entry = {"dim": tokenizer.dim, "epochs": info["epochs"], "train_seconds": info["train_seconds"],

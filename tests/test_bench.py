@@ -57,6 +57,8 @@ def test_each_accuracy_record_is_reproduced_by_its_command(record):
     cfg, two_tower = train_configs(args, device)
     assert asdict(cfg) == report["config"]["train"]
     assert asdict(two_tower) == report["config"].get("train_two_tower", report["config"]["train"])
+    if args.warm_epochs is not None:
+        assert report["config"]["train_warm"] == {**asdict(cfg), "epochs": args.warm_epochs}
     codewords = args.codewords or defaults.codewords(device)
     derived = {"dim": args.dim, "n_tokens": args.tokens, "n_words": codewords,
                "hidden": list(args.hidden or defaults.hidden(device)), "embedding_std": args.embedding_std,

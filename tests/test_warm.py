@@ -106,6 +106,47 @@ def test_train_init_from_command(tmp_path, capsys):
         assert message in capsys.readouterr().err
 
 
+def test_epochs_zero_converts_the_two_tower_without_training(tmp_path, capsys):
+    """--epochs 0 with --init-from: the checkpoint is the warm start itself, its best
+    validation the start's; without a two-tower to convert it is refused."""
+    from sparcode.training.checkpoint import load_checkpoint
+
+    assert main(["train", "--model", "two_tower", "--out", str(tmp_path / "tt"), "--epochs", "1", "--no-progress"]) == 0
+    assert main(["train", "--model", "sparcode", "--init-from", str(tmp_path / "tt"), "--out", str(tmp_path / "sc"),
+                 "--epochs", "0", "--error-feedback", "--no-progress"]) == 0
+    result = json.loads((tmp_path / "sc" / "config.json").read_text())["result"]
+    assert result["epochs"] == 0 and [h["epoch"] for h in result["history"]] == [0]
+    assert result["best_valid_recall@20"] == result["history"][0]["valid_recall@20"] > 0
+    converted, data, _ = load_checkpoint(tmp_path / "sc")
+    source, _, _ = load_checkpoint(tmp_path / "tt")
+    torch.manual_seed(0)
+    expected = make_model("sparcode", data, feedback=True, **model_kwargs(source))
+    t = tensors(data, TrainConfig())
+    warm_start(expected, source, t["history"], t["user_features"])
+    for name, value in expected.state_dict().items():
+        assert torch.allclose(converted.state_dict()[name].float(), value.float(), atol=1e-6), name
+    capsys.readouterr()
+    assert main(["train", "--model", "sparcode", "--out", str(tmp_path / "x"), "--epochs", "0", "--no-progress"]) == 2
+    assert "--epochs: 0 trains nothing; it takes a two-tower to convert (--init-from)" in capsys.readouterr().err
+
+
+def test_accuracy_bench_converts_the_two_tower_with_warm_epochs_zero(tmp_path, capsys):
+    from sparcode.bench import accuracy
+
+    argv = ["--dataset", "synthetic", "--synthetic-size", "300", "100", "--out", str(tmp_path), "--epochs", "1",
+            "--models", "two_tower", "sparcode_warm", "--warm-epochs", "0", "--no-progress"]
+    assert accuracy.main(argv) == 0
+    report = json.loads((tmp_path / "accuracy-synthetic.json").read_text())
+    warm = report["models"]["sparcode_warm"]
+    assert warm["epochs"] == 0 and [h["epoch"] for h in warm["valid_history"]] == [0] and warm["recall@20"] > 0
+    assert report["config"]["train_warm"]["epochs"] == 0 and report["config"]["train"]["epochs"] == 1
+    for flags, message in ((["--epochs", "0"], "--epochs: expected >= 1, got 0"),
+                           (["--models", "two_tower"], "--warm-epochs: expected >= 0 epochs of sparcode_warm")):
+        with pytest.raises(SystemExit) as exit_:
+            accuracy.main(argv + flags)
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_history_pooling_is_the_masked_mean_and_its_gradient_sparse():
     tokenizer = Tokenizer(50, [], dim=8, n_tokens=2, hidden=(16,))
     history = torch.tensor([[1, 2, -1], [-1, -1, -1], [3, 3, 4]])

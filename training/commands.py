@@ -20,7 +20,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--path", type=Path, default=None, help="dataset directory for a real dataset")
     train.add_argument("--model", default="sparcode", choices=["sparcode", "two_tower", "all_to_all"])
     train.add_argument("--out", type=Path, required=True, help="checkpoint directory")
-    train.add_argument("--epochs", type=int, default=defaults.EPOCHS)
+    train.add_argument("--epochs", type=int, default=defaults.EPOCHS,
+                       help="0 with --init-from: the warm start as it is, a two-tower converted without training")
     train.add_argument("--batch-size", type=int, default=defaults.BATCH_SIZE)
     train.add_argument("--lr", type=float, default=None,
                        help=f"learning rate (default: {defaults.TWO_TOWER_LR:g} for two_tower, {defaults.LR:g} otherwise)")
@@ -105,6 +106,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .checkpoint import checkpoint_config, load_data, save_checkpoint
     from .train import TrainConfig, fit, make_model, tensors, validator
 
+    if args.epochs == 0 and args.init_from is None:
+        raise ValueError("--epochs: 0 trains nothing; it takes a two-tower to convert (--init-from)")
     device = _device(args.device)
     hidden = list(args.hidden or defaults.hidden(device))
     codewords = defaults.codewords(device) if args.codewords is None else args.codewords

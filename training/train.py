@@ -43,12 +43,14 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.sampling is not None and self.sampling not in defaults.SAMPLINGS:
             raise ValueError(f"sampling: expected one of {', '.join(defaults.SAMPLINGS)}, got {self.sampling!r}")
-        for name in ("epochs", "batch_size", "patience", "valid_users"):
+        for name in ("batch_size", "patience", "valid_users"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
+        if self.epochs < 0:
+            raise ValueError(f"epochs: expected >= 0 (0: the model as it starts), got {self.epochs}")
         if self.negatives < 1 and self.sampling != "in-batch":
             raise ValueError(f"negatives: expected >= 1, got {self.negatives}")
-        if not 0 <= self.warmup < self.epochs:
+        if self.warmup and not 0 < self.warmup < self.epochs:
             raise ValueError(f"warmup: expected 0 <= warmup < epochs ({self.epochs}), got {self.warmup}")
         if self.time_budget is not None and not self.time_budget > 0:
             raise ValueError(f"time_budget: expected seconds > 0 (None for no budget), got {self.time_budget}")
@@ -202,7 +204,9 @@ def fit(model: torch.nn.Module, data: InteractionData, cfg: TrainConfig, evaluat
     quantized training from the start learned 3.5x slower than AllToAll over the first
     6 epochs; docs/accuracy.md has where it helped and where not). Warm-up epochs are recorded
     but neither kept as the best state nor counted for early stopping. ``measure_start``:
-    validate before the first step too (epoch 0; a warm-started model's starting point)."""
+    validate before the first step too (epoch 0; a warm-started model's starting point).
+    With ``cfg.epochs`` 0 the model stays as it starts, and the best validation is the
+    start's."""
     if cfg.sampling is None:
         cfg = replace(cfg, sampling=defaults.sampling(model_kind(model), cfg.density))
     torch.manual_seed(cfg.seed)
@@ -224,6 +228,8 @@ def fit(model: torch.nn.Module, data: InteractionData, cfg: TrainConfig, evaluat
     if measure_start:
         model.eval()
         history.append({"epoch": 0, "valid_recall@20": evaluate(model, valid_users, data.valid)["recall@20"]})
+        if not cfg.epochs:
+            best = history[0]["valid_recall@20"]
     start = time.perf_counter()
     for epoch in range(cfg.epochs):
         if warm and (epoch == warm or (cfg.time_budget is not None and time.perf_counter() - start >= cfg.time_budget / 2)):
