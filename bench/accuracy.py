@@ -137,8 +137,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.warm_epochs is not None and (args.warm_epochs < 0 or "sparcode_warm" not in args.models):
         p.error(f"--warm-epochs: expected >= 0 epochs of sparcode_warm, listed in --models; got {args.warm_epochs} "
                 f"with --models {' '.join(args.models)}")
-    if args.warm_epochs is not None and args.warmup and args.warm_epochs <= args.warmup:
-        p.error(f"--warm-epochs: expected more than --warmup ({args.warmup}), got {args.warm_epochs}")
     if args.synthetic_size[1] < SYNTHETIC_PER_USER:
         p.error(f"--synthetic-size: expected at least {SYNTHETIC_PER_USER} items (each user draws as many), "
                 f"got {args.synthetic_size[1]}")
@@ -163,9 +161,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def train_configs(args: argparse.Namespace, device: str) -> tuple[TrainConfig, TrainConfig]:
-    """The training config of SparCode and AllToAll, and TwoTower's: the same but for its
-    own negatives when ``--two-tower-sampling`` / ``--two-tower-negatives`` are given."""
+def train_configs(args: argparse.Namespace, device: str) -> tuple[TrainConfig, TrainConfig, TrainConfig]:
+    """The training config of SparCode and AllToAll; TwoTower's, the same but for its own
+    negatives and rate; sparcode_warm's, the same but for ``--warm-epochs``."""
     budget = defaults.time_budget(device) if args.time_budget is None else args.time_budget
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, negatives=args.negatives,
                       sampling=args.sampling or defaults.sampling("sparcode", args.train_density),
@@ -178,7 +176,22 @@ def train_configs(args: argparse.Namespace, device: str) -> tuple[TrainConfig, T
                             negatives=cfg.negatives if args.two_tower_negatives is None else args.two_tower_negatives)
     except ValueError as exc:
         raise ValueError(f"--two-tower-sampling / --two-tower-negatives: {exc}") from None
-    return cfg, two_tower
+    try:
+        warm = cfg if args.warm_epochs is None else replace(cfg, epochs=args.warm_epochs)
+    except ValueError as exc:
+        raise ValueError(f"--warm-epochs: {exc}") from None
+    return cfg, two_tower, warm
+
+
+def model_config(args: argparse.Namespace, device: str) -> dict:
+    """The models' settings as the report records them: SparCode's and AllToAll's keyword
+    arguments, V, and the TwoTower's own embedding size."""
+    codewords = args.codewords or defaults.codewords(device)
+    return {"dim": args.dim, "n_tokens": args.tokens, "n_words": codewords,
+            "hidden": tuple(args.hidden or defaults.hidden(device)), "embedding_std": args.embedding_std,
+            "quantizer": args.quantizer, "per_token": args.per_token_codebooks, "feedback": args.error_feedback,
+            "temperature": args.two_tower_temperature,
+            "codes": codewords**2 * (args.tokens if args.per_token_codebooks else 1), "two_tower_dim": args.two_tower_dim}
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> dict:
@@ -187,17 +200,12 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 products: the scorer MLP dominates
         torch.backends.cudnn.allow_tf32 = True
-    codewords = args.codewords or defaults.codewords(device)
     loader, headline = DATASETS[args.dataset]
     data = load_data(loader, args.path, args.seed, tuple(args.synthetic_size))
-    cfg, cfg_two_tower = train_configs(args, device)
-    hidden = tuple(args.hidden or defaults.hidden(device))
-    model_kwargs = {"dim": args.dim, "n_tokens": args.tokens, "n_words": codewords, "hidden": hidden,
-                    "embedding_std": args.embedding_std, "quantizer": args.quantizer,
-                    "per_token": args.per_token_codebooks, "feedback": args.error_feedback,
-                    "temperature": args.two_tower_temperature}
-    two_tower_kwargs = {**model_kwargs, "dim": args.two_tower_dim}
-    n_codes = codewords**2 * (args.tokens if args.per_token_codebooks else 1)
+    cfg, cfg_two_tower, cfg_warm = train_configs(args, device)
+    models = model_config(args, device)
+    model_kwargs = {k: v for k, v in models.items() if k not in ("codes", "two_tower_dim")}
+    two_tower_kwargs = {**model_kwargs, "dim": models["two_tower_dim"]}
     validate = validator(data, cfg)
     t = tensors(data, cfg)
     item_features = t["item_features"]
@@ -206,9 +214,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
                     "seed": args.seed, "headline_metric": headline,
                     "data": {"users": data.n_users, "items": data.n_items, "train": int(data.train.items.size),
                              "valid": int(data.valid.items.size), "test": int(data.test.items.size)},
-                    "config": {"train": asdict(cfg), "model": {**model_kwargs, "codes": n_codes,
-                                                                "two_tower_dim": args.two_tower_dim}}, "models": {}}
-    cfg_warm = cfg if args.warm_epochs is None else replace(cfg, epochs=args.warm_epochs)
+                    "config": {"train": asdict(cfg), "model": models}, "models": {}}
     if cfg_two_tower != cfg:
         report["config"]["train_two_tower"] = asdict(cfg_two_tower)
     if cfg_warm != cfg:

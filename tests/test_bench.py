@@ -46,24 +46,17 @@ def test_each_accuracy_record_is_reproduced_by_its_command(record):
     holds: a changed default would otherwise make the command reproduce something else."""
     from dataclasses import asdict
 
-    from sparcode.bench.accuracy import parse_args, train_configs
-    from sparcode.training import defaults
+    from sparcode.bench.accuracy import model_config, parse_args, train_configs
 
     report = json.loads(record.read_text())
     prefix = "python -m sparcode.bench.accuracy "
     assert report["command"].startswith(prefix)
     args = parse_args(shlex.split(report["command"][len(prefix):]))
     device = report["config"]["train"]["device"]
-    cfg, two_tower = train_configs(args, device)
+    cfg, two_tower, warm = train_configs(args, device)
     assert asdict(cfg) == report["config"]["train"]
     assert asdict(two_tower) == report["config"].get("train_two_tower", report["config"]["train"])
-    if args.warm_epochs is not None:
-        assert report["config"]["train_warm"] == {**asdict(cfg), "epochs": args.warm_epochs}
-    codewords = args.codewords or defaults.codewords(device)
-    derived = {"dim": args.dim, "n_tokens": args.tokens, "n_words": codewords,
-               "hidden": list(args.hidden or defaults.hidden(device)), "embedding_std": args.embedding_std,
-               "quantizer": args.quantizer, "per_token": args.per_token_codebooks, "feedback": args.error_feedback,
-               "temperature": args.two_tower_temperature, "two_tower_dim": args.two_tower_dim,
-               "codes": codewords**2 * (args.tokens if args.per_token_codebooks else 1)}
-    recorded = report["config"]["model"]
+    assert asdict(warm) == report["config"].get("train_warm", report["config"]["train"])
+    derived = json.loads(json.dumps(model_config(args, device)))
+    recorded = report["config"]["model"]  # older records lack settings added since; each they hold must match
     assert {k: derived[k] for k in recorded} == recorded
