@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from sparcode.bench import warm_loss
 from sparcode.cli import main
@@ -68,6 +69,22 @@ def test_warm_sparcode_starts_near_the_two_tower_with_distinct_codebooks(ids_onl
     ours, theirs = evaluate(model, users, data.valid)["recall@20"], evaluate(two_tower, users, data.valid)["recall@20"]
     cold = make_model("sparcode", data).eval()
     assert ours > 0.7 * theirs and ours > 2 * evaluate(cold, users, data.valid)["recall@20"]
+
+
+@pytest.mark.gpu
+def test_warm_start_moves_the_model_to_the_two_towers_device(ids_only):
+    """A SparCode made on the CPU warm-starts from a TwoTower trained on CUDA (the accuracy
+    bench's path): it moves to the TwoTower's device and starts from its item table."""
+    import copy
+
+    data, two_tower = ids_only
+    source = copy.deepcopy(two_tower).cuda()
+    model = make_model("sparcode", data, **model_kwargs(source))
+    t = tensors(data, TrainConfig(device="cuda"))
+    warm_start(model, source, t["history"], t["user_features"])
+    assert {p.device.type for p in model.parameters()} == {"cuda"}
+    assert all(bool(stage.initialized) for stage in model.codebook_trainer.stages)
+    torch.testing.assert_close(F.normalize(model.items.ids.weight, dim=-1), F.normalize(source.items.ids.weight, dim=-1))
 
 
 def test_warm_start_refuses_what_does_not_fit(ids_only):

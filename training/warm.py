@@ -62,6 +62,7 @@ def warm_start(model: SparCode, source: TwoTower, history: torch.Tensor, user_fe
     """Start ``model`` where ``source`` is, from every user's ``history`` (U, H) and
     ``user_features`` (U, F) (see the module's docstring)."""
     check_compatible(model, source)
+    model.to(next(source.parameters()).device)  # the tokens and the k-means start are computed where the source is
     dst = model.encoder.tokenizer
     src_heads, dim, n_tokens = source.tokenizer.heads, dst.dim, dst.n_tokens
     kept = {k: v for k, v in source.tokenizer.state_dict().items() if not k.startswith("heads.")}  # T may differ
