@@ -21,6 +21,7 @@ import json
 import shlex
 import sys
 import time
+import traceback
 from dataclasses import asdict, replace
 from datetime import date
 from pathlib import Path
@@ -326,6 +327,7 @@ def sparsity_curve(exports: list[tuple], points: list[tuple[str, float, ExportRu
                           **{k: m[k] for k in ("recall@20", "ndcg@20", "recall@50")}, "queries_per_s": m["queries_per_s"]})
         except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
             curve.append({"rule": kind, "target_density": target, "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
+            traceback.print_exc()  # the log says where it failed; the record keeps the message
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         del index
