@@ -69,7 +69,7 @@ class Engine:
         self.index = index
         self.encoder = encoder
         self.workspace_bytes = workspace_bytes or DEFAULT_WORKSPACE_BYTES
-        self.backend: Backend = _make_backend(backend, index.device, dense_bytes)
+        self.backend: Backend = _make_backend(backend, index.device, dense_bytes, self.workspace_bytes)
 
     @classmethod
     def load(
@@ -156,7 +156,8 @@ def _slice_csr(csr: tuple[torch.Tensor, torch.Tensor], start: int, stop: int) ->
     return part - part[0], items[int(part[0]) : int(part[-1])]
 
 
-def _make_backend(name: str, device: torch.device, dense_bytes: int | None = None) -> Backend:
+def _make_backend(name: str, device: torch.device, dense_bytes: int | None = None,
+                  workspace_bytes: int | None = None) -> Backend:
     """``auto``: Triton on CUDA; on CPU the numba backend when numba is installed (the
     fastest CPU path), else the torch backend."""
     if name not in BACKENDS:
@@ -175,4 +176,4 @@ def _make_backend(name: str, device: torch.device, dense_bytes: int | None = Non
         raise ValueError("backend: 'triton' needs a CUDA index (or TRITON_INTERPRET=1 for the CPU interpreter)")
     from .triton_backend import TritonBackend
 
-    return TritonBackend(dense_bytes=dense_bytes)
+    return TritonBackend(dense_bytes=dense_bytes, workspace_bytes=workspace_bytes)

@@ -23,6 +23,7 @@ from .selection import Exclusion, score_floor
 TILE_ITEMS = 1024
 REGIMES = ("auto", "candidate", "tiled", "dense")
 SECTOR_BYTES = 32  # one L2 sector: what a scattered load costs in traffic
+SURVIVOR_BYTES = 32  # a dense-regime survivor: its key and owner, and their grouped copies
 
 
 def choose_regime(n_items: int, n_tokens: int, mean_postings: float, longest: int, tile_items: int = TILE_ITEMS,
@@ -55,7 +56,10 @@ class TritonBackend:
 
     name = "triton"
 
-    def __init__(self, regime: str = "auto", tile_items: int = TILE_ITEMS, dense_bytes: int | None = None) -> None:
+    def __init__(self, regime: str = "auto", tile_items: int = TILE_ITEMS, dense_bytes: int | None = None,
+                 workspace_bytes: int | None = None) -> None:
+        """``workspace_bytes`` bounds the dense regime's survivors per launch (None: no bound);
+        ``Engine`` passes its own."""
         if regime not in REGIMES:
             raise ValueError(f"regime: expected one of {REGIMES}, got {regime!r}")
         if tile_items < 16 or tile_items & (tile_items - 1):
@@ -63,6 +67,7 @@ class TritonBackend:
         self.regime = regime
         self.tile_items = tile_items
         self.dense_bytes = dense_bytes
+        self.workspace_bytes = workspace_bytes
 
     def plan(self, index: CodeIndex, codes: torch.Tensor, k: int) -> Plan:
         postings = index.lengths[codes].sum(1).cpu().numpy() if codes.shape[0] else np.zeros(0, np.int64)
@@ -95,8 +100,9 @@ class TritonBackend:
         args = (index.indptr, index.items, index.scores, codes, ex_offsets, ex_items, k)
         if regime == "dense":
             floor = score_floor(index, codes, k + ex_offsets.diff())
+            limit = None if self.workspace_bytes is None else max(1, self.workspace_bytes // SURVIVOR_BYTES)
             return dense_search(dense_rows(index, index.scores.dtype), codes, floor, ex_offsets, ex_items, k,
-                                block_n=self.tile_items)
+                                block_n=self.tile_items, max_survivors=limit)
         if regime == "candidate":
             return candidate_search(*args, floor=score_floor(index, codes, k + ex_offsets.diff()), skip=_skip(index))
         return tiled_search(*args, index.n_items, block_n=self.tile_items)

@@ -53,14 +53,17 @@ def search_steps(longest: int) -> int:
 
 
 def packed_launch(launch: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], None], capacity: int,
-                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+                  device: torch.device, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Run a kernel that packs (owner, key) survivors behind an atomic counter:
     ``launch(keys, owners, counter, capacity)``. A launch that finds more than ``capacity``
-    still counts them all, so a second launch with that capacity fits exactly. Returns
-    (owners, keys) grouped by owner, best first (``keys.group_survivors``)."""
-    from .keys import group_survivors
+    still counts them all, so a second launch with that capacity fits exactly, unless
+    that is over ``limit`` (which also caps the first capacity): then it raises
+    ``SurvivorOverflow`` instead of allocating.
+    Returns (owners, keys) grouped by owner, best first (``keys.group_survivors``)."""
+    from .keys import SurvivorOverflow, group_survivors
 
     counter = torch.zeros(1, dtype=torch.int32, device=device)
+    capacity = capacity if limit is None else min(capacity, limit)
     while True:
         keys = torch.empty(max(1, capacity), dtype=torch.int64, device=device)
         owners = torch.empty(max(1, capacity), dtype=torch.int64, device=device)
@@ -69,4 +72,6 @@ def packed_launch(launch: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, in
         found = int(counter)
         if found <= capacity:
             return group_survivors(owners[:found], keys[:found])
+        if limit is not None and found > limit:
+            raise SurvivorOverflow(found, limit)
         capacity = found

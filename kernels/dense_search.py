@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .common import pack_keys, packed_launch
-from .keys import ITEM_BIAS, ITEM_MASK, select_survivors
+from .keys import ITEM_BIAS, ITEM_MASK, SurvivorOverflow, select_survivors
 
 
 @triton.jit
@@ -44,10 +44,11 @@ def _dense_keys_kernel(
 
 
 def dense_keys(rows: torch.Tensor, codes: torch.Tensor, floor: torch.Tensor, *, block_n: int = 1024,
-               capacity: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               capacity: int | None = None, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(owners int64, keys int64) of every (query, item) whose summed score is at or above
     the query's ``floor`` (float32, -inf for none), grouped by query in query order and
-    sorted by key (best first) within each query."""
+    sorted by key (best first) within each query. More than ``limit`` survivors raise
+    ``SurvivorOverflow``."""
     n_queries, n_tokens = codes.shape
     n_items = rows.shape[1]
     empty = torch.empty(0, dtype=torch.int64, device=codes.device)
@@ -57,15 +58,28 @@ def dense_keys(rows: torch.Tensor, codes: torch.Tensor, floor: torch.Tensor, *, 
     grid = (n_queries, triton.cdiv(n_items, block_n))
     codes, floor = codes.contiguous(), floor.to(torch.float32).contiguous()
     return packed_launch(lambda keys, owners, counter, cap: _dense_keys_kernel[grid](
-        rows, codes, floor, keys, owners, counter, n_items, n_tokens, cap, BLOCK_N=block_n), capacity, codes.device)
+        rows, codes, floor, keys, owners, counter, n_items, n_tokens, cap, BLOCK_N=block_n), capacity, codes.device,
+        limit)
 
 
 def dense_search(rows: torch.Tensor, codes: torch.Tensor, floor: torch.Tensor, ex_offsets: torch.Tensor,
-                 ex_items: torch.Tensor, k: int, *, block_n: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+                 ex_items: torch.Tensor, k: int, *, block_n: int = 1024,
+                 max_survivors: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k (scores float32, internal ids int64) per query, dense regime. ``floor`` must
-    bound the (k + excluded)-th score from below (``engine/selection.py::score_floor``)."""
-    owners, keys = dense_keys(rows, codes, floor, block_n=block_n)
+    bound the (k + excluded)-th score from below (``engine/selection.py::score_floor``).
+    A floor far under the k-th score lets up to N items per query survive: when the
+    batch's survivors exceed ``max_survivors``, it is searched in parts that fit (a single
+    query is searched whole)."""
     n_queries, n_items = codes.shape[0], rows.shape[1]
+    try:
+        owners, keys = dense_keys(rows, codes, floor, block_n=block_n, limit=max_survivors if n_queries > 1 else None)
+    except SurvivorOverflow as exc:
+        parts = min(n_queries, max(2, -(-exc.found // max_survivors)))
+        bounds = [n_queries * i // parts for i in range(parts + 1)]
+        found = [dense_search(rows, codes[a:b], floor[a:b], ex_offsets[a : b + 1] - ex_offsets[a],
+                              ex_items[int(ex_offsets[a]) : int(ex_offsets[b])], k, block_n=block_n,
+                              max_survivors=max_survivors) for a, b in zip(bounds, bounds[1:])]
+        return torch.cat([scores for scores, _ in found]), torch.cat([ids for _, ids in found])
     if ex_items.numel() and keys.numel():
         items = ITEM_BIAS - (keys & ITEM_MASK)
         ex_rows = torch.repeat_interleave(torch.arange(n_queries, device=codes.device), ex_offsets.diff())

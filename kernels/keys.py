@@ -89,6 +89,15 @@ def select_row_keys(crow: torch.Tensor, keys: torch.Tensor, k: int) -> tuple[tor
     return unpack_keys(row_topk(crow, keys, k, EMPTY_KEY))
 
 
+class SurvivorOverflow(RuntimeError):
+    """A launch found more survivors than its caller allows in memory: search fewer
+    queries at a time."""
+
+    def __init__(self, found: int, limit: int) -> None:
+        super().__init__(f"{found} survivors, over the limit of {limit}")
+        self.found = found
+
+
 def group_survivors(owners: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(owner, key) pairs grouped by owner in owner order, best key first within each."""
     order = torch.argsort(keys, descending=True, stable=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .keys import EMPTY_KEY, ITEM_BIAS, ITEM_MASK, pack_keys, select_keys, unpack_keys
+from .keys import EMPTY_KEY, ITEM_BIAS, ITEM_MASK, SurvivorOverflow, pack_keys, select_keys, unpack_keys
 
 
 def _query_sums(indptr, items, scores, codes_row, n_items):
@@ -100,7 +100,7 @@ def tiled_search(indptr, items, scores, codes, ex_offsets, ex_items, k, n_items,
     return select_keys(tiled_keys(indptr, items, scores, codes, ex_offsets, ex_items, n_items, k, block_n=block_n), k)
 
 
-def dense_keys(rows, codes, floor, *, block_n=1024, capacity=None):
+def dense_keys(rows, codes, floor, *, block_n=1024, capacity=None, limit=None):
     """Reference for ``dense_search.dense_keys``."""
     per_query = []
     for q in range(codes.shape[0]):
@@ -110,6 +110,9 @@ def dense_keys(rows, codes, floor, *, block_n=1024, capacity=None):
             total = torch.where(torch.isnan(total), value, torch.where(torch.isnan(value), total, total + value))
         ids = torch.nonzero(total >= floor[q]).squeeze(1)
         per_query.append(pack_keys(total[ids], ids))
+    found = sum(int(mine.numel()) for mine in per_query)
+    if limit is not None and found > limit:
+        raise SurvivorOverflow(found, limit)
     return _grouped(per_query, codes.device)
 
 
@@ -123,8 +126,9 @@ def _grouped(per_query, device):
     return torch.cat(owners), torch.cat(keys)
 
 
-def dense_search(rows, codes, floor, ex_offsets, ex_items, k, *, block_n=1024):
-    """Reference for ``dense_search.dense_search``: a dense per-query sort."""
+def dense_search(rows, codes, floor, ex_offsets, ex_items, k, *, block_n=1024, max_survivors=None):
+    """Reference for ``dense_search.dense_search``: a dense per-query sort (one query at a
+    time, so ``max_survivors`` changes nothing)."""
     out = torch.full((codes.shape[0], k), EMPTY_KEY, dtype=torch.int64, device=codes.device)
     owners, keys = dense_keys(rows, codes, floor)
     for q in range(codes.shape[0]):

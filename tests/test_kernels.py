@@ -9,7 +9,7 @@ from sparcode.engine.synthetic import random_codes
 from sparcode.kernels import candidate_search as cs
 from sparcode.kernels import reference as ref
 from sparcode.kernels import tiled_search as ts
-from sparcode.kernels.keys import EMPTY_KEY
+from sparcode.kernels.keys import EMPTY_KEY, SurvivorOverflow
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 
@@ -153,6 +153,12 @@ def test_dense_keys_random_and_overflowing_capacity(dtype):
     expected = ref.dense_search(rows, codes, floor, *ex, 9)
     assert torch.equal(found[0], expected[0]) and torch.equal(found[1], expected[1])
     assert (found[1][2] == -1).all()
+    total = int(want[0].numel())
+    for keys_of in (ds.dense_keys, ref.dense_keys):  # over the limit: an error, not an allocation
+        with pytest.raises(SurvivorOverflow, match=f"{total} survivors"):
+            keys_of(rows, codes, floor, block_n=64, limit=total - 1)
+    split = ds.dense_search(rows, codes, floor, *ex, 9, block_n=64, max_survivors=20)  # searched in parts
+    assert torch.equal(split[0], expected[0]) and torch.equal(split[1], expected[1])
 
 
 def test_dense_edge_cases():

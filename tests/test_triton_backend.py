@@ -74,6 +74,39 @@ def test_dense_regime_respects_its_budget():
     assert TritonBackend(dense_bytes=0).plan(index, codes, 10).regime != "dense"
 
 
+@pytest.mark.parametrize("excluded", [False, True])
+def test_dense_regime_splits_a_batch_whose_survivors_exceed_the_workspace(monkeypatch, excluded):
+    """Full lists of positive scores over 4 tokens: the floor (the best list's k-th score)
+    lets most items survive. The batch is searched in parts whose survivors fit the
+    engine's workspace, with the same results as one part."""
+    import sparcode.kernels.dense_search as dense_module
+    from sparcode.engine.triton_backend import SURVIVOR_BYTES
+
+    index = quantized_index(6, 600, 100_000, seed=7).to(DEVICE)  # every list holds every item
+    codes = random_codes(12, 4, 6, seed=8, device=DEVICE)
+    rng = np.random.default_rng(9)
+    exclude = [rng.choice(600, size=int(rng.integers(0, 10)), replace=False) for _ in range(12)] if excluded else None
+    backend = TritonBackend(regime="dense", tile_items=64 if DEVICE == "cpu" else 1024, dense_bytes=2**30)
+    workspace = int(backend.plan(index, codes, 5).per_query_bytes.sum())  # the plan fits the whole batch in one step
+    limit = workspace // SURVIVOR_BYTES  # one query has at most 600 survivors
+    engine = Engine(index, backend="triton", workspace_bytes=workspace)
+    engine.backend = TritonBackend(regime="dense", tile_items=backend.tile_items, dense_bytes=2**30,
+                                   workspace_bytes=workspace)
+    launches = []
+    keys_of = dense_module.dense_keys
+
+    def counted(*args, **kwargs):
+        owners, keys = keys_of(*args, **kwargs)
+        launches.append(owners.numel())
+        return owners, keys
+
+    monkeypatch.setattr(dense_module, "dense_keys", counted)
+    got = engine.search(codes, k=5, exclude=exclude)
+    want = Engine(index, backend="torch").search(codes, k=5, exclude=exclude)
+    assert torch.equal(got.ids, want.ids) and torch.equal(got.scores, want.scores)
+    assert len(launches) > 1 and max(launches) <= limit and sum(launches) > limit
+
+
 def test_regime_is_validated():
     with pytest.raises(ValueError, match="regime: expected one of"):
         TritonBackend(regime="sparse")
