@@ -90,8 +90,8 @@ def test_dense_regime_splits_a_batch_whose_survivors_exceed_the_workspace(monkey
     workspace = int(backend.plan(index, codes, 5).per_query_bytes.sum())  # the plan fits the whole batch in one step
     limit = workspace // SURVIVOR_BYTES  # one query has at most 600 survivors
     engine = Engine(index, backend="triton", workspace_bytes=workspace)
-    engine.backend = TritonBackend(regime="dense", tile_items=backend.tile_items, dense_bytes=2**30,
-                                   workspace_bytes=workspace)
+    backend.workspace_bytes = workspace
+    engine.backend = backend
     launches = []
     keys_of = dense_module.dense_keys
 
