@@ -242,10 +242,17 @@ def test_dead_codewords_restart():
 
 
 @pytest.mark.parametrize("quantizer, per_token", [("product", False), ("residual", False), ("residual", True)])
-def test_export_scores_match_the_model_and_density_rule(quantizer, per_token):
+@pytest.mark.parametrize("mlp", ["trained", "zero output"])
+def test_export_scores_match_the_model_and_density_rule(quantizer, per_token, mlp):
     torch.manual_seed(0)
     data = datasets.synthetic(60, 80, per_user=10, seed=0)
     model = SparCode(data, n_words=8, hidden=(32, 32), bias=-0.02, quantizer=quantizer, per_token=per_token).eval()
+    out = model.scorer.rest[-1]
+    with torch.no_grad():  # a trained MLP takes the full scorer; a zero one the dot product plus its output bias
+        out.bias.fill_(0.01)
+        if mlp == "trained":
+            out.weight.normal_(0, 0.1)
+    assert model.scorer.mlp_is_constant() == (mlp == "zero output")
     feats = torch.from_numpy(data.item_features)
     index, report = export_index(model, feats, data.n_items)
     assert index.n_codes == 64 * (4 if per_token else 1) and index.codebooks.dim() == (4 if per_token else 3)

@@ -62,7 +62,8 @@ def export_indexes(model: SparCode, item_features: torch.Tensor | None, n_items:
     optimises (raw scores without an activation rank worse than any sparse index:
     synthetic Recall@20 0.086 against 0.239 at 10% density, docs/accuracy.md). Scores are stored
     as float16; values that round to 0 are dropped. The first scorer layer is computed
-    once for all codes and once for all items. The indexes are built on the model's
+    once for all codes and once for all items; a scorer whose MLP output is constant (an
+    untrained warm start) is scored by its dot product alone. The indexes are built on the model's
     device (a GPU export stays on the GPU, ready for ``Engine``) and held together until
     the pass ends; ``CodeIndex.save`` writes one out. Each report's ``seconds`` is the
     whole pass, shared by its ``rules_in_pass`` rules.
@@ -78,11 +79,14 @@ def export_indexes(model: SparCode, item_features: torch.Tensor | None, n_items:
     token_part = model.scorer.token_in(code_vectors)  # (V, h)
     item_part = model.scorer.item_in(item_vectors)  # (N, h)
     n_codes, hidden = token_part.shape
+    constant_mlp = model.scorer.mlp_is_constant()
     if budget_bytes is None:  # scratch per chunk of codes: bigger chunks, fewer launches on a GPU
         budget_bytes = 4 * 2**30 if device.type == "cuda" else 256 * 2**20
     chunk = max(1, budget_bytes // (n_items * (hidden + code_vectors.shape[1]) * 4 * 2))
 
     def raw(codes: torch.Tensor, items: slice | torch.Tensor = slice(None)) -> torch.Tensor:  # (c, N) or (c, len(items))
+        if constant_mlp:  # the same scores without the MLP's (c, N, h) passes
+            return model.scorer.dot(code_vectors[codes], item_vectors[items]) + model.scorer.rest[-1].bias
         return model.scorer(code_vectors[codes].unsqueeze(1), item_vectors[items], token_part[codes].unsqueeze(1),
                             item_part[items])[:, 0]
 

@@ -55,12 +55,22 @@ class Scorer(nn.Module):
         nn.init.zeros_(self.rest[-1].weight)
         nn.init.zeros_(self.rest[-1].bias)
 
+    def mlp_is_constant(self) -> bool:
+        """Whether the MLP's output layer has all-zero weights (a warm start not trained
+        yet, a converted two-tower): every score is then the dot product plus the output
+        bias, and scoring a whole catalogue (export) skips the MLP."""
+        return not bool(self.rest[-1].weight.any())
+
+    def dot(self, tokens: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """The dot residual, tokens (..., T, d) against items (M, d) or (..., M, d) -> (..., T, M)."""
+        return tokens @ items.transpose(-1, -2) * self.dot_scale  # a matmul, not a sum over a product
+
     def forward(self, tokens: torch.Tensor, items: torch.Tensor, token_part: torch.Tensor | None = None,
                 item_part: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (B, T, d) with items (M, d) shared by the batch or (B, M, d) per query
         -> raw scores (B, T, M). ``token_part`` / ``item_part``: precomputed first-layer
         halves (export passes them to avoid recomputing per chunk)."""
-        dot = tokens @ items.transpose(-1, -2) * self.dot_scale  # (B, T, M): a matmul, not a sum over a product
+        dot = self.dot(tokens, items)  # (B, T, M)
         side = self.fold_side(tokens, items, given=token_part is not None or item_part is not None)
         if side == "tokens":
             token_part = self.token_in(tokens) if token_part is None else token_part
