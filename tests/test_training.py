@@ -476,6 +476,7 @@ def test_train_command_defaults_by_device_and_options(tmp_path, capsys, monkeypa
     assert seen[-1][1].sampling == "uniform"
     assert defaults.hidden("cuda") == (256, 256, 256)  # the paper's scorer on a GPU
     assert defaults.codewords("cuda") == 128  # 4 x 128**2 = 65,536 codes, the paper's V
+    assert defaults.codewords("cpu") == 64 and defaults.codewords("cpu", trains=False) == 128  # a conversion's export is cheap
     monkeypatch.setattr("sparcode.training.checkpoint.load_data", lambda *a: pytest.fail("data loaded"))
     assert main(["train", "--out", str(ckpt), "--time-budget", "-5", "--no-progress"]) == 2
     assert "time_budget: expected seconds > 0" in capsys.readouterr().err

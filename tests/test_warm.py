@@ -124,8 +124,9 @@ def test_train_init_from_command(tmp_path, capsys):
 
 
 def test_epochs_zero_converts_the_two_tower_without_training(tmp_path, capsys):
-    """--epochs 0 with --init-from: the checkpoint is the warm start itself, its best
-    validation the start's; without a two-tower to convert it is refused."""
+    """--epochs 0 with --init-from: the checkpoint is the warm start itself, in the paper's
+    code space on a CPU too, its best validation the start's; without a two-tower to
+    convert it is refused."""
     from sparcode.training.checkpoint import load_checkpoint
 
     assert main(["train", "--model", "two_tower", "--out", str(tmp_path / "tt"), "--epochs", "1", "--no-progress"]) == 0
@@ -137,7 +138,8 @@ def test_epochs_zero_converts_the_two_tower_without_training(tmp_path, capsys):
     converted, data, _ = load_checkpoint(tmp_path / "sc")
     source, _, _ = load_checkpoint(tmp_path / "tt")
     torch.manual_seed(0)
-    expected = make_model("sparcode", data, feedback=True, **model_kwargs(source))
+    assert converted.encoder.quantizer.codebooks.shape[-2] == defaults.GPU_CODEWORDS != defaults.CPU_CODEWORDS
+    expected = make_model("sparcode", data, feedback=True, n_words=defaults.GPU_CODEWORDS, **model_kwargs(source))
     t = tensors(data, TrainConfig())
     warm_start(expected, source, t["history"], t["user_features"])
     for name, value in expected.state_dict().items():

@@ -46,7 +46,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                        help="epochs without a better validation Recall@20 before stopping")
     train.add_argument("--tokens", type=int, default=defaults.TOKENS, help="T")
     train.add_argument("--codewords", type=int, default=None,
-                       help=f"C per codebook (default: {defaults.GPU_CODEWORDS} on a GPU, {defaults.CPU_CODEWORDS} on a CPU)")
+                       help=f"C per codebook (default: {defaults.GPU_CODEWORDS} on a GPU and with --epochs 0, "
+                            f"{defaults.CPU_CODEWORDS} for training on a CPU)")
     train.add_argument("--quantizer", default=defaults.QUANTIZER, choices=["product", "residual"],
                        help="sparcode: residual (each stage quantizes what the one before left) or product (the "
                             "paper's: each stage quantizes a slice of the token)")
@@ -110,7 +111,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ValueError("--epochs: 0 trains nothing; it takes a two-tower to convert (--init-from)")
     device = _device(args.device)
     hidden = list(args.hidden or defaults.hidden(device))
-    codewords = defaults.codewords(device) if args.codewords is None else args.codewords
+    codewords = defaults.codewords(device, trains=args.epochs > 0) if args.codewords is None else args.codewords
     sampling = args.sampling or defaults.sampling(args.model, args.density)
     budget = defaults.time_budget(device) if args.time_budget is None else args.time_budget
     dim = defaults.dim(args.model) if args.dim is None else args.dim
