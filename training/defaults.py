@@ -60,7 +60,7 @@ def hidden(device: str | torch.device) -> tuple[int, ...]:
 def codewords(device: str | torch.device, trains: bool = True) -> int:
     """Codewords per codebook: V = 65,536 on a GPU, and for a two-tower converted without
     training (``trains`` False), whose export is a dot product (Gowalla's 65,536 codes in
-    135 s on 2 CPU cores) and whose 1% index gains from the larger space (0.1446 -> 0.1522
+    42 s on 2 CPU cores) and whose 1% index gains from the larger space (0.1446 -> 0.1522
     Recall@20, docs/accuracy.md); 16,384 for training on a CPU."""
     return CPU_CODEWORDS if on_cpu(device) and trains else GPU_CODEWORDS
 

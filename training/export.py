@@ -82,7 +82,8 @@ def export_indexes(model: SparCode, item_features: torch.Tensor | None, n_items:
     constant_mlp = model.scorer.mlp_is_constant()
     if budget_bytes is None:  # scratch per chunk of codes: bigger chunks, fewer launches on a GPU
         budget_bytes = 4 * 2**30 if device.type == "cuda" else 256 * 2**20
-    chunk = max(1, budget_bytes // (n_items * (hidden + code_vectors.shape[1]) * 4 * 2))
+    per_pair = 32 if constant_mlp else (hidden + code_vectors.shape[1]) * 4 * 2  # the dot path's scores and masks
+    chunk = max(1, budget_bytes // (n_items * per_pair))
 
     def raw(codes: torch.Tensor, items: slice | torch.Tensor = slice(None)) -> torch.Tensor:  # (c, N) or (c, len(items))
         if constant_mlp:  # the same scores without the MLP's (c, N, h) passes
