@@ -5,7 +5,8 @@ Where a default differs by device, a function of the device gives it. The paper'
 (256, 256, 256) scorer runs on every (token, item) pair, ~30x the multiply-adds of
 (64, 64): minutes per Gowalla epoch on a GPU, hours on 2 CPU cores; so a CPU gets the
 smaller scorer, V = 16,384 codes instead of 65,536 for training (exporting all V x N
-pairs through the scorer runs at ~1.4M pairs/s there) and a time budget. Evidence for each choice: docs/accuracy.md.
+pairs through the scorer runs at ~1.4M pairs/s there) and a time budget. Evidence for
+each choice: docs/accuracy.md.
 """
 
 from __future__ import annotations

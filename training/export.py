@@ -63,8 +63,8 @@ def export_indexes(model: SparCode, item_features: torch.Tensor | None, n_items:
     synthetic Recall@20 0.086 against 0.239 at 10% density, docs/accuracy.md). Scores are stored
     as float16; values that round to 0 are dropped. The first scorer layer is computed
     once for all codes and once for all items; a scorer whose MLP output is constant (an
-    untrained warm start) is scored by its dot product alone. The indexes are built on the model's
-    device (a GPU export stays on the GPU, ready for ``Engine``) and held together until
+    untrained warm start) is scored by its dot product alone. The indexes are built on
+    the model's device (a GPU export stays on the GPU, ready for ``Engine``) and held together until
     the pass ends; ``CodeIndex.save`` writes one out. Each report's ``seconds`` is the
     whole pass, shared by its ``rules_in_pass`` rules.
     """
