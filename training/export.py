@@ -64,9 +64,9 @@ def export_indexes(model: SparCode, item_features: torch.Tensor | None, n_items:
     as float16; values that round to 0 are dropped. The first scorer layer is computed
     once for all codes and once for all items; a scorer whose MLP output is constant (an
     untrained warm start) is scored by its dot product alone. The indexes are built on
-    the model's device (a GPU export stays on the GPU, ready for ``Engine``) and held together until
-    the pass ends; ``CodeIndex.save`` writes one out. Each report's ``seconds`` is the
-    whole pass, shared by its ``rules_in_pass`` rules.
+    the model's device (a GPU export stays on the GPU, ready for ``Engine``) and held
+    together until the pass ends; ``CodeIndex.save`` writes one out. Each report's
+    ``seconds`` is the whole pass, shared by its ``rules_in_pass`` rules.
     """
     if not rules:
         raise ValueError("rules: expected at least one ExportRule")
@@ -76,20 +76,25 @@ def export_indexes(model: SparCode, item_features: torch.Tensor | None, n_items:
     device = quantizer.codebooks.device
     code_vectors = quantizer.code_vectors()  # (V, d)
     item_vectors = model.items(torch.arange(n_items, device=device), item_features)  # (N, d)
-    token_part = model.scorer.token_in(code_vectors)  # (V, h)
-    item_part = model.scorer.item_in(item_vectors)  # (N, h)
-    n_codes, hidden = token_part.shape
-    constant_mlp = model.scorer.mlp_is_constant()
+    n_codes, scorer = len(code_vectors), model.scorer
     if budget_bytes is None:  # scratch per chunk of codes: bigger chunks, fewer launches on a GPU
         budget_bytes = 4 * 2**30 if device.type == "cuda" else 256 * 2**20
-    per_pair = 32 if constant_mlp else (hidden + code_vectors.shape[1]) * 4 * 2  # the dot path's scores and masks
-    chunk = max(1, budget_bytes // (n_items * per_pair))
 
-    def raw(codes: torch.Tensor, items: slice | torch.Tensor = slice(None)) -> torch.Tensor:  # (c, N) or (c, len(items))
-        if constant_mlp:  # the same scores without the MLP's (c, N, h) passes
-            return model.scorer.dot(code_vectors[codes], item_vectors[items]) + model.scorer.rest[-1].bias
-        return model.scorer(code_vectors[codes].unsqueeze(1), item_vectors[items], token_part[codes].unsqueeze(1),
-                            item_part[items])[:, 0]
+    if scorer.mlp_is_constant():  # the same scores without the MLP's (c, N, h) passes
+        per_pair = 32  # the raw score, its activated copy and the keep masks
+
+        def raw(codes: torch.Tensor, items: slice | torch.Tensor = slice(None)) -> torch.Tensor:  # (c, N) or (c, len(items))
+            return scorer.dot(code_vectors[codes], item_vectors[items]) + scorer.rest[-1].bias
+    else:
+        token_part = scorer.token_in(code_vectors)  # (V, h)
+        item_part = scorer.item_in(item_vectors)  # (N, h)
+        per_pair = (token_part.shape[1] + code_vectors.shape[1]) * 4 * 2
+
+        def raw(codes: torch.Tensor, items: slice | torch.Tensor = slice(None)) -> torch.Tensor:
+            return scorer(code_vectors[codes].unsqueeze(1), item_vectors[items], token_part[codes].unsqueeze(1),
+                          item_part[items])[:, 0]
+
+    chunk = max(1, budget_bytes // (n_items * per_pair))
 
     values = None  # the seeded sample of raw scores that density rules take their quantile from
     biases: list[float | None] = []
