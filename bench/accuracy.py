@@ -35,6 +35,7 @@ from sparcode.training.checkpoint import load_data
 from sparcode.training.data import SYNTHETIC_PER_USER
 from sparcode.training.evaluate import encode_users, evaluate_engine, evaluate_exact
 from sparcode.training.export import ExportRule, export_indexes
+from sparcode.training.item_codes import history_codes, item_code_index, item_scores, ridge
 from sparcode.training.train import TrainConfig, fit, make_model, tensors, validator
 from sparcode.training.warm import model_kwargs as warm_kwargs
 from sparcode.training.warm import warm_start
@@ -54,7 +55,7 @@ REFERENCES = {  # the BARS leaderboard on gowalla_m1
                 "LightGCN": {"recall@20": 0.1820, "ndcg@20": 0.1547},
                 "SimpleX": {"recall@20": 0.1872, "ndcg@20": 0.1557, "recall@50": 0.2874, "ndcg@50": 0.1868}},
 }
-MODELS = ["two_tower", "sparcode", "sparcode_warm", "all_to_all"]
+MODELS = ["two_tower", "sparcode", "sparcode_warm", "item_codes", "all_to_all"]
 METRICS = [f"{m}@{k}" for m in ("recall", "ndcg", "precision", "hitrate") for k in (10, 20, 50)]
 
 
@@ -64,7 +65,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--path", type=Path, default=None, help="dataset directory (not needed for synthetic)")
     p.add_argument("--out", type=Path, required=True, help="directory for accuracy-<dataset>.json")
     p.add_argument("--models", nargs="+", default=["two_tower", "sparcode", "all_to_all"], choices=MODELS,
-                   help="sparcode_warm: SparCode started from this run's TwoTower (list two_tower before it)")
+                   help="sparcode_warm: SparCode started from this run's TwoTower (list two_tower before it); "
+                        "item_codes: SparCode whose codes are the history items (training/item_codes.py)")
     p.add_argument("--device", default=None)
     p.add_argument("--epochs", type=int, default=defaults.EPOCHS)
     p.add_argument("--time-budget", type=float, default=None,
@@ -110,6 +112,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         f"{' '.join(map(str, defaults.CPU_HIDDEN))} on a CPU)")
     p.add_argument("--embedding-std", type=float, default=defaults.EMBEDDING_STD,
                    help="initial std of the embeddings (all models)")
+    p.add_argument("--item-codes-l2", type=float, default=defaults.ITEM_CODES_L2,
+                   help="item_codes: l2 weight as a multiple of the mean item's training interactions")
     p.add_argument("--all-to-all-sample", type=int, default=5000, help="users scored exactly for AllToAll")
     headline = p.add_mutually_exclusive_group()
     headline.add_argument("--density", type=float, default=None,
@@ -122,7 +126,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--densities", type=float, nargs="*", default=[], help="sparsity curve: target densities")
     p.add_argument("--cap-densities", type=float, nargs="*", default=[],
                    help="sparsity curve by the per-code rule: each code keeps its top FRACTION x N items "
-                        "(export --density 1 --cap), so no code's list is empty")
+                        "(export --density 1 --cap), so no code's list is empty; item_codes get their own curve")
     p.add_argument("--synthetic-size", type=int, nargs=2, default=[2000, 800], metavar=("USERS", "ITEMS"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
@@ -141,7 +145,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.synthetic_size[1] < SYNTHETIC_PER_USER:
         p.error(f"--synthetic-size: expected at least {SYNTHETIC_PER_USER} items (each user draws as many), "
                 f"got {args.synthetic_size[1]}")
-    for flag, value in (("--lr", args.lr), ("--two-tower-lr", args.two_tower_lr),
+    for flag, value in (("--lr", args.lr), ("--two-tower-lr", args.two_tower_lr), ("--item-codes-l2", args.item_codes_l2),
                         ("--two-tower-temperature", args.two_tower_temperature), ("--embedding-std", args.embedding_std)):
         if not value > 0:
             p.error(f"{flag}: expected a positive number, got {value:g}")
@@ -150,6 +154,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         bad = [v for v in values if v is not None and not 0 < v <= 1]
         if bad:
             p.error(f"{flag}: expected fractions in (0, 1], got {bad[0]:g}")
+    if args.density is not None and "item_codes" in args.models:
+        p.error("--density: item_codes keep each code's top items; give --cap-density")
     if args.density is None and args.cap_density is None:
         args.cap_density = defaults.INDEX_DENSITY
     if "sparcode_warm" in args.models and ("two_tower" not in args.models
@@ -186,13 +192,14 @@ def train_configs(args: argparse.Namespace, device: str) -> tuple[TrainConfig, T
 
 def model_config(args: argparse.Namespace, device: str) -> dict:
     """The models' settings as the report records them: SparCode's and AllToAll's keyword
-    arguments, V, and the TwoTower's own embedding size."""
+    arguments, V, the TwoTower's own embedding size and the item codes' l2 scale."""
     codewords = args.codewords or defaults.codewords(device)
     return {"dim": args.dim, "n_tokens": args.tokens, "n_words": codewords,
             "hidden": tuple(args.hidden or defaults.hidden(device)), "embedding_std": args.embedding_std,
             "quantizer": args.quantizer, "per_token": args.per_token_codebooks, "feedback": args.error_feedback,
             "temperature": args.two_tower_temperature,
-            "codes": codewords**2 * (args.tokens if args.per_token_codebooks else 1), "two_tower_dim": args.two_tower_dim}
+            "codes": codewords**2 * (args.tokens if args.per_token_codebooks else 1), "two_tower_dim": args.two_tower_dim,
+            "item_codes_l2": args.item_codes_l2}
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> dict:
@@ -205,7 +212,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     data = load_data(loader, args.path, args.seed, tuple(args.synthetic_size))
     cfg, cfg_two_tower, cfg_warm = train_configs(args, device)
     models = model_config(args, device)
-    model_kwargs = {k: v for k, v in models.items() if k not in ("codes", "two_tower_dim")}
+    model_kwargs = {k: v for k, v in models.items() if k not in ("codes", "two_tower_dim", "item_codes_l2")}
     two_tower_kwargs = {**model_kwargs, "dim": models["two_tower_dim"]}
     validate = validator(data, cfg)
     t = tensors(data, cfg)
@@ -226,6 +233,12 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     curve_model = "sparcode_warm" if "sparcode_warm" in args.models else "sparcode"
     for kind in args.models:
         torch.manual_seed(args.seed)
+        if kind == "item_codes":
+            entry = report["models"][kind] = item_codes_entry(args, data, device)
+            print(f"[accuracy] {args.dataset} {kind}: {headline} {entry[headline]:.4f} recall@20 {entry['recall@20']:.4f} "
+                  f"(fit {entry['train_seconds']:.0f} s)", flush=True)
+            write(args.out, report, started)
+            continue
         warm = kind == "sparcode_warm"
         if warm:
             model = make_model("sparcode", data, **{**model_kwargs, **warm_kwargs(two_tower)})
@@ -272,6 +285,35 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
             two_tower = model
         del model
     return report
+
+
+def item_codes_entry(args: argparse.Namespace, data, device: str) -> dict:
+    """Item codes fitted in closed form on ``device``, indexed by the headline rule (each
+    code's top items) and by each ``--cap-densities`` fraction (their sparsity curve),
+    and searched through ``Engine`` with every user's history as codes."""
+    started = time.perf_counter()
+    scores = item_scores(data.train, data.n_items, l2_scale=args.item_codes_l2, device=device)
+    fit_seconds = time.perf_counter() - started
+    rule = headline_rule(args, data)
+    started = time.perf_counter()
+    index = item_code_index(scores, rule.cap)
+    index_seconds = time.perf_counter() - started
+    codes = history_codes(data.train, data.n_users, data.n_items)
+    metrics = evaluate_engine(Engine(index), codes, data)
+    curve = []
+    for fraction in args.cap_densities:
+        cap = ExportRule.top(fraction, data.n_items).cap
+        m = evaluate_engine(Engine(item_code_index(scores, cap)), codes, data)
+        curve.append({"rule": "cap", "target_density": fraction, "cap": cap, "density": m["density"],
+                      "index_bytes": m["index_bytes"], **{k: m[k] for k in ("recall@20", "ndcg@20", "recall@50")},
+                      "queries_per_s": m["queries_per_s"]})
+        print(f"[accuracy] item_codes density {fraction:g}: {curve[-1]}", flush=True)
+    del scores
+    return {"train_seconds": fit_seconds, "l2": ridge(data.train, data.n_items, args.item_codes_l2),
+            "tokens": int(codes.shape[1]), "export_seconds": index_seconds,
+            "density": metrics["density"], "index_bytes": metrics["index_bytes"], "nnz": index.nnz, "rule": "cap",
+            "cap": rule.cap, "target_density": args.cap_density, **{k: metrics[k] for k in METRICS},
+            "queries_per_s": metrics["queries_per_s"], **({"sparsity_curve": curve} if curve else {})}
 
 
 def headline_rule(args: argparse.Namespace, data) -> ExportRule:
@@ -350,7 +392,7 @@ def table(report: dict) -> str:
     lines = [f"{report['dataset']} on {report['device']}",
              f"{'model':<12}{'Recall@20':>10}{'NDCG@20':>9}{'Recall@50':>10}{'NDCG@50':>9}  note"]
     for name, m in report["models"].items():
-        note = f"{m['epochs']} epochs"
+        note = f"{m['epochs']} epochs" if "epochs" in m else "closed form"
         if "density" in m:
             note += f", {m.get('rule', 'bias')} density {m['density']:.2%}, {m['index_bytes'] / 2**20:.0f} MB"
         if "sample_users" in m:

@@ -27,6 +27,7 @@ VALID_USERS = 1000  # users whose validation Recall@20 drives early stopping
 HISTORY = 100  # history items per query (on Gowalla 91% of training interactions; 20 held 56%)
 COMMITMENT = 0.0  # the quantizer's commitment loss: it collapses batch-normalised tokens
 INDEX_DENSITY = 0.01  # the export rule to use: each code keeps its top 1% of the items (sparcode export --cap-density)
+ITEM_CODES_L2 = 10.0  # item codes: l2 = this x the mean item's training interactions (docs/accuracy.md)
 CPU_TIME_BUDGET = 1800.0  # seconds per model; training stops after the epoch that crosses it
 
 # model

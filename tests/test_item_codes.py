@@ -1,0 +1,143 @@
+"""Item codes: the closed-form fit against a per-item ridge regression, the index rule,
+history codes, search through Engine against a dense sum, and the accuracy bench."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from sparcode.engine import Engine
+from sparcode.training.data import CSR
+from sparcode.training.item_codes import history_codes, item_code_index, item_scores, ridge
+
+
+def random_train(n_users: int, n_items: int, seed: int, per_user: tuple[int, int] = (1, 8)) -> CSR:
+    rng = np.random.default_rng(seed)
+    return CSR.from_lists([np.sort(rng.choice(n_items, size=rng.integers(*per_user), replace=False))
+                           for _ in range(n_users)])
+
+
+def test_item_scores_solve_each_items_ridge_regression_on_the_others():
+    """Column j of B is the ridge regression of item j's column on every other item's,
+    solved here one column at a time in float64: the constraint diag(B) = 0 separates."""
+    n_items, scale = 12, 0.7
+    train = random_train(40, n_items, seed=0)
+    x = np.zeros((40, n_items))
+    for u in range(40):
+        x[u, train.row(u)] = 1
+    lam = ridge(train, n_items, scale)
+    got = item_scores(train, n_items, l2_scale=scale).double().numpy()
+    for j in range(n_items):
+        others = np.delete(np.arange(n_items), j)
+        xo = x[:, others]
+        expected = np.linalg.solve(xo.T @ xo + lam * np.eye(n_items - 1), xo.T @ x[:, j])
+        np.testing.assert_allclose(got[others, j], expected, rtol=1e-4, atol=1e-6)
+        assert got[j, j] == 0
+
+
+def test_ridge_is_a_multiple_of_the_mean_items_interactions_and_rejects_bad_input():
+    train = CSR.from_lists([np.array([0, 1, 2]), np.array([1])])
+    assert ridge(train, 8, 10.0) == pytest.approx(10.0 * 4 / 8)
+    with pytest.raises(ValueError, match="l2_scale"):
+        ridge(train, 8, 0.0)
+    with pytest.raises(ValueError, match="train: no interactions"):
+        ridge(CSR.from_lists([np.zeros(0, np.int64)]), 8)
+
+
+def test_item_code_index_keeps_each_codes_top_positive_scores_sorted_by_item():
+    gen = torch.Generator().manual_seed(1)
+    n_items, cap = 30, 5
+    scores = torch.randn(n_items, n_items, generator=gen)
+    scores[3] = -1.0  # a code with no positive score: an empty list
+    scores[4, :2] = 1.0
+    scores[4, 2:] = -1.0  # fewer positive scores than the cap
+    index = item_code_index(scores, cap, rows=7)
+    assert index.n_codes == n_items + 1 and index.n_items == n_items
+    for code in range(n_items + 1):
+        lo, hi = int(index.indptr[code]), int(index.indptr[code + 1])
+        items = index.items[lo:hi].long()
+        assert bool((items[1:] > items[:-1]).all())
+        if code == n_items:
+            assert hi == lo  # the padding code
+            continue
+        row = scores[code]
+        expected = sorted(i for i in torch.argsort(row, descending=True)[:cap].tolist() if row[i] > 0)
+        assert items.tolist() == expected
+        assert torch.equal(index.scores[lo:hi], row[items])
+    assert index.lengths[3] == 0 and index.lengths[4] == 2
+    assert item_code_index(scores, 100).lengths.max() <= n_items  # a cap above N keeps every positive score
+    with pytest.raises(ValueError, match="cap"):
+        item_code_index(scores, 0)
+    with pytest.raises(ValueError, match="scores: expected a square"):
+        item_code_index(scores[:5], cap)
+
+
+def test_history_codes_pad_with_the_empty_code_and_sample_long_histories():
+    train = CSR.from_lists([np.array([4, 7, 9]), np.zeros(0, np.int64), np.array([1])])
+    codes = history_codes(train, 3, n_items=10)
+    assert codes.shape == (3, 3)  # the longest history
+    assert sorted(codes[0].tolist()) == [4, 7, 9] and codes[1].tolist() == [10] * 3
+    assert codes[2].tolist() == [1, 10, 10]
+    short = history_codes(train, 3, n_items=10, length=2)
+    assert short.shape == (3, 2) and set(short[0].tolist()) < {4, 7, 9}
+
+
+def test_search_with_history_codes_is_the_sum_of_the_history_items_lists():
+    n_users, n_items, k = 25, 40, 6
+    train = random_train(n_users, n_items, seed=2, per_user=(1, 12))
+    index = item_code_index(item_scores(train, n_items, l2_scale=0.5), cap=8)
+    codes = history_codes(train, n_users, n_items)
+    result = Engine(index).search(torch.from_numpy(codes), k=k)
+    dense = torch.zeros(n_items + 1, n_items)
+    for code in range(n_items + 1):
+        lo, hi = int(index.indptr[code]), int(index.indptr[code + 1])
+        dense[code, index.items[lo:hi].long()] = index.scores[lo:hi].float()
+    summed = dense[torch.from_numpy(codes)].sum(1)  # (U, N)
+    candidate = (dense[torch.from_numpy(codes)] != 0).any(1)
+    for u in range(n_users):
+        expected = summed[u][candidate[u]].sort(descending=True).values[:k]
+        got = result.scores[u][: len(expected)]
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+        ids = result.ids[u][: len(expected)]
+        torch.testing.assert_close(summed[u, ids], got, rtol=1e-5, atol=1e-6)
+
+
+def test_accuracy_bench_fits_item_codes_and_searches_them(tmp_path, capsys):
+    from sparcode.bench import accuracy
+
+    argv = ["--dataset", "synthetic", "--synthetic-size", "300", "100", "--out", str(tmp_path),
+            "--models", "item_codes", "--cap-density", "0.1", "--cap-densities", "0.02", "1", "--no-progress"]
+    assert accuracy.main(argv) == 0
+    report = json.loads((tmp_path / "accuracy-synthetic.json").read_text())
+    entry = report["models"]["item_codes"]
+    assert entry["cap"] == 10 and 0 < entry["density"] <= 0.1 and entry["recall@20"] > 0 and entry["tokens"] >= 1
+    assert report["config"]["model"]["item_codes_l2"] == 10.0
+    sparse, full = entry["sparsity_curve"]
+    assert sparse["cap"] == 2 and full["cap"] == 100 and sparse["density"] < entry["density"] <= full["density"]
+    for flags, message in ((["--density", "0.1"], "--density: item_codes keep each code's top items"),
+                           (["--item-codes-l2", "0"], "--item-codes-l2: expected a positive number")):
+        with pytest.raises(SystemExit) as exit_:
+            accuracy.main([a for a in argv if a not in ("--cap-density", "0.1")] + flags)
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_item_codes_command_writes_an_index_its_queries_and_metrics_that_recommend_serves(tmp_path, capsys):
+    from sparcode.cli import main
+
+    out = tmp_path / "items"
+    assert main(["item-codes", "--data", "synthetic", "--out", str(out), "--cap-density", "0.05"]) == 0
+    assert "item-codes:" in capsys.readouterr().out
+    report = json.loads((out / "metrics.json").read_text())
+    codes = np.load(out / "queries.npy")
+    index = Engine.load(out / "index").index
+    assert index.n_codes == index.n_items + 1 and codes.shape == (2000, report["tokens"])
+    assert report["metrics"]["recall@20"] > 0 and report["metrics"]["density"] <= 0.05
+    assert main(["recommend", str(out / "index"), "--queries", str(out / "queries.npy"), "--k", "5",
+                 "--out", str(tmp_path / "recs"), "--no-progress"]) == 0
+    for flags, message in ((["--cap-density", "0"], "--cap-density: expected a fraction in (0, 1]"),
+                           (["--l2", "-1"], "--l2: expected a positive number")):
+        assert main(["item-codes", "--data", "synthetic", "--out", str(tmp_path / "x"), *flags]) == 2
+        assert message in capsys.readouterr().err

@@ -1,0 +1,94 @@
+"""Item codes: a query's codes are the items of its history, and each code's posting
+list holds the items that its item predicts.
+
+The (code, item) scores are EASE's item-to-item weights (Steck, 2019): over the user x
+item training matrix X, B = argmin ||X - XB||^2 + l2 ||B||^2 with diag(B) = 0, whose
+closed form is B = -P / diag(P) off the diagonal for P = (X^T X + l2 I)^-1. A user's
+score of an item is the sum over their history items h of B[h, item], which is
+SparCode's search exactly: V = N + 1 codes, no quantization, code N an empty list that
+pads short histories to T. The all-to-all interaction is learned between items rather
+than between a quantized user and an item, so no user detail is lost to a codebook; on
+ID-only data this is the more accurate index (docs/accuracy.md). The fit holds two
+N x N float32 matrices (Gowalla's 40,981 items: 13.4 GB; 14 minutes on 2 CPU cores).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse
+import torch
+
+from sparcode.engine import CodeIndex
+
+from . import defaults
+from .data import CSR
+from .train import history_matrix
+
+
+def interaction_matrix(train: CSR, n_items: int) -> scipy.sparse.csr_matrix:
+    """The (users, items) 0/1 training matrix."""
+    ones = np.ones(train.items.size, dtype=np.float32)
+    return scipy.sparse.csr_matrix((ones, train.items, train.indptr), shape=(len(train.indptr) - 1, n_items))
+
+
+def ridge(train: CSR, n_items: int, l2_scale: float = defaults.ITEM_CODES_L2) -> float:
+    """The l2 weight: ``l2_scale`` times the mean item's training interactions, so that
+    one default fits catalogues of any popularity."""
+    if not l2_scale > 0:
+        raise ValueError(f"l2_scale: expected a positive number, got {l2_scale}")
+    if train.items.size == 0:
+        raise ValueError("train: no interactions to fit item codes from")
+    return l2_scale * train.items.size / n_items
+
+
+@torch.no_grad()
+def item_scores(train: CSR, n_items: int, *, l2_scale: float = defaults.ITEM_CODES_L2,
+                device: str | torch.device = "cpu") -> torch.Tensor:
+    """(N, N) float32 B on ``device``: B[h, i] is what history item h adds to item i's
+    score (see the module's docstring)."""
+    x = interaction_matrix(train, n_items)
+    gram = torch.from_numpy((x.T @ x).toarray().astype(np.float32)).to(device)
+    gram.diagonal().add_(ridge(train, n_items, l2_scale))
+    factor = torch.linalg.cholesky(gram)
+    del gram
+    scores = torch.cholesky_inverse(factor)
+    del factor
+    scores /= -scores.diagonal().clone()[None, :]
+    scores.diagonal().zero_()
+    return scores
+
+
+@torch.no_grad()
+def item_code_index(scores: torch.Tensor, cap: int, *, rows: int = 4096) -> CodeIndex:
+    """Each code's ``cap`` highest positive scores (serving keeps what a ReLU passes),
+    items sorted within each list, plus the empty padding code N; float32 scores."""
+    n_items = scores.shape[1]
+    if scores.ndim != 2 or scores.shape[0] != n_items:
+        raise ValueError(f"scores: expected a square (N, N) matrix, got {tuple(scores.shape)}")
+    if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
+        raise ValueError(f"cap: expected a positive int (items per code), got {cap!r}")
+    cap = min(cap, n_items)
+    lengths, items, values = [], [], []
+    for lo in range(0, n_items, rows):
+        top, ids = torch.topk(scores[lo : lo + rows], cap, dim=1)
+        ids, order = ids.sort(dim=1)
+        top = top.gather(1, order)
+        kept = top > 0
+        lengths.append(kept.sum(1))
+        items.append(ids[kept].to(torch.int32))
+        values.append(top[kept])
+    lengths.append(lengths[0].new_zeros(1))  # the padding code
+    indptr = torch.cat([lengths[0].new_zeros(1), torch.cat(lengths).cumsum(0)])
+    return CodeIndex.from_postings(indptr, torch.cat(items), torch.cat(values).float(), n_items)
+
+
+def history_codes(train: CSR, n_users: int, n_items: int, length: int | None = None,
+                  seed: int = 0) -> np.ndarray:
+    """(U, T) int64 codes of every user: their training items, padded with the empty code
+    N. T is ``length`` (a seeded sample of that many items for longer histories) or, by
+    default, the longest history: the sum then runs over all of it, as the fit does
+    (MovieLens-1M at 10%: Recall@50 0.4070, against 0.4021 through a sample of 100)."""
+    length = max(1, int(train.lengths.max(initial=0))) if length is None else length
+    codes = history_matrix(train, n_users, length, seed)
+    codes[codes < 0] = n_items
+    return codes
