@@ -14,10 +14,15 @@ from pathlib import Path
 from . import defaults
 
 
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """--data and --path, as every command that reads a dataset takes them."""
+    parser.add_argument("--data", default="synthetic", choices=["synthetic", "ml-100k", "ml-1m", "bars"])
+    parser.add_argument("--path", type=Path, default=None, help="dataset directory for a real dataset")
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     train = sub.add_parser("train", help="train SparCode, TwoTower or AllToAll and save a checkpoint")
-    train.add_argument("--data", default="synthetic", choices=["synthetic", "ml-100k", "ml-1m", "bars"])
-    train.add_argument("--path", type=Path, default=None, help="dataset directory for a real dataset")
+    add_data_arguments(train)
     train.add_argument("--model", default="sparcode", choices=["sparcode", "two_tower", "all_to_all"])
     train.add_argument("--out", type=Path, required=True, help="checkpoint directory")
     train.add_argument("--epochs", type=int, default=defaults.EPOCHS,
@@ -88,8 +93,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     items = sub.add_parser("item-codes", help="fit item codes (each history item a code) into an index, with every "
                                               "user's codes for recommend and the test metrics")
-    items.add_argument("--data", default="synthetic", choices=["synthetic", "ml-100k", "ml-1m", "bars"])
-    items.add_argument("--path", type=Path, default=None, help="dataset directory for a real dataset")
+    add_data_arguments(items)
     items.add_argument("--out", type=Path, required=True,
                        help="output directory: OUT/index, every user's codes in OUT/queries.npy (row = user, for "
                             "sparcode recommend) and the test metrics in OUT/metrics.json")

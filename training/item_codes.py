@@ -8,7 +8,7 @@ score of an item is the sum over their history items h of B[h, item], which is
 SparCode's search exactly: V = N + 1 codes, no quantization, code N an empty list that
 pads short histories to T. The all-to-all interaction is learned between items rather
 than between a quantized user and an item, so no user detail is lost to a codebook; on
-ID-only data this is the more accurate index (docs/accuracy.md). The fit holds two
+ID-only data it is more accurate than quantized user tokens (docs/accuracy.md). The fit holds two
 N x N float32 matrices (Gowalla's 40,981 items: 13.4 GB; 14 minutes on 2 CPU cores).
 """
 
