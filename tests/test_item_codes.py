@@ -73,6 +73,8 @@ def test_item_code_index_keeps_each_codes_top_positive_scores_sorted_by_item():
         item_code_index(scores, 0)
     with pytest.raises(ValueError, match="scores: expected a square"):
         item_code_index(scores[:5], cap)
+    with pytest.raises(ValueError, match="scores: expected a square"):
+        item_code_index(scores[0], cap)
 
 
 def test_history_codes_pad_with_the_empty_code_and_sample_long_histories():

@@ -62,11 +62,11 @@ def item_scores(train: CSR, n_items: int, *, l2_scale: float = defaults.ITEM_COD
 def item_code_index(scores: torch.Tensor, cap: int, *, rows: int = 4096) -> CodeIndex:
     """Each code's ``cap`` highest positive scores (serving keeps what a ReLU passes),
     items sorted within each list, plus the empty padding code N; float32 scores."""
-    n_items = scores.shape[1]
-    if scores.ndim != 2 or scores.shape[0] != n_items:
+    if scores.ndim != 2 or scores.shape[0] != scores.shape[1]:
         raise ValueError(f"scores: expected a square (N, N) matrix, got {tuple(scores.shape)}")
     if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
         raise ValueError(f"cap: expected a positive int (items per code), got {cap!r}")
+    n_items = scores.shape[1]
     cap = min(cap, n_items)
     lengths, items, values = [], [], []
     for lo in range(0, n_items, rows):
