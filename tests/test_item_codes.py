@@ -47,13 +47,14 @@ def test_ridge_is_a_multiple_of_the_mean_items_interactions_and_rejects_bad_inpu
         ridge(CSR.from_lists([np.zeros(0, np.int64)]), 8)
 
 
-def test_item_code_index_keeps_each_codes_top_positive_scores_sorted_by_item():
+def test_item_code_index_keeps_each_codes_largest_scores_by_magnitude_sorted_by_item():
     gen = torch.Generator().manual_seed(1)
     n_items, cap = 30, 5
     scores = torch.randn(n_items, n_items, generator=gen)
-    scores[3] = -1.0  # a code with no positive score: an empty list
-    scores[4, :2] = 1.0
-    scores[4, 2:] = -1.0  # fewer positive scores than the cap
+    scores[3] = 0.0  # a code with no non-zero score: an empty list
+    scores[4] = 0.0
+    scores[4, 7], scores[4, 2] = 0.5, -2.0  # fewer non-zero scores than the cap; the negative one kept
+    scores[5, :3] = torch.tensor([-9.0, 8.0, -7.0])  # large negatives outrank small positives
     index = item_code_index(scores, cap, rows=7)
     assert index.n_codes == n_items + 1 and index.n_items == n_items
     for code in range(n_items + 1):
@@ -64,11 +65,14 @@ def test_item_code_index_keeps_each_codes_top_positive_scores_sorted_by_item():
             assert hi == lo  # the padding code
             continue
         row = scores[code]
-        expected = sorted(i for i in torch.argsort(row, descending=True)[:cap].tolist() if row[i] > 0)
+        expected = sorted(i for i in torch.argsort(row.abs(), descending=True)[:cap].tolist() if row[i] != 0)
         assert items.tolist() == expected
         assert torch.equal(index.scores[lo:hi], row[items])
     assert index.lengths[3] == 0 and index.lengths[4] == 2
-    assert item_code_index(scores, 100).lengths.max() <= n_items  # a cap above N keeps every positive score
+    assert index.items[int(index.indptr[4]):int(index.indptr[5])].tolist() == [2, 7]
+    assert {0, 1, 2} <= set(index.items[int(index.indptr[5]):int(index.indptr[6])].tolist())
+    full = item_code_index(scores, 100)  # a cap above N keeps every non-zero score
+    assert full.nnz == int((scores != 0).sum())
     with pytest.raises(ValueError, match="cap"):
         item_code_index(scores, 0)
     with pytest.raises(ValueError, match="scores: expected a square"):

@@ -1,5 +1,5 @@
 """Item codes: a query's codes are the items of its history, and each code's posting
-list holds the items that its item predicts.
+list holds the items that its item promotes or demotes most.
 
 The (code, item) scores are EASE's item-to-item weights (Steck, 2019): over the user x
 item training matrix X, B = argmin ||X - XB||^2 + l2 ||B||^2 with diag(B) = 0, whose
@@ -60,8 +60,11 @@ def item_scores(train: CSR, n_items: int, *, l2_scale: float = defaults.ITEM_COD
 
 @torch.no_grad()
 def item_code_index(scores: torch.Tensor, cap: int, *, rows: int = 4096) -> CodeIndex:
-    """Each code's ``cap`` highest positive scores (serving keeps what a ReLU passes),
-    items sorted within each list, plus the empty padding code N; float32 scores."""
+    """Each code's ``cap`` largest scores by magnitude, items sorted within each list,
+    plus the empty padding code N; float32 scores. The sum is linear, so a negative
+    weight demotes its item as a positive one promotes it: on MovieLens-1M at 10% the
+    magnitude rule gives Recall@50 0.4214 against 0.4070 for the top positive scores
+    (docs/accuracy.md). Exact zeros are dropped."""
     if scores.ndim != 2 or scores.shape[0] != scores.shape[1]:
         raise ValueError(f"scores: expected a square (N, N) matrix, got {tuple(scores.shape)}")
     if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
@@ -70,10 +73,10 @@ def item_code_index(scores: torch.Tensor, cap: int, *, rows: int = 4096) -> Code
     cap = min(cap, n_items)
     lengths, items, values = [], [], []
     for lo in range(0, n_items, rows):
-        top, ids = torch.topk(scores[lo : lo + rows], cap, dim=1)
-        ids, order = ids.sort(dim=1)
-        top = top.gather(1, order)
-        kept = top > 0
+        block = scores[lo : lo + rows]
+        ids = torch.topk(block.abs(), cap, dim=1).indices.sort(dim=1).values
+        top = block.gather(1, ids)
+        kept = top != 0
         lengths.append(kept.sum(1))
         items.append(ids[kept].to(torch.int32))
         values.append(top[kept])
