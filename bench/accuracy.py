@@ -114,6 +114,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="initial std of the embeddings (all models)")
     p.add_argument("--item-codes-l2", type=float, default=defaults.ITEM_CODES_L2,
                    help="item_codes: l2 weight as a multiple of the mean item's training interactions")
+    p.add_argument("--item-codes-keep", choices=defaults.ITEM_CODES_KEEPS, default=defaults.ITEM_CODES_KEEP,
+                   help="item_codes: each code's largest scores by magnitude or its highest positive ones")
     p.add_argument("--all-to-all-sample", type=int, default=5000, help="users scored exactly for AllToAll")
     headline = p.add_mutually_exclusive_group()
     headline.add_argument("--density", type=float, default=None,
@@ -192,14 +194,14 @@ def train_configs(args: argparse.Namespace, device: str) -> tuple[TrainConfig, T
 
 def model_config(args: argparse.Namespace, device: str) -> dict:
     """The models' settings as the report records them: SparCode's and AllToAll's keyword
-    arguments, V, the TwoTower's own embedding size and the item codes' l2 scale."""
+    arguments, V, the TwoTower's own embedding size and the item codes' l2 scale and keep rule."""
     codewords = args.codewords or defaults.codewords(device)
     return {"dim": args.dim, "n_tokens": args.tokens, "n_words": codewords,
             "hidden": tuple(args.hidden or defaults.hidden(device)), "embedding_std": args.embedding_std,
             "quantizer": args.quantizer, "per_token": args.per_token_codebooks, "feedback": args.error_feedback,
             "temperature": args.two_tower_temperature,
             "codes": codewords**2 * (args.tokens if args.per_token_codebooks else 1), "two_tower_dim": args.two_tower_dim,
-            "item_codes_l2": args.item_codes_l2}
+            "item_codes_l2": args.item_codes_l2, "item_codes_keep": args.item_codes_keep}
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> dict:
@@ -212,7 +214,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     data = load_data(loader, args.path, args.seed, tuple(args.synthetic_size))
     cfg, cfg_two_tower, cfg_warm = train_configs(args, device)
     models = model_config(args, device)
-    model_kwargs = {k: v for k, v in models.items() if k not in ("codes", "two_tower_dim", "item_codes_l2")}
+    model_kwargs = {k: v for k, v in models.items() if k not in ("codes", "two_tower_dim", "item_codes_l2", "item_codes_keep")}
     two_tower_kwargs = {**model_kwargs, "dim": models["two_tower_dim"]}
     validate = validator(data, cfg)
     t = tensors(data, cfg)
@@ -296,14 +298,14 @@ def item_codes_entry(args: argparse.Namespace, data, device: str) -> dict:
     fit_seconds = time.perf_counter() - started
     rule = headline_rule(args, data)
     started = time.perf_counter()
-    index = item_code_index(scores, rule.cap)
+    index = item_code_index(scores, rule.cap, keep=args.item_codes_keep)
     index_seconds = time.perf_counter() - started
     codes = history_codes(data.train, data.n_users, data.n_items)
     metrics = evaluate_engine(Engine(index), codes, data)
     curve = []
     for fraction in args.cap_densities:
         cap = ExportRule.top(fraction, data.n_items).cap
-        m = evaluate_engine(Engine(item_code_index(scores, cap)), codes, data)
+        m = evaluate_engine(Engine(item_code_index(scores, cap, keep=args.item_codes_keep)), codes, data)
         curve.append({"rule": "cap", "target_density": fraction, "cap": cap, "density": m["density"],
                       "index_bytes": m["index_bytes"], **{k: m[k] for k in ("recall@20", "ndcg@20", "recall@50")},
                       "queries_per_s": m["queries_per_s"]})
@@ -312,6 +314,7 @@ def item_codes_entry(args: argparse.Namespace, data, device: str) -> dict:
     return {"train_seconds": fit_seconds, "l2": ridge(data.train, data.n_items, args.item_codes_l2),
             "tokens": int(codes.shape[1]), "export_seconds": index_seconds,
             "density": metrics["density"], "index_bytes": metrics["index_bytes"], "nnz": index.nnz, "rule": "cap",
+            "keep": args.item_codes_keep,
             "cap": rule.cap, "target_density": args.cap_density, **{k: metrics[k] for k in METRICS},
             "queries_per_s": metrics["queries_per_s"], **({"sparsity_curve": curve} if curve else {})}
 

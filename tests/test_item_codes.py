@@ -73,6 +73,25 @@ def test_item_code_index_keeps_each_codes_largest_scores_by_magnitude_sorted_by_
     assert {0, 1, 2} <= set(index.items[int(index.indptr[5]):int(index.indptr[6])].tolist())
     full = item_code_index(scores, 100)  # a cap above N keeps every non-zero score
     assert full.nnz == int((scores != 0).sum())
+
+
+def test_item_code_index_keeps_each_codes_top_positive_scores_when_asked():
+    gen = torch.Generator().manual_seed(2)
+    n_items, cap = 30, 5
+    scores = torch.randn(n_items, n_items, generator=gen)
+    scores[3] = -1.0  # no positive score: an empty list
+    scores[4, :2], scores[4, 2:] = 1.0, -9.0  # fewer positive scores than the cap; no negative kept
+    index = item_code_index(scores, cap, keep="positive", rows=7)
+    for code in range(n_items):
+        lo, hi = int(index.indptr[code]), int(index.indptr[code + 1])
+        row = scores[code]
+        expected = sorted(i for i in torch.argsort(row, descending=True)[:cap].tolist() if row[i] > 0)
+        assert index.items[lo:hi].tolist() == expected
+        assert torch.equal(index.scores[lo:hi], row[index.items[lo:hi].long()])
+    assert index.lengths[3] == 0 and index.lengths[4] == 2 and index.lengths[n_items] == 0
+    assert item_code_index(scores, 100, keep="positive").nnz == int((scores > 0).sum())
+    with pytest.raises(ValueError, match="keep: expected one of magnitude, positive"):
+        item_code_index(scores, cap, keep="top")
     with pytest.raises(ValueError, match="cap"):
         item_code_index(scores, 0)
     with pytest.raises(ValueError, match="scores: expected a square"):
@@ -120,7 +139,7 @@ def test_accuracy_bench_fits_item_codes_and_searches_them(tmp_path, capsys):
     report = json.loads((tmp_path / "accuracy-synthetic.json").read_text())
     entry = report["models"]["item_codes"]
     assert entry["cap"] == 10 and 0 < entry["density"] <= 0.1 and entry["recall@20"] > 0 and entry["tokens"] >= 1
-    assert report["config"]["model"]["item_codes_l2"] == 10.0
+    assert report["config"]["model"]["item_codes_l2"] == 10.0 and entry["keep"] == "magnitude"
     sparse, full = entry["sparsity_curve"]
     assert sparse["cap"] == 2 and full["cap"] == 100 and sparse["density"] < entry["density"] <= full["density"]
     for flags, message in ((["--density", "0.1"], "--density: item_codes keep each code's top items"),
@@ -128,6 +147,10 @@ def test_accuracy_bench_fits_item_codes_and_searches_them(tmp_path, capsys):
         with pytest.raises(SystemExit) as exit_:
             accuracy.main([a for a in argv if a not in ("--cap-density", "0.1")] + flags)
         assert exit_.value.code == 2 and message in capsys.readouterr().err
+    positive = [*argv, "--item-codes-keep", "positive", "--cap-densities"]
+    assert accuracy.main(positive) == 0
+    entry = json.loads((tmp_path / "accuracy-synthetic.json").read_text())["models"]["item_codes"]
+    assert entry["keep"] == "positive" and entry["nnz"] <= 10 * 100
 
 
 def test_item_codes_command_writes_an_index_its_queries_and_metrics_that_recommend_serves(tmp_path, capsys):
@@ -143,6 +166,10 @@ def test_item_codes_command_writes_an_index_its_queries_and_metrics_that_recomme
     assert report["metrics"]["recall@20"] > 0 and report["metrics"]["density"] <= 0.05
     assert main(["recommend", str(out / "index"), "--queries", str(out / "queries.npy"), "--k", "5",
                  "--out", str(tmp_path / "recs"), "--no-progress"]) == 0
+    assert main(["item-codes", "--data", "synthetic", "--out", str(tmp_path / "positive"), "--cap-density", "0.05",
+                 "--keep", "positive"]) == 0
+    assert json.loads((tmp_path / "positive" / "metrics.json").read_text())["keep"] == "positive"
+    assert bool((Engine.load(tmp_path / "positive" / "index").index.scores > 0).all())
     for flags, message in ((["--cap-density", "0"], "--cap-density: expected a fraction in (0, 1]"),
                            (["--l2", "-1"], "--l2: expected a positive number")):
         assert main(["item-codes", "--data", "synthetic", "--out", str(tmp_path / "x"), *flags]) == 2

@@ -101,6 +101,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                        help="each code keeps its top FRACTION x N items")
     items.add_argument("--l2", type=float, default=defaults.ITEM_CODES_L2,
                        help="l2 weight as a multiple of the mean item's training interactions")
+    items.add_argument("--keep", choices=defaults.ITEM_CODES_KEEPS, default=defaults.ITEM_CODES_KEEP,
+                       help="each code's largest scores by magnitude (negative ones demote their items) or its "
+                            "highest positive ones")
     items.add_argument("--device", default=None)
     items.add_argument("--seed", type=int, default=0)
     items.set_defaults(run=cmd_item_codes)
@@ -245,7 +248,7 @@ def cmd_item_codes(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     scores = item_scores(data.train, data.n_items, l2_scale=args.l2, device=device)
     fit_seconds = time.perf_counter() - started
-    index = item_code_index(scores, ExportRule.top(args.cap_density, data.n_items).cap)
+    index = item_code_index(scores, ExportRule.top(args.cap_density, data.n_items).cap, keep=args.keep)
     del scores
     codes = history_codes(data.train, data.n_users, data.n_items, seed=args.seed)
     metrics = evaluate_engine(Engine(index), codes, data)
@@ -255,7 +258,8 @@ def cmd_item_codes(args: argparse.Namespace) -> int:
         np.save(file, codes)
     (args.out / "queries.npy.tmp").replace(args.out / "queries.npy")
     report = {"dataset": data.name, "model": "item_codes", "device": device, "fit_seconds": fit_seconds,
-              "l2": ridge(data.train, data.n_items, args.l2), "tokens": int(codes.shape[1]), "metrics": metrics}
+              "l2": ridge(data.train, data.n_items, args.l2), "keep": args.keep, "tokens": int(codes.shape[1]),
+              "metrics": metrics}
     (args.out / "metrics.json.tmp").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / "metrics.json.tmp").replace(args.out / "metrics.json")
     print(f"item-codes: {index.n_codes:,} codes x {index.n_items:,} items, fit {fit_seconds:.1f} s, density "

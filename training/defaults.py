@@ -28,6 +28,8 @@ HISTORY = 100  # history items per query (on Gowalla 91% of training interaction
 COMMITMENT = 0.0  # the quantizer's commitment loss: it collapses batch-normalised tokens
 INDEX_DENSITY = 0.01  # the export rule to use: each code keeps its top 1% of the items (sparcode export --cap-density)
 ITEM_CODES_L2 = 10.0  # item codes: l2 = this x the mean item's training interactions (docs/accuracy.md)
+ITEM_CODES_KEEP = "magnitude"  # item codes: each code keeps its largest scores by magnitude, or "positive" ones
+ITEM_CODES_KEEPS = ("magnitude", "positive")  # the choices of ITEM_CODES_KEEP
 CPU_TIME_BUDGET = 1800.0  # seconds per model; training stops after the epoch that crosses it
 
 # model
