@@ -187,7 +187,7 @@ class TwoTower(nn.Module):
     The history is pooled from the item tower's own id table (one table, as in SimpleX)
     through one linear map, with history dropout in training: on Gowalla (2 CPU cores,
     in-batch negatives) the default (128 dimensions, rate 2e-3) reaches test Recall@20
-    0.1734 in 14 epochs (1,247 s; bench/results/accuracy-gowalla.json); at 64 dimensions
+    0.1736 in 20 epochs (1,103 s; bench/results/accuracy-gowalla.json); at 64 dimensions
     it levels off at ~0.165 (docs/accuracy.md). Items with features pass id + feature embeddings through an MLP
     (dim-256-dim), which can cross them; an id alone goes straight in, as an MLP over
     a free table only reparametrises it (on the synthetic data, with features, dropping
