@@ -10,6 +10,7 @@ from collections.abc import Callable
 import torch
 
 from sparcode.engine import CodeIndex
+from sparcode.engine.bags import Bags
 from sparcode.engine.dense import dense_rows
 from sparcode.engine.selection import score_floor
 from sparcode.kernels import candidate_search, dense_search, tiled_search
@@ -30,28 +31,30 @@ def breakdown(index: CodeIndex, codes: torch.Tensor, k: int, regime: str, *, til
               repeats: int = 3) -> dict[str, float]:
     """Median seconds of each phase of one search of ``codes`` in ``regime``."""
     device = index.device.type
+    bags = Bags.dense(codes)
+    flat = (bags.codes, bags.offsets, None)
     ex_offsets = torch.zeros(codes.shape[0] + 1, dtype=torch.int64, device=index.device)
     ex_items = torch.zeros(1, dtype=torch.int64, device=index.device)
     phases: dict[str, list[float]] = {"rest": [], "kernel": [], "selection": []}
     for _ in range(repeats + 1):  # the first run compiles and builds derived layouts
         if regime == "candidate":
-            (offsets, floor), rest = _timed(lambda: (candidate_search.query_offsets(index.indptr, codes), score_floor(
-                index, codes, torch.full((codes.shape[0],), k, device=index.device))), device)
+            (offsets, floor), rest = _timed(lambda: (candidate_search.query_offsets(index.indptr, *flat[:2]), score_floor(
+                index, bags, torch.full((codes.shape[0],), k, device=index.device))), device)
             skip = index.derived(("skip_table", candidate_search.SKIP_SHIFT),
                                  lambda ix: candidate_search.skip_table(ix.indptr, ix.items, ix.n_items))
             found, kernel = _timed(lambda o=offsets, f=floor, s=skip: candidate_search.candidate_survivors(
-                index.indptr, index.items, index.scores, codes, ex_offsets, ex_items, o, f, skip=s), device)
+                index.indptr, index.items, index.scores, *flat, ex_offsets, ex_items, o, f, skip=s), device)
             _, selection = _timed(lambda o=found[0], kk=found[1]: select_survivors(o, kk, codes.shape[0], k), device)
         elif regime == "tiled":
             rest = 0.0
-            keys, kernel = _timed(lambda: tiled_search.tiled_keys(index.indptr, index.items, index.scores, codes, ex_offsets,
-                                                                  ex_items, index.n_items, k, block_n=tile_items), device)
+            keys, kernel = _timed(lambda: tiled_search.tiled_keys(index.indptr, index.items, index.scores, *flat,
+                                                                  ex_offsets, ex_items, index.n_items, k, block_n=tile_items), device)
             _, selection = _timed(lambda kk=keys: select_keys(kk, k), device)
         elif regime == "dense":
             rows = dense_rows(index, index.scores.dtype)
-            floor, rest = _timed(lambda: score_floor(index, codes, torch.full((codes.shape[0],), k, device=index.device)),
+            floor, rest = _timed(lambda: score_floor(index, bags, torch.full((codes.shape[0],), k, device=index.device)),
                                  device)
-            found, kernel = _timed(lambda f=floor: dense_search.dense_keys(rows, codes, f, block_n=tile_items), device)
+            found, kernel = _timed(lambda f=floor: dense_search.dense_keys(rows, *flat, f, block_n=tile_items), device)
             _, selection = _timed(lambda o=found[0], kk=found[1]: select_survivors(o, kk, codes.shape[0], k), device)
         else:
             raise ValueError(f"regime: expected candidate, tiled or dense, got {regime!r}")

@@ -11,7 +11,8 @@ from typing import Any, NamedTuple, Protocol
 import numpy as np
 import torch
 
-from .arrays import from_torch, to_torch
+from .arrays import Kind, from_torch, to_torch
+from .bags import Bags, to_bags
 from .exclude import normalize_exclude
 from .index import CodeIndex
 from .plan import Plan, chunks
@@ -33,15 +34,16 @@ class SearchResult(NamedTuple):
 class Backend(Protocol):
     name: str
 
-    def plan(self, index: CodeIndex, codes: torch.Tensor, k: int) -> Plan: ...
+    def plan(self, index: CodeIndex, bags: Bags, k: int) -> Plan: ...
 
     def search(
-        self, index: CodeIndex, codes: torch.Tensor, k: int, exclude: Exclusion, regime: str
+        self, index: CodeIndex, bags: Bags, k: int, exclude: Exclusion, regime: str
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 class Engine:
-    """Search an index with query codes (B x T) or, with an encoder, raw query features.
+    """Search an index with bags of query codes ((B, T), or ragged with offsets and
+    weights) or, with an encoder, raw query features.
 
     ``encoder`` maps a float (B, F) tensor on the index's device to (B, T) integer codes.
     ``workspace_bytes`` bounds the scratch memory of one step; bigger batches are split.
@@ -90,24 +92,28 @@ class Engine:
         return cls(index, load_encoder(Path(path), device=index.device), backend=backend, workspace_bytes=workspace_bytes,
                    dense_bytes=dense_bytes)
 
-    def search(self, batch: Any, k: int = 100, exclude: Any = None) -> SearchResult:
-        """Top-k items per query. ``batch``: (B, T) integer codes or, with an encoder,
-        (B, F) float features; torch, numpy or cupy, and the result comes back as the
-        same kind. ``exclude``: CSR ``(offsets, items)`` or a list of B per-query arrays
-        of (external) item ids to leave out."""
+    def search(self, batch: Any, k: int = 100, exclude: Any = None, *, offsets: Any = None,
+               weights: Any = None) -> SearchResult:
+        """Top-k items per query. ``batch``: (B, T) integer codes; or flat codes with
+        ``offsets`` (B + 1, from 0 to the number of codes; bags may be empty); or a
+        ``torch.nested`` jagged tensor of codes; or, with an encoder, (B, F) float features.
+        ``weights``: one float per code (the codes' shape), 1 when None. torch, numpy or
+        cupy, and the result comes back as the same kind. ``exclude``: CSR
+        ``(offsets, items)`` or a list of B per-query arrays of (external) item ids."""
         if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
             raise ValueError(f"k: expected an integer >= 1, got {k!r}")
         k = int(k)
-        codes, kind = self._codes(batch)
-        n_queries = codes.shape[0]
+        bags, kind = self._bags(batch, offsets, weights)
+        n_queries = bags.n_queries
         device = self.index.device
         excl = normalize_exclude(exclude, n_queries, self.index.n_items, device, self.index.item_ids)
-        scores = torch.empty((n_queries, k), dtype=torch.float32, device=device)
-        ids = torch.empty((n_queries, k), dtype=torch.int64, device=device)
-        plan = self.backend.plan(self.index, codes, k)
+        scores = torch.full((n_queries, k), float("-inf"), dtype=torch.float32, device=device)
+        ids = torch.full((n_queries, k), -1, dtype=torch.int64, device=device)
+        plan = self.backend.plan(self.index, bags, k)
         for start, stop in chunks(plan, self.workspace_bytes):
             sub = None if excl is None else _slice_csr(excl, start, stop)
-            scores[start:stop], ids[start:stop] = self.backend.search(self.index, codes[start:stop], k, sub, plan.regime)
+            scores[start:stop], ids[start:stop] = self.backend.search(self.index, bags.slice(start, stop), k, sub,
+                                                                      plan.regime)
         if self.index.item_ids is not None:
             ids = torch.where(ids >= 0, self.index.item_ids[ids.clamp(min=0)], ids)
         return SearchResult(from_torch(scores, kind), from_torch(ids, kind))
@@ -117,37 +123,26 @@ class Engine:
         t, _ = to_torch(features, "batch")
         return self._encode(t)
 
-    def _codes(self, batch: Any) -> tuple[torch.Tensor, str]:
-        t, kind = to_torch(batch, "batch")
-        device = self.index.device
-        if kind == "numpy":
-            t = t.to(device)
-        elif t.device != device:
-            raise ValueError(f"batch: is on {t.device} but the index is on {device}; move one of them")
-        if t.dim() != 2:
-            raise ValueError(f"batch: expected shape (B, T) or (B, F), got {tuple(t.shape)}")
-        if t.dtype.is_floating_point:
-            return self._encode(t), kind
-        if t.dtype == torch.bool or t.dtype.is_complex:
-            raise TypeError(f"batch: expected integer codes, got {t.dtype}")
-        n_tokens = self.index.n_tokens
-        if n_tokens is not None and t.shape[1] != n_tokens:
-            raise ValueError(f"batch: expected T = {n_tokens} codes per query, got {t.shape[1]}")
-        if t.shape[1] < 1:
-            raise ValueError("batch: needs at least one code per query")
-        codes = t.to(torch.int64)
-        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.index.n_codes):
-            bad = int(codes.min()) if int(codes.min()) < 0 else int(codes.max())
-            raise ValueError(f"batch: code {bad} is outside [0, {self.index.n_codes})")
-        return codes, kind
+    def _bags(self, batch: Any, offsets: Any, weights: Any) -> tuple[Bags, Kind]:
+        index = self.index
+        if offsets is None and not (isinstance(batch, torch.Tensor) and batch.is_nested):
+            t, kind = to_torch(batch, "batch")
+            if t.dtype.is_floating_point:
+                if t.dim() != 2:
+                    raise ValueError(f"batch: expected (B, F) features, got shape {tuple(t.shape)}")
+                return to_bags(self._encode(t), None, weights, index.n_codes, index.device)[0], kind
+            if t.dim() == 2 and index.n_tokens is not None and t.shape[1] != index.n_tokens:
+                raise ValueError(f"batch: expected T = {index.n_tokens} codes per query, got {t.shape[1]}")
+        return to_bags(batch, offsets, weights, index.n_codes, index.device)
 
     def _encode(self, features: torch.Tensor) -> torch.Tensor:
         if self.encoder is None:
             raise TypeError(f"batch: got {features.dtype} features but this engine has no encoder; pass integer codes (B, T)")
         if not bool(torch.isfinite(features).all()):
             raise ValueError("batch: features contain NaN or infinite values")
-        codes = self.encoder(features.to(self.index.device))
-        return self._codes(codes)[0]
+        if features.device != self.index.device and features.device.type != "cpu":
+            raise ValueError(f"batch: is on {features.device} but the index is on {self.index.device}; move one of them")
+        return self.encoder(features.to(self.index.device))
 
 
 def _slice_csr(csr: tuple[torch.Tensor, torch.Tensor], start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:

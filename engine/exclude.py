@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from .arrays import to_torch
+from .bags import check_offsets
 
 
 def normalize_exclude(
@@ -16,7 +17,8 @@ def normalize_exclude(
     device: torch.device,
     item_ids: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``exclude`` as CSR ``(offsets, items)`` or a list of per-query arrays ->
+    """``exclude`` as CSR ``(offsets, items)`` (offsets spelled as a batch's bags: B + 1,
+    from 0 to the number of items) or a list of per-query arrays ->
     ``(offsets (B+1) int64, items int64)`` with internal ids, sorted within each query.
 
     A tuple is CSR, a list is per-query. Ids are external when the index has
@@ -28,14 +30,10 @@ def normalize_exclude(
     if isinstance(exclude, tuple):
         if len(exclude) != 2:
             raise ValueError("exclude: a tuple must be CSR (offsets, items)")
-        offsets = _integer_1d(exclude[0], "exclude offsets", device)
         items = _integer_1d(exclude[1], "exclude items", device)
+        offsets = check_offsets(exclude[0], items.numel(), "exclude offsets", device)
         if offsets.numel() != n_queries + 1:
-            raise ValueError(f"exclude: offsets must have B + 1 = {n_queries + 1} entries, got {offsets.numel()}")
-        if n_queries >= 0 and (int(offsets[0]) != 0 or int(offsets[-1]) != items.numel()):
-            raise ValueError(f"exclude: offsets must run from 0 to len(items) = {items.numel()}")
-        if bool((offsets.diff() < 0).any()):
-            raise ValueError("exclude: offsets must be non-decreasing")
+            raise ValueError(f"exclude offsets: must have B + 1 = {n_queries + 1} entries, got {offsets.numel()}")
     elif isinstance(exclude, list):
         if len(exclude) != n_queries:
             raise ValueError(f"exclude: expected one item list per query ({n_queries}), got {len(exclude)}")

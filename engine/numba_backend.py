@@ -1,8 +1,8 @@
 """The CPU backend: per-query accumulation compiled with numba, queries in parallel.
 
 Each worker owns a dense float32 accumulator over items (N x 4 bytes, NaN = not yet
-touched), reused for every query it handles. For one query it adds its T posting lists in token
-order (so sums match the other backends bit for bit), remembers the touched items,
+touched), reused for every query it handles. For one query it adds its bag's posting lists in bag
+order, each score times the code's weight (so sums match the other backends bit for bit), remembers the touched items,
 drops excluded ones and those under the query's score floor (``score_floor``: they
 cannot reach the top k), packs the survivors into int64 keys (``sparcode.kernels.keys``) and
 keeps the k largest with a partition and a sort; then it clears only the touched
@@ -27,6 +27,7 @@ from numba.extending import overload
 
 from sparcode.kernels.keys import EMPTY_KEY, ITEM_BIAS, MAGNITUDE_MASK, SCORE_SHIFT, unpack_keys
 
+from .bags import Bags
 from .dense import dense_rows, fits
 from .index import CodeIndex
 from .plan import Plan
@@ -82,8 +83,9 @@ def _write_top(acc, ids, k, out_row):
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def _search(indptr, items, scores, table, codes, ex_offsets, ex_items, floor, n_items, k, n_workers, out):
-    n_queries, n_tokens = codes.shape
+def _search(indptr, items, scores, table, codes, offsets, weights, weighted, ex_offsets, ex_items, floor, n_items, k,
+            n_workers, out):
+    n_queries = offsets.size - 1
     per_worker = (n_queries + n_workers - 1) // n_workers
     for worker in numba.prange(n_workers):
         # NaN marks "no posting yet": one random access per posting, no separate flags
@@ -91,22 +93,26 @@ def _search(indptr, items, scores, table, codes, ex_offsets, ex_items, floor, n_
         touched = np.empty(16, dtype=np.int32)
         for q in range(worker * per_worker, min(n_queries, (worker + 1) * per_worker)):
             need = 0
-            for t in range(n_tokens):
-                need += indptr[codes[q, t] + 1] - indptr[codes[q, t]]
+            for t in range(offsets[q], offsets[q + 1]):
+                need += indptr[codes[t] + 1] - indptr[codes[t]]
             if need > touched.size:
                 touched = np.empty(max(need, 2 * touched.size), dtype=np.int32)
             n_touched = 0
-            for t in range(n_tokens):
-                code = codes[q, t]
+            for t in range(offsets[q], offsets[q + 1]):
+                code = codes[t]
+                w = weights[t] if weighted else np.float32(1.0)
                 for p in range(indptr[code], indptr[code + 1]):
                     item = items[p]
+                    value = _score(scores, table, p)
+                    if weighted:
+                        value = w * value
                     current = acc[item]
                     if current != current:
-                        acc[item] = _score(scores, table, p)
+                        acc[item] = value
                         touched[n_touched] = item
                         n_touched += 1
                     else:
-                        acc[item] = current + _score(scores, table, p)
+                        acc[item] = current + value
             for p in range(ex_offsets[q], ex_offsets[q + 1]):
                 acc[ex_items[p]] = np.nan
             ids = np.empty(n_touched, dtype=np.int64)
@@ -122,21 +128,22 @@ def _search(indptr, items, scores, table, codes, ex_offsets, ex_items, floor, n_
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def _search_dense(rows, positive, codes, ex_offsets, ex_items, floor, k, n_workers, out):
-    """One query at a time: its T dense rows summed in token order over all items, then
-    one scan keeps the items at or above its score floor. With ``positive`` (every stored
-    score > 0) absent pairs are 0 and a sum is a candidate iff it is > 0 (0 + s = s and
-    s + 0 = s exactly, so token order holds); otherwise absent pairs are NaN."""
-    n_queries, n_tokens = codes.shape
+def _search_dense(rows, positive, codes, offsets, weights, weighted, ex_offsets, ex_items, floor, k, n_workers, out):
+    """One query at a time: its dense rows summed in bag order over all items, then one
+    scan keeps the items at or above its score floor. With ``positive`` (every stored
+    score > 0, no weights) absent pairs are 0 and a sum is a candidate iff it is > 0
+    (0 + s = s and s + 0 = s exactly, so bag order holds); otherwise absent pairs are NaN."""
+    n_queries = offsets.size - 1
     n_items = rows.shape[1]
     per_worker = (n_queries + n_workers - 1) // n_workers
     for worker in numba.prange(n_workers):
         acc = np.empty(n_items, dtype=np.float32)
         ids = np.empty(n_items, dtype=np.int64)
         for q in range(worker * per_worker, min(n_queries, (worker + 1) * per_worker)):
-            acc[:] = rows[codes[q, 0]]
-            for t in range(1, n_tokens):
-                row = rows[codes[q, t]]
+            acc[:] = np.float32(0.0) if positive else np.float32(np.nan)
+            for t in range(offsets[q], offsets[q + 1]):
+                row = rows[codes[t]]
+                w = weights[t] if weighted else np.float32(1.0)
                 if positive:
                     for j in range(n_items):
                         acc[j] += row[j]
@@ -144,6 +151,8 @@ def _search_dense(rows, positive, codes, ex_offsets, ex_items, floor, k, n_worke
                     for j in range(n_items):  # NaN: absent so far / absent from this list
                         a = acc[j]
                         v = row[j]
+                        if weighted:
+                            v = w * v
                         acc[j] = v if a != a else (a if v != v else a + v)
             for p in range(ex_offsets[q], ex_offsets[q + 1]):
                 acc[ex_items[p]] = np.nan
@@ -167,7 +176,7 @@ DENSE_ITEM_COST = 1.0
 SCAN_COST = 1.0
 
 
-def choose_regime(n_items: int, n_tokens: int, mean_postings: float) -> str:
+def choose_regime(n_items: int, n_tokens: float, mean_postings: float) -> str:
     """"cpu-dense" when summing T dense rows costs less than visiting the postings."""
     dense = n_items * (n_tokens * DENSE_ITEM_COST + SCAN_COST)
     return "cpu-dense" if dense < mean_postings * POSTING_COST else "cpu-accumulate"
@@ -189,12 +198,13 @@ class NumbaBackend:
             raise ValueError(f"regime: expected one of {self.REGIMES}, got {regime!r}")
         self.dense_bytes, self.regime = dense_bytes, regime
 
-    def plan(self, index: CodeIndex, codes: torch.Tensor, k: int) -> Plan:
-        postings = index.lengths[codes].sum(1).cpu().numpy()
+    def plan(self, index: CodeIndex, bags: Bags, k: int) -> Plan:
+        postings = bags.postings(index.lengths).cpu().numpy()
         regime = self.regime
         if regime == "auto":
             mean = float(postings.mean()) if postings.size else 0.0
-            regime = choose_regime(index.n_items, codes.shape[1], mean)
+            tokens = float(bags.codes.numel()) / max(1, bags.n_queries)
+            regime = choose_regime(index.n_items, tokens, mean)
             if regime == "cpu-dense" and not fits(index, torch.float32, self.dense_bytes):
                 regime = "cpu-accumulate"
         if regime == "cpu-dense":  # the rows are shared; per query only the (B, k) keys
@@ -203,26 +213,29 @@ class NumbaBackend:
         return Plan(24 * postings + 16 * k, regime=regime)
 
     def search(
-        self, index: CodeIndex, codes: torch.Tensor, k: int, exclude: Exclusion, regime: str = "cpu-accumulate"
+        self, index: CodeIndex, bags: Bags, k: int, exclude: Exclusion, regime: str = "cpu-accumulate"
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if index.device.type != "cpu":
             raise ValueError("backend: 'numba' runs on CPU indexes only")
-        n_queries = codes.shape[0]
+        n_queries = bags.n_queries
         if exclude is None:
             ex_offsets, ex_items = np.zeros(n_queries + 1, dtype=np.int64), np.zeros(0, dtype=np.int64)
         else:
             ex_offsets, ex_items = exclude[0].numpy(), exclude[1].numpy()
-        floor = score_floor(index, codes, k + torch.from_numpy(np.diff(ex_offsets))).numpy()
+        floor = score_floor(index, bags, k + torch.from_numpy(np.diff(ex_offsets))).numpy()
         out = np.empty((n_queries, k), dtype=np.int64)
+        codes, offsets = bags.codes.numpy(), bags.offsets.numpy()
+        weighted = bags.weights is not None
+        weights = bags.weights.numpy() if weighted else np.ones(1, dtype=np.float32)
         if n_queries:
             workers = min(numba.get_num_threads(), n_queries)
             if regime == "cpu-dense":
-                positive = all_positive(index)
+                positive = all_positive(index) and not weighted
                 rows = dense_rows(index, torch.float32, absent=0.0 if positive else float("nan")).numpy()
-                _search_dense(rows, positive, codes.numpy(), ex_offsets, ex_items, floor, k, workers, out)
+                _search_dense(rows, positive, codes, offsets, weights, weighted, ex_offsets, ex_items, floor, k,
+                              workers, out)
             else:
                 scores, table = _scores_and_table(index)
-                _search(index.indptr.numpy(), index.items.numpy(), scores, table, codes.numpy(), ex_offsets, ex_items,
-                        floor, index.n_items, k, workers, out)
+                _search(index.indptr.numpy(), index.items.numpy(), scores, table, codes, offsets, weights, weighted,
+                        ex_offsets, ex_items, floor, index.n_items, k, workers, out)
         return unpack_keys(torch.from_numpy(out))
-

@@ -7,6 +7,7 @@ import torch
 
 from sparcode.kernels.keys import ITEM_BIAS, ITEM_MASK, SCORE_SHIFT, ordered_to_score, score_to_ordered
 
+from .bags import Bags
 from .index import CodeIndex
 
 Exclusion = tuple[torch.Tensor, torch.Tensor] | None
@@ -36,24 +37,31 @@ def descending_scores(index: CodeIndex) -> torch.Tensor:
     return out
 
 
-def score_floor(index: CodeIndex, codes: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
+def score_floor(index: CodeIndex, bags: Bags, rank: torch.Tensor) -> torch.Tensor:
     """A lower bound on each query's ``rank``-th best summed score (-inf when unknown).
 
-    With only positive stored scores, an item's sum is at least its score in any one of
-    the query's lists (float32 rounding is monotone), so the ``rank``-th best score of
-    the longest useful list bounds the ``rank``-th best sum from below. Candidates
-    under the bound cannot reach the top k; ``rank`` counts the query's excluded items
-    too, since they may be among that list's best.
+    With only positive stored scores and no negative weight, an item's sum is at least
+    its weighted score in any one of the query's lists (each term is >= 0 and float32
+    rounding is monotone), so the ``rank``-th best weighted score of the query's best
+    list bounds the ``rank``-th best sum from below. Candidates under the bound cannot
+    reach the top k; ``rank`` counts the query's excluded items too, since they may be
+    among that list's best. A query with a negative weight gets -inf. Cost: one lookup
+    per code of the batch.
     """
-    floor = torch.full((codes.shape[0],), float("-inf"), device=codes.device)
-    if index.nnz == 0 or not all_positive(index):
+    n_queries = bags.n_queries
+    floor = torch.full((n_queries,), float("-inf"), device=bags.codes.device)
+    if index.nnz == 0 or bags.codes.numel() == 0 or not all_positive(index):
         return floor
     desc = index.derived("descending_scores", descending_scores)
-    rank = rank.unsqueeze(1)
-    present = index.lengths[codes] >= rank
-    at = (index.indptr[codes] + rank - 1).clamp(max=index.nnz - 1)
-    bounds = torch.where(present, desc[at].float(), float("-inf"))
-    return torch.maximum(floor, bounds.max(dim=1).values)
+    rank = rank.to(torch.int64)[bags.query_of()]
+    present = index.lengths[bags.codes] >= rank
+    at = (index.indptr[bags.codes] + rank - 1).clamp(max=index.nnz - 1)
+    bounds = desc[at].float()
+    if bags.weights is not None:
+        bounds = bags.weights * bounds
+    bounds = torch.where(present, bounds, float("-inf"))
+    floor = floor.scatter_reduce(0, bags.query_of(), bounds, reduce="amax")
+    return torch.where(bags.nonnegative_weights(), floor, float("-inf"))
 
 
 def all_positive(index: CodeIndex) -> bool:

@@ -15,6 +15,7 @@ from sparcode.kernels.candidate_search import SKIP_SHIFT, SkipTable, candidate_s
 from sparcode.kernels.dense_search import dense_search
 from sparcode.kernels.tiled_search import tiled_search
 
+from .bags import Bags
 from .dense import dense_rows, fits
 from .index import CodeIndex
 from .plan import Plan
@@ -26,21 +27,24 @@ SECTOR_BYTES = 32  # one L2 sector: what a scattered load costs in traffic
 SURVIVOR_BYTES = 32  # a dense-regime survivor: its key and owner, and their grouped copies
 
 
-def choose_regime(n_items: int, n_tokens: int, mean_postings: float, longest: int, tile_items: int = TILE_ITEMS,
+def choose_regime(n_items: int, n_tokens: float, mean_postings: float, longest: int, tile_items: int = TILE_ITEMS,
                   dense_fits: bool = False, score_bytes: int = 2) -> str:
     """Pick the cheapest regime from a count of memory operations (sectors) per query.
 
     candidate: every posting binary-searches its superblock segment of all T lists
     (T x log2 of the longest segment, ``longest``) and, if it reaches the floor, is
     written once as a key. tiled: every posting is a read-modify-write of the scratch
-    row, and every item slot costs an init, a read-back and its share of the on-chip
-    sort. dense (only when the rows fit their budget): T coalesced rows of N scores. The
+    row, every item slot costs an init, a read-back and its share of the on-chip sort,
+    and every (code, item block) two binary searches of the code's whole list. dense
+    (only when the rows fit their budget): T coalesced rows of N scores. T is the
+    batch's mean bag length (``n_tokens``). The
     constants are counted from the kernels' loops, not yet fitted to GPU measurements
     (docs/performance.md).
     """
     steps = max(1, longest.bit_length())
     costs = {"candidate": mean_postings * (n_tokens * steps + 2),
-             "tiled": mean_postings * 3 + n_items * (3 + math.log2(tile_items) / 2)}
+             "tiled": mean_postings * 3 + n_items * (3 + math.log2(tile_items) / 2)
+             + n_tokens * -(-n_items // tile_items) * 2 * steps}
     if dense_fits:
         costs["dense"] = n_tokens * n_items * score_bytes / SECTOR_BYTES
     return min(costs, key=costs.get)
@@ -69,14 +73,15 @@ class TritonBackend:
         self.dense_bytes = dense_bytes
         self.workspace_bytes = workspace_bytes
 
-    def plan(self, index: CodeIndex, codes: torch.Tensor, k: int) -> Plan:
-        postings = index.lengths[codes].sum(1).cpu().numpy() if codes.shape[0] else np.zeros(0, np.int64)
+    def plan(self, index: CodeIndex, bags: Bags, k: int) -> Plan:
+        postings = bags.postings(index.lengths).cpu().numpy()
         regime = self.regime
         if regime == "auto":
             mean = float(postings.mean()) if postings.size else 0.0
+            tokens = float(bags.codes.numel()) / max(1, bags.n_queries)
             dense_ok = fits(index, index.scores.dtype, self.dense_bytes)
             searched = (1 << _skip(index).steps) - 1  # the longest segment a candidate search covers
-            regime = choose_regime(index.n_items, codes.shape[1], mean, searched, self.tile_items,
+            regime = choose_regime(index.n_items, tokens, mean, searched, self.tile_items,
                                    dense_ok, index.scores.element_size())
         if regime == "dense":  # survivors of the floor (keys and owners, sorted twice), the (B, k) keys
             return Plan(np.full(postings.shape, 64 * (64 + k) + 16 * k), regime=regime)
@@ -88,21 +93,24 @@ class TritonBackend:
         return Plan(np.full(postings.shape, 16 * blocks * min(k, self.tile_items) + 16 * k), regime=regime)
 
     def search(
-        self, index: CodeIndex, codes: torch.Tensor, k: int, exclude: Exclusion, regime: str
+        self, index: CodeIndex, bags: Bags, k: int, exclude: Exclusion, regime: str
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        device = bags.codes.device
         if exclude is None:
-            ex_offsets = torch.zeros(codes.shape[0] + 1, dtype=torch.int64, device=codes.device)
-            ex_items = torch.zeros(1, dtype=torch.int64, device=codes.device)
+            ex_offsets = torch.zeros(bags.n_queries + 1, dtype=torch.int64, device=device)
+            ex_items = torch.zeros(1, dtype=torch.int64, device=device)
         else:
             ex_offsets, ex_items = exclude
             if ex_items.numel() == 0:  # kernels need a real pointer; nothing is read from it
-                ex_items = torch.zeros(1, dtype=torch.int64, device=codes.device)
-        args = (index.indptr, index.items, index.scores, codes, ex_offsets, ex_items, k)
+                ex_items = torch.zeros(1, dtype=torch.int64, device=device)
+        codes = bags.codes if bags.codes.numel() else torch.zeros(1, dtype=torch.int64, device=device)
+        weights = bags.weights if bags.weights is None or bags.weights.numel() else None
         if regime == "dense":
-            floor = score_floor(index, codes, k + ex_offsets.diff())
+            floor = score_floor(index, bags, k + ex_offsets.diff())
             limit = None if self.workspace_bytes is None else max(1, self.workspace_bytes // SURVIVOR_BYTES)
-            return dense_search(dense_rows(index, index.scores.dtype), codes, floor, ex_offsets, ex_items, k,
-                                block_n=self.tile_items, max_survivors=limit)
+            return dense_search(dense_rows(index, index.scores.dtype), codes, bags.offsets, weights, floor, ex_offsets,
+                                ex_items, k, block_n=self.tile_items, max_survivors=limit)
+        args = (index.indptr, index.items, index.scores, codes, bags.offsets, weights, ex_offsets, ex_items, k)
         if regime == "candidate":
-            return candidate_search(*args, floor=score_floor(index, codes, k + ex_offsets.diff()), skip=_skip(index))
+            return candidate_search(*args, floor=score_floor(index, bags, k + ex_offsets.diff()), skip=_skip(index))
         return tiled_search(*args, index.n_items, block_n=self.tile_items)

@@ -54,15 +54,15 @@ def search_steps(longest: int) -> int:
 
 def packed_launch(launch: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], None], capacity: int,
                   device: torch.device, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run a kernel that packs (owner, key) survivors behind an atomic counter:
-    ``launch(keys, owners, counter, capacity)``. A launch that finds more than ``capacity``
+    """Run a kernel that packs (owner, key) survivors behind an int64 atomic counter:
+    ``launch(keys, owners, counter, capacity)`` (the kernel counts and places in int64 too). A launch that finds more than ``capacity``
     still counts them all, so a second launch with that capacity fits exactly, unless
     that is over ``limit`` (which also caps the first capacity): then it raises
     ``SurvivorOverflow`` instead of allocating.
     Returns (owners, keys) grouped by owner, best first (``keys.group_survivors``)."""
     from .keys import SurvivorOverflow, group_survivors
 
-    counter = torch.zeros(1, dtype=torch.int32, device=device)
+    counter = torch.zeros(1, dtype=torch.int64, device=device)  # int64: positions never wrap
     capacity = capacity if limit is None else min(capacity, limit)
     while True:
         keys = torch.empty(max(1, capacity), dtype=torch.int64, device=device)

@@ -1,7 +1,8 @@
 """Plain torch references for every kernel op, with the same signatures.
 
-They build a dense float32 accumulator per query (fine for a reference, never for the
-kernels) in token order, so sums are bit-identical to the kernels' and the key
+They take the queries as bags (flat ``codes``, ``bag_offsets`` (B+1), optional float32
+``weights``) and build a dense float32 accumulator per query (fine for a reference, never
+for the kernels) in bag order, so sums are bit-identical to the kernels' and the key
 matrices can be compared with ``torch.equal``.
 """
 
@@ -12,16 +13,27 @@ import torch
 from .keys import EMPTY_KEY, ITEM_BIAS, ITEM_MASK, SurvivorOverflow, pack_keys, select_keys, unpack_keys
 
 
-def _query_sums(indptr, items, scores, codes_row, n_items):
-    """Dense sums in token order, presence, and the first token holding each item."""
+def _bag(codes, bag_offsets, weights, q):
+    """Query q's codes and weights (1 without weights) as Python lists."""
+    lo, hi = int(bag_offsets[q]), int(bag_offsets[q + 1])
+    bag = codes[lo:hi].tolist()
+    return bag, [1.0] * len(bag) if weights is None else weights[lo:hi].tolist()
+
+
+def _query_sums(indptr, items, scores, codes, bag_offsets, weights, q, n_items):
+    """Query q's dense sums in bag order (each score times its code's weight), presence,
+    and the first code holding each item."""
     total = torch.zeros(n_items, dtype=torch.float32, device=items.device)
     present = torch.zeros(n_items, dtype=torch.bool, device=items.device)
     first = torch.full((n_items,), -1, dtype=torch.int64, device=items.device)
     lists = []
-    for t, code in enumerate(codes_row.tolist()):
+    for t, (code, weight) in enumerate(zip(*_bag(codes, bag_offsets, weights, q))):
         lo, hi = int(indptr[code]), int(indptr[code + 1])
         its = items[lo:hi].to(torch.int64)
-        total[its] += scores[lo:hi].to(torch.float32)
+        value = scores[lo:hi].to(torch.float32)
+        if weights is not None:
+            value = torch.tensor(weight, dtype=torch.float32) * value
+        total[its] += value
         fresh = its[first[its] < 0]
         first[fresh] = t
         present[its] = True
@@ -29,12 +41,13 @@ def _query_sums(indptr, items, scores, codes_row, n_items):
     return total, present, first, lists
 
 
-def candidate_keys(indptr, items, scores, codes, ex_offsets, ex_items, offsets, *, block=128, skip=None):
+def candidate_keys(indptr, items, scores, codes, bag_offsets, weights, ex_offsets, ex_items, offsets, *, block=128,
+                   skip=None):
     """Reference for ``candidate_search.candidate_keys``."""
     n_items = int(items.max()) + 1 if items.numel() else 1
     out = torch.full((int(offsets[-1]),), EMPTY_KEY, dtype=torch.int64, device=codes.device)
-    for q in range(codes.shape[0]):
-        total, _, first, lists = _query_sums(indptr, items, scores, codes[q], n_items)
+    for q in range(bag_offsets.numel() - 1):
+        total, _, first, lists = _query_sums(indptr, items, scores, codes, bag_offsets, weights, q, n_items)
         excluded = set(ex_items[int(ex_offsets[q]) : int(ex_offsets[q + 1])].tolist())
         pos = int(offsets[q])
         for t, its in lists:
@@ -46,30 +59,32 @@ def candidate_keys(indptr, items, scores, codes, ex_offsets, ex_items, offsets, 
     return out
 
 
-def query_offsets(indptr, codes):
+def query_offsets(indptr, codes, bag_offsets):
     """Reference for ``candidate_search.query_offsets``."""
-    lengths = [sum(int(indptr[c + 1] - indptr[c]) for c in row) for row in codes.tolist()]
+    lengths = [sum(int(indptr[c + 1] - indptr[c]) for c in _bag(codes, bag_offsets, None, q)[0])
+               for q in range(bag_offsets.numel() - 1)]
     return torch.tensor([0] + lengths, dtype=torch.int64, device=codes.device).cumsum(0)
 
 
-def candidate_survivors(indptr, items, scores, codes, ex_offsets, ex_items, offsets, floor, *, block=128, capacity=None,
-                        skip=None):
+def candidate_survivors(indptr, items, scores, codes, bag_offsets, weights, ex_offsets, ex_items, offsets, floor, *,
+                        block=128, capacity=None, skip=None):
     """Reference for ``candidate_search.candidate_survivors``."""
-    keys = candidate_keys(indptr, items, scores, codes, ex_offsets, ex_items, offsets)
+    keys = candidate_keys(indptr, items, scores, codes, bag_offsets, weights, ex_offsets, ex_items, offsets)
     per_query = []
-    for q in range(codes.shape[0]):
+    for q in range(bag_offsets.numel() - 1):
         mine = keys[int(offsets[q]) : int(offsets[q + 1])]
         per_query.append(mine[(mine != EMPTY_KEY) & (unpack_keys(mine)[0] >= floor[q])])
     return _grouped(per_query, codes.device)
 
 
-def candidate_search(indptr, items, scores, codes, ex_offsets, ex_items, k, floor=None, skip=None):
+def candidate_search(indptr, items, scores, codes, bag_offsets, weights, ex_offsets, ex_items, k, floor=None, skip=None):
     """Reference for ``candidate_search.candidate_search``: a dense per-query sort (a valid
     ``floor`` and the ``skip`` table change nothing, so they are ignored)."""
     n_items = int(items.max()) + 1 if items.numel() else 1
-    out = torch.full((codes.shape[0], k), EMPTY_KEY, dtype=torch.int64, device=codes.device)
-    for q in range(codes.shape[0]):
-        total, present, _, _ = _query_sums(indptr, items, scores, codes[q], n_items)
+    n_queries = bag_offsets.numel() - 1
+    out = torch.full((n_queries, k), EMPTY_KEY, dtype=torch.int64, device=codes.device)
+    for q in range(n_queries):
+        total, present, _, _ = _query_sums(indptr, items, scores, codes, bag_offsets, weights, q, n_items)
         excluded = ex_items[int(ex_offsets[q]) : int(ex_offsets[q + 1])]
         present[excluded[excluded < n_items]] = False
         ids = torch.nonzero(present).squeeze(1)
@@ -78,14 +93,15 @@ def candidate_search(indptr, items, scores, codes, ex_offsets, ex_items, k, floo
     return unpack_keys(out)
 
 
-def tiled_keys(indptr, items, scores, codes, ex_offsets, ex_items, n_items, kb, *, block_n=1024, chunk=128, n_programs=None):
+def tiled_keys(indptr, items, scores, codes, bag_offsets, weights, ex_offsets, ex_items, n_items, kb, *, block_n=1024,
+               chunk=128, n_programs=None):
     """Reference for ``tiled_search.tiled_keys``."""
-    n_queries = codes.shape[0]
+    n_queries = bag_offsets.numel() - 1
     n_blocks = -(-n_items // block_n)
     kb = min(kb, block_n)
     out = torch.empty((n_queries, n_blocks * kb), dtype=torch.int64, device=codes.device)
     for q in range(n_queries):
-        total, present, _, _ = _query_sums(indptr, items, scores, codes[q], n_items)
+        total, present, _, _ = _query_sums(indptr, items, scores, codes, bag_offsets, weights, q, n_items)
         present[ex_items[int(ex_offsets[q]) : int(ex_offsets[q + 1])]] = False
         keys = torch.full((n_blocks * block_n,), EMPTY_KEY, dtype=torch.int64, device=codes.device)
         ids = torch.arange(n_items, device=codes.device)
@@ -95,18 +111,21 @@ def tiled_keys(indptr, items, scores, codes, ex_offsets, ex_items, n_items, kb, 
     return out
 
 
-def tiled_search(indptr, items, scores, codes, ex_offsets, ex_items, k, n_items, *, block_n=1024):
+def tiled_search(indptr, items, scores, codes, bag_offsets, weights, ex_offsets, ex_items, k, n_items, *, block_n=1024):
     """Reference for ``tiled_search.tiled_search``."""
-    return select_keys(tiled_keys(indptr, items, scores, codes, ex_offsets, ex_items, n_items, k, block_n=block_n), k)
+    return select_keys(tiled_keys(indptr, items, scores, codes, bag_offsets, weights, ex_offsets, ex_items, n_items, k,
+                                  block_n=block_n), k)
 
 
-def dense_keys(rows, codes, floor, *, block_n=1024, capacity=None, limit=None):
+def dense_keys(rows, codes, bag_offsets, weights, floor, *, block_n=1024, capacity=None, limit=None):
     """Reference for ``dense_search.dense_keys``."""
     per_query = []
-    for q in range(codes.shape[0]):
-        total = rows[codes[q, 0]].to(torch.float32)
-        for t in range(1, codes.shape[1]):
-            value = rows[codes[q, t]].to(torch.float32)
+    for q in range(bag_offsets.numel() - 1):
+        total = torch.full((rows.shape[1],), float("nan"), dtype=torch.float32, device=rows.device)
+        for code, weight in zip(*_bag(codes, bag_offsets, weights, q)):
+            value = rows[code].to(torch.float32)
+            if weights is not None:
+                value = torch.tensor(weight, dtype=torch.float32) * value
             total = torch.where(torch.isnan(total), value, torch.where(torch.isnan(value), total, total + value))
         ids = torch.nonzero(total >= floor[q]).squeeze(1)
         per_query.append(pack_keys(total[ids], ids))
@@ -126,12 +145,14 @@ def _grouped(per_query, device):
     return torch.cat(owners), torch.cat(keys)
 
 
-def dense_search(rows, codes, floor, ex_offsets, ex_items, k, *, block_n=1024, max_survivors=None):
+def dense_search(rows, codes, bag_offsets, weights, floor, ex_offsets, ex_items, k, *, block_n=1024,
+                 max_survivors=None):
     """Reference for ``dense_search.dense_search``: a dense per-query sort (one query at a
     time, so ``max_survivors`` changes nothing)."""
-    out = torch.full((codes.shape[0], k), EMPTY_KEY, dtype=torch.int64, device=codes.device)
-    owners, keys = dense_keys(rows, codes, floor)
-    for q in range(codes.shape[0]):
+    n_queries = bag_offsets.numel() - 1
+    out = torch.full((n_queries, k), EMPTY_KEY, dtype=torch.int64, device=codes.device)
+    owners, keys = dense_keys(rows, codes, bag_offsets, weights, floor)
+    for q in range(n_queries):
         mine = keys[owners == q]
         excluded = ex_items[int(ex_offsets[q]) : int(ex_offsets[q + 1])]
         ids = ITEM_BIAS - (mine & ITEM_MASK)

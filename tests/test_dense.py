@@ -7,6 +7,7 @@ import torch
 from helpers import csr_index, quantized_index
 from oracle import assert_same_results, dense_search
 
+from sparcode.engine.bags import Bags
 from sparcode.engine import Engine
 from sparcode.engine.dense import build_rows, dense_budget, rows_bytes
 from sparcode.engine.numba_backend import NumbaBackend, choose_regime
@@ -63,16 +64,16 @@ def test_dense_rows_respect_their_budget_and_fall_back():
     need = rows_bytes(index, torch.float32)
     assert need == 16 * 400 * 4
     small = engine(index, "auto", dense_bytes=need - 1)
-    assert small.backend.plan(index, codes, 10).regime == "cpu-accumulate"
+    assert small.backend.plan(index, Bags.dense(codes), 10).regime == "cpu-accumulate"
     small.search(codes, k=10)
     assert not any(isinstance(n, tuple) and n[0] == "dense_rows" for n in index.derived_names())  # nothing built
     big = engine(index, "auto", dense_bytes=need)
-    assert big.backend.plan(index, codes, 10).regime == "cpu-dense"
+    assert big.backend.plan(index, Bags.dense(codes), 10).regime == "cpu-dense"
     got = big.search(codes, k=10)
     assert any(isinstance(n, tuple) and n[0] == "dense_rows" for n in index.derived_names())
     assert index.nbytes >= need  # the rows count in the index's memory
     assert torch.equal(got.ids, small.search(codes, k=10).ids)
-    assert engine(index, "auto", dense_bytes=0).backend.plan(index, codes, 10).regime == "cpu-accumulate"
+    assert engine(index, "auto", dense_bytes=0).backend.plan(index, Bags.dense(codes), 10).regime == "cpu-accumulate"
     assert dense_budget(index, None) > 0 and dense_budget(index, 123) == 123
     with pytest.raises(ValueError, match="dense_bytes: expected an int >= 0"):
         Engine(index, backend="numba", dense_bytes=-1)

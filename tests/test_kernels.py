@@ -20,25 +20,34 @@ def exclusion(lists, device=DEVICE):
     return offsets.to(device), items.to(device)
 
 
+def as_bags(codes, weights=None):
+    """(flat codes, offsets, weights) of a (B, T) code matrix: the kernels' bag layout."""
+    n, t = codes.shape
+    offsets = torch.arange(n + 1, dtype=torch.int64, device=codes.device) * t
+    return codes.reshape(-1), offsets, None if weights is None else weights.reshape(-1)
+
+
 def sorted_concat(lists):
     return [i for x in lists for i in sorted(x)]
 
 
-def check_candidate(index, codes, ex, *, block=32):
-    offsets = cs.query_offsets(index.indptr, codes)
-    assert torch.equal(offsets, ref.query_offsets(index.indptr, codes))
-    args = (index.indptr, index.items, index.scores, codes, *ex, offsets)
+def check_candidate(index, bags, ex, *, block=32):
+    """``bags``: (flat codes, offsets, weights)."""
+    codes, bag_offsets, _ = bags
+    offsets = cs.query_offsets(index.indptr, codes, bag_offsets)
+    assert torch.equal(offsets, ref.query_offsets(index.indptr, codes, bag_offsets))
+    args = (index.indptr, index.items, index.scores, *bags, *ex, offsets)
     got = cs.candidate_keys(*args, block=block)
     assert torch.equal(got, ref.candidate_keys(*args)), "candidate keys differ from the reference"
     for shift in (0, 2, 5):  # superblocks of 1, 4 and 32 items: narrowed searches give the same keys
         skip = cs.skip_table(index.indptr, index.items, index.n_items, shift)
         assert torch.equal(cs.candidate_keys(*args, block=block, skip=skip), got)
-    want = ref.candidate_search(index.indptr, index.items, index.scores, codes, *ex, 9)
-    n = codes.shape[0]
+    want = ref.candidate_search(index.indptr, index.items, index.scores, *bags, *ex, 9)
+    n = bag_offsets.numel() - 1
     skip = cs.skip_table(index.indptr, index.items, index.n_items, 3)
     for floor in (None, torch.full((n,), float("-inf"), device=codes.device), survivor_floor(want[0], 8)):
         for table in (None, skip):
-            found = cs.candidate_search(index.indptr, index.items, index.scores, codes, *ex, 9, floor=floor, skip=table)
+            found = cs.candidate_search(index.indptr, index.items, index.scores, *bags, *ex, 9, floor=floor, skip=table)
             assert torch.equal(found[0], want[0]) and torch.equal(found[1], want[1])
         if floor is not None:
             for capacity in (None, 1):  # 1: the first launch overflows, the second fits exactly
@@ -53,8 +62,8 @@ def survivor_floor(top_scores, rank):
     return top_scores[:, rank].clone()
 
 
-def check_tiled(index, codes, ex, kb, *, block_n=64, n_programs=3):
-    args = (index.indptr, index.items, index.scores, codes, *ex, index.n_items, kb)
+def check_tiled(index, bags, ex, kb, *, block_n=64, n_programs=3):
+    args = (index.indptr, index.items, index.scores, *bags, *ex, index.n_items, kb)
     got = ts.tiled_keys(*args, block_n=block_n, chunk=16, n_programs=n_programs)
     assert torch.equal(got, ref.tiled_keys(*args, block_n=block_n)), "tiled keys differ from the reference"
     return got
@@ -64,14 +73,14 @@ def check_tiled(index, codes, ex, kb, *, block_n=64, n_programs=3):
 def test_candidate_random(dtype):
     index = quantized_index(16, 300, 12, seed=3, dtype=dtype, negative=dtype == torch.float32).to(DEVICE)
     codes = random_codes(3, 3, 16, seed=4, device=DEVICE)
-    check_candidate(index, codes, exclusion([[], [5, 77, 130], [299]]))
+    check_candidate(index, as_bags(codes), exclusion([[], [5, 77, 130], [299]]))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_tiled_random_odd_item_count(dtype):
     index = quantized_index(16, 201, 15, seed=5, dtype=dtype, negative=dtype == torch.float32).to(DEVICE)  # 201: not a block multiple
     codes = random_codes(2, 3, 16, seed=6, device=DEVICE)
-    check_tiled(index, codes, exclusion([[0, 200], [63, 64, 65]]), kb=7)
+    check_tiled(index, as_bags(codes), exclusion([[0, 200], [63, 64, 65]]), kb=7)
 
 
 def test_edge_cases_both_regimes():
@@ -79,13 +88,13 @@ def test_edge_cases_both_regimes():
     index = csr_index([[(0, 1.0), (5, 2.0), (9, 0.5)], [], [(5, 1.0), (6, 3.0)], []], n_items=10).to(DEVICE)
     codes = torch.tensor([[0, 0, 2], [2, 1, 0], [1, 3, 3]], device=DEVICE)
     ex = exclusion([[], [0, 5, 6, 9], []])  # query 1: every candidate excluded
-    keys = check_candidate(index, codes, ex, block=4)
-    check_tiled(index, codes, ex, kb=3, block_n=4)  # 10 items in blocks of 4
-    scores, ids = cs.candidate_search(index.indptr, index.items, index.scores, codes, *ex, 5)
+    keys = check_candidate(index, as_bags(codes), ex, block=4)
+    check_tiled(index, as_bags(codes), ex, kb=3, block_n=4)  # 10 items in blocks of 4
+    scores, ids = cs.candidate_search(index.indptr, index.items, index.scores, *as_bags(codes), *ex, 5)
     assert ids.tolist() == [[5, 6, 0, 9, -1], [-1] * 5, [-1] * 5]
     assert scores[0, :4].tolist() == [5.0, 3.0, 2.0, 1.0]
     assert keys.numel() == (3 + 3 + 2) + (2 + 0 + 3) + 0  # query 2 has only empty lists: no keys
-    t_scores, t_ids = ts.tiled_search(index.indptr, index.items, index.scores, codes, *ex, 5, 10, block_n=4)
+    t_scores, t_ids = ts.tiled_search(index.indptr, index.items, index.scores, *as_bags(codes), *ex, 5, 10, block_n=4)
     assert torch.equal(t_ids, ids) and torch.equal(t_scores, scores)
 
 
@@ -93,12 +102,12 @@ def test_single_query_and_k_beyond_candidates():
     index = quantized_index(8, 100, 6, seed=7).to(DEVICE)
     codes = random_codes(1, 2, 8, seed=8, device=DEVICE)
     ex = exclusion([[]])
-    offsets = ref.query_offsets(index.indptr, codes)
-    n_cand = int((ref.candidate_keys(index.indptr, index.items, index.scores, codes, *ex, offsets) != EMPTY_KEY).sum())
+    offsets = ref.query_offsets(index.indptr, *as_bags(codes)[:2])
+    n_cand = int((ref.candidate_keys(index.indptr, index.items, index.scores, *as_bags(codes), *ex, offsets) != EMPTY_KEY).sum())
     k = n_cand + 5
-    c = cs.candidate_search(index.indptr, index.items, index.scores, codes, *ex, k)
-    t = ts.tiled_search(index.indptr, index.items, index.scores, codes, *ex, k, 100, block_n=128)
-    r = ref.candidate_search(index.indptr, index.items, index.scores, codes, *ex, k)
+    c = cs.candidate_search(index.indptr, index.items, index.scores, *as_bags(codes), *ex, k)
+    t = ts.tiled_search(index.indptr, index.items, index.scores, *as_bags(codes), *ex, k, 100, block_n=128)
+    r = ref.candidate_search(index.indptr, index.items, index.scores, *as_bags(codes), *ex, k)
     assert torch.equal(c[1], r[1]) and torch.equal(t[1], r[1])
     assert (r[1][0, n_cand:] == -1).all() and (r[1][0, :n_cand] >= 0).all()
 
@@ -106,15 +115,15 @@ def test_single_query_and_k_beyond_candidates():
 def test_block_smaller_than_k_keeps_whole_blocks():
     index = quantized_index(4, 40, 30, seed=9).to(DEVICE)
     codes = torch.tensor([[0, 1], [2, 3]], device=DEVICE)
-    check_tiled(index, codes, exclusion([[], []]), kb=100, block_n=16)  # kb is capped at the block
+    check_tiled(index, as_bags(codes), exclusion([[], []]), kb=100, block_n=16)  # kb is capped at the block
 
 
 def test_empty_batch():
     index = quantized_index(4, 40, 5, seed=1).to(DEVICE)
     codes = torch.empty((0, 2), dtype=torch.int64, device=DEVICE)
     ex = exclusion([])
-    assert cs.candidate_search(index.indptr, index.items, index.scores, codes, *ex, 3)[1].shape == (0, 3)
-    assert ts.tiled_search(index.indptr, index.items, index.scores, codes, *ex, 3, 40)[1].shape == (0, 3)
+    assert cs.candidate_search(index.indptr, index.items, index.scores, *as_bags(codes), *ex, 3)[1].shape == (0, 3)
+    assert ts.tiled_search(index.indptr, index.items, index.scores, *as_bags(codes), *ex, 3, 40)[1].shape == (0, 3)
 
 
 @pytest.mark.gpu
@@ -122,7 +131,7 @@ def test_empty_batch():
 def test_candidate_realistic_gpu(dtype):
     index = quantized_index(4096, 100_000, 200, seed=11, dtype=dtype).to("cuda")
     codes = random_codes(64, 4, 4096, seed=12, device="cuda")
-    check_candidate(index, codes, exclusion([list(range(0, 100_000, 97 + q)) for q in range(64)], "cuda"), block=128)
+    check_candidate(index, as_bags(codes), exclusion([list(range(0, 100_000, 97 + q)) for q in range(64)], "cuda"), block=128)
 
 
 @pytest.mark.gpu
@@ -130,7 +139,7 @@ def test_candidate_realistic_gpu(dtype):
 def test_tiled_realistic_gpu(dtype):
     index = quantized_index(256, 50_000, 5_000, seed=13, dtype=dtype).to("cuda")
     codes = random_codes(16, 8, 256, seed=14, device="cuda")
-    check_tiled(index, codes, exclusion([list(range(q, 50_000, 101)) for q in range(16)], "cuda"), kb=100,
+    check_tiled(index, as_bags(codes), exclusion([list(range(q, 50_000, 101)) for q in range(16)], "cuda"), kb=100,
                 block_n=1024, n_programs=264)
 
 
@@ -145,19 +154,19 @@ def test_dense_keys_random_and_overflowing_capacity(dtype):
     codes[0] = codes[0, 0]  # a repeated code
     floor = torch.tensor([float("-inf"), 2.0, 0.5], device=DEVICE)
     for capacity in (None, 1):  # 1: the first launch overflows and the second fits exactly
-        got = ds.dense_keys(rows, codes, floor, block_n=64, capacity=capacity)  # 150 items: not a tile multiple
-        want = ref.dense_keys(rows, codes, floor)
+        got = ds.dense_keys(rows, *as_bags(codes), floor, block_n=64, capacity=capacity)  # 150 items: not a tile multiple
+        want = ref.dense_keys(rows, *as_bags(codes), floor)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     ex = exclusion([[], [5, 77, 130], list(range(150))])  # query 2: every item excluded
-    found = ds.dense_search(rows, codes, floor, *ex, 9, block_n=64)
-    expected = ref.dense_search(rows, codes, floor, *ex, 9)
+    found = ds.dense_search(rows, *as_bags(codes), floor, *ex, 9, block_n=64)
+    expected = ref.dense_search(rows, *as_bags(codes), floor, *ex, 9)
     assert torch.equal(found[0], expected[0]) and torch.equal(found[1], expected[1])
     assert (found[1][2] == -1).all()
     total = int(want[0].numel())
     for keys_of in (ds.dense_keys, ref.dense_keys):  # over the limit: an error, not an allocation
         with pytest.raises(SurvivorOverflow, match=f"{total} survivors"):
-            keys_of(rows, codes, floor, block_n=64, limit=total - 1)
-    split = ds.dense_search(rows, codes, floor, *ex, 9, block_n=64, max_survivors=20)  # searched in parts
+            keys_of(rows, *as_bags(codes), floor, block_n=64, limit=total - 1)
+    split = ds.dense_search(rows, *as_bags(codes), floor, *ex, 9, block_n=64, max_survivors=20)  # searched in parts
     assert torch.equal(split[0], expected[0]) and torch.equal(split[1], expected[1])
 
 
@@ -170,10 +179,10 @@ def test_dense_edge_cases():
     rows = build_rows(index, torch.float32)
     codes = torch.tensor([[0, 0, 2], [1, 1, 1], [2, 1, 0]], device=DEVICE)
     floor = torch.full((3,), float("-inf"), device=DEVICE)
-    scores, ids = ds.dense_search(rows, codes, floor, *exclusion([[], [], [0]]), 6, block_n=4)
+    scores, ids = ds.dense_search(rows, *as_bags(codes), floor, *exclusion([[], [], [0]]), 6, block_n=4)
     assert ids.tolist() == [[6, 0, 5, 9, -1, -1], [-1] * 6, [6, 5, 9, -1, -1, -1]]
     assert scores[0, :4].tolist() == [3.0, 2.0, 1.0, -1.0]
-    empty = ds.dense_search(rows, codes[:0], floor[:0], *exclusion([]), 3)
+    empty = ds.dense_search(rows, *as_bags(codes[:0]), floor[:0], *exclusion([]), 3)
     assert empty[1].shape == (0, 3)
 
 
@@ -187,7 +196,7 @@ def test_dense_realistic_gpu(dtype):
     rows = build_rows(index, dtype)
     codes = random_codes(16, 8, 256, seed=16, device="cuda")
     floor = torch.full((16,), 20.0, device="cuda")
-    got, want = ds.dense_keys(rows, codes, floor), ref.dense_keys(rows, codes, floor)
+    got, want = ds.dense_keys(rows, *as_bags(codes), floor), ref.dense_keys(rows, *as_bags(codes), floor)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from oracle import assert_equivalent_results, assert_same_results, dense_search
 
 from sparcode.engine import CodeIndex, Engine, SearchResult
+from sparcode.engine.bags import Bags
 from sparcode.engine.synthetic import random_codes, random_index
 
 
@@ -118,7 +119,8 @@ def test_large_batch_runs_in_bounded_chunks(cpu_backend, monkeypatch):
     codes = random_codes(500, 4, 256, seed=3)
     whole = Engine(index, backend=cpu_backend).search(codes, k=10)
     def need(chunk):  # the workspace a chunk may use, as the engine accounts for it
-        return int(small.backend.plan(index, chunk, 10).per_query_bytes.sum())
+        bags = chunk if isinstance(chunk, Bags) else Bags.dense(chunk)
+        return int(small.backend.plan(index, bags, 10).per_query_bytes.sum())
 
     small = Engine(index, backend=cpu_backend, workspace_bytes=1)
     budget = need(codes) // 50  # the whole batch needs 50x the workspace
@@ -127,7 +129,7 @@ def test_large_batch_runs_in_bounded_chunks(cpu_backend, monkeypatch):
     search = small.backend.search
     monkeypatch.setattr(small.backend, "search", lambda *a: calls.append(a[1]) or search(*a))
     chunked = small.search(codes, k=10)
-    assert len(calls) >= 50 and sum(c.shape[0] for c in calls) == 500
+    assert len(calls) >= 50 and sum(c.n_queries for c in calls) == 500
     assert all(need(c) <= budget for c in calls)
     assert torch.equal(chunked.ids, whole.ids) and torch.equal(chunked.scores, whole.scores)
 
@@ -161,7 +163,7 @@ def test_property_matches_oracle(cpu_backend, n_codes, n_items, n_tokens, n_quer
 @pytest.mark.parametrize(
     ("batch", "kwargs", "error", "message"),
     [
-        (torch.zeros(3, dtype=torch.int64), {}, ValueError, "batch: expected shape"),
+        (torch.zeros(3, dtype=torch.int64), {}, ValueError, "batch: expected (B, T) codes, or flat codes with offsets"),
         (torch.zeros((2, 3), dtype=torch.bool), {}, TypeError, "batch: expected integer codes"),
         (torch.zeros((2, 3), dtype=torch.float32), {}, TypeError, "batch: got torch.float32 features but this engine has no encoder"),
         (torch.tensor([[0, 16, 1]]), {}, ValueError, "batch: code 16 is outside [0, 16)"),
@@ -171,7 +173,8 @@ def test_property_matches_oracle(cpu_backend, n_codes, n_items, n_tokens, n_quer
         (torch.zeros((1, 3), dtype=torch.int64), {"k": 0}, ValueError, "k: expected an integer >= 1"),
         (torch.zeros((1, 3), dtype=torch.int64), {"k": 2.5}, ValueError, "k: expected an integer >= 1"),
         (torch.zeros((1, 3), dtype=torch.int64), {"exclude": [[1], [2]]}, ValueError, "exclude: expected one item list per query"),
-        (torch.zeros((1, 3), dtype=torch.int64), {"exclude": ([0, 2], [1])}, ValueError, "exclude: offsets must run from 0"),
+        (torch.zeros((1, 3), dtype=torch.int64), {"exclude": ([0, 2], [1])}, ValueError, "exclude offsets: must end at the number of values (1)"),
+        (torch.zeros((1, 3), dtype=torch.int64), {"exclude": ([0, 1, 1], [1])}, ValueError, "exclude offsets: must have B + 1 = 2"),
         (torch.zeros((1, 3), dtype=torch.int64), {"exclude": [[0.5]]}, TypeError, "exclude[0]: expected integer item ids"),
         (torch.zeros((1, 3), dtype=torch.int64), {"exclude": "all"}, TypeError, "exclude: expected CSR"),
     ],

@@ -8,6 +8,7 @@ from helpers import DEVICE, quantized_index
 from oracle import assert_same_results, dense_search
 
 from sparcode.engine import Engine
+from sparcode.engine.bags import Bags
 from sparcode.engine.synthetic import random_codes
 from sparcode.engine.triton_backend import TritonBackend, choose_regime
 
@@ -68,10 +69,10 @@ def test_auto_regime_follows_the_cost_model():
 def test_dense_regime_respects_its_budget():
     index = quantized_index(8, 300, 200, seed=3)
     codes = random_codes(4, 6, 8, seed=4)
-    over = TritonBackend(dense_bytes=8 * 300 * 2 - 1).plan(index, codes, 10).regime
-    within = TritonBackend(dense_bytes=8 * 300 * 2).plan(index, codes, 10).regime
+    over = TritonBackend(dense_bytes=8 * 300 * 2 - 1).plan(index, Bags.dense(codes), 10).regime
+    within = TritonBackend(dense_bytes=8 * 300 * 2).plan(index, Bags.dense(codes), 10).regime
     assert over != "dense" and within == "dense"
-    assert TritonBackend(dense_bytes=0).plan(index, codes, 10).regime != "dense"
+    assert TritonBackend(dense_bytes=0).plan(index, Bags.dense(codes), 10).regime != "dense"
 
 
 @pytest.mark.parametrize("excluded", [False, True])
@@ -87,7 +88,7 @@ def test_dense_regime_splits_a_batch_whose_survivors_exceed_the_workspace(monkey
     rng = np.random.default_rng(9)
     exclude = [rng.choice(600, size=int(rng.integers(0, 10)), replace=False) for _ in range(12)] if excluded else None
     backend = TritonBackend(regime="dense", tile_items=64 if DEVICE == "cpu" else 1024, dense_bytes=2**30)
-    workspace = int(backend.plan(index, codes, 5).per_query_bytes.sum())  # the plan fits the whole batch in one step
+    workspace = int(backend.plan(index, Bags.dense(codes), 5).per_query_bytes.sum())  # the plan fits the whole batch in one step
     limit = workspace // SURVIVOR_BYTES  # one query has at most 600 survivors
     engine = Engine(index, backend="triton", workspace_bytes=workspace)
     backend.workspace_bytes = workspace
