@@ -28,6 +28,40 @@ def dense_scores(index: CodeIndex, codes: np.ndarray, exclude: list[np.ndarray] 
     return out
 
 
+def bag_scores(index: CodeIndex, bags: list[list[int]], weights: list[list[float]] | None = None,
+               exclude: list[np.ndarray] | None = None) -> np.ndarray:
+    """(B, N) float32 like :func:`dense_scores` for ragged bags: each list's scores times
+    its code's float32 weight, added in bag order."""
+    indptr = index.indptr.cpu().numpy()
+    items = index.items.cpu().numpy()
+    scores = index.scores.cpu().to(torch.float32).numpy()
+    out = np.full((len(bags), index.n_items), np.nan, dtype=np.float32)
+    for q, bag in enumerate(bags):
+        acc = np.zeros(index.n_items, dtype=np.float32)
+        present = np.zeros(index.n_items, dtype=bool)
+        for j, code in enumerate(bag):
+            lo, hi = indptr[code], indptr[code + 1]
+            w = np.float32(1.0 if weights is None else weights[q][j])
+            acc[items[lo:hi]] += w * scores[lo:hi]
+            present[items[lo:hi]] = True
+        if exclude is not None:
+            present[np.asarray(exclude[q], dtype=np.int64)] = False
+        out[q, present] = acc[present]
+    return out
+
+
+def top_k(truth: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Scores and ids (B, k) of (B, N) sums (NaN: not a candidate), by (score desc, item asc)."""
+    out_scores = np.full((truth.shape[0], k), -np.inf, dtype=np.float32)
+    out_ids = np.full((truth.shape[0], k), -1, dtype=np.int64)
+    for q, row in enumerate(truth):
+        cand = np.nonzero(~np.isnan(row))[0]
+        order = np.lexsort((cand, -row[cand]))[:k]
+        out_ids[q, : order.size] = cand[order]
+        out_scores[q, : order.size] = row[cand[order]] + np.float32(0.0)  # -0.0 folds onto 0.0, as keys do
+    return out_scores, out_ids
+
+
 def dense_search(index: CodeIndex, codes: np.ndarray, k: int, exclude: list[np.ndarray] | None = None):
     """Scores and ids (B, k) by brute force: order by (score desc, item asc), candidates
     only, -1/-inf padding; internal ids."""
