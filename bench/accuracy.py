@@ -26,6 +26,7 @@ from dataclasses import asdict, replace
 from datetime import date
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from sparcode.engine import Engine
@@ -35,7 +36,7 @@ from sparcode.training.checkpoint import load_data
 from sparcode.training.data import SYNTHETIC_PER_USER
 from sparcode.training.evaluate import encode_users, evaluate_engine, evaluate_exact
 from sparcode.training.export import ExportRule, export_indexes
-from sparcode.training.item_codes import history_codes, item_code_index, item_scores, ridge
+from sparcode.training.item_codes import history_bags, item_code_index, item_scores, ridge
 from sparcode.training.train import TrainConfig, fit, make_model, tensors, validator
 from sparcode.training.warm import model_kwargs as warm_kwargs
 from sparcode.training.warm import warm_start
@@ -300,19 +301,20 @@ def item_codes_entry(args: argparse.Namespace, data, device: str) -> dict:
     started = time.perf_counter()
     index = item_code_index(scores, rule.cap, keep=args.item_codes_keep)
     index_seconds = time.perf_counter() - started
-    codes = history_codes(data.train, data.n_users, data.n_items)
-    metrics = evaluate_engine(Engine(index), codes, data)
+    bags = history_bags(data.train)
+    metrics = evaluate_engine(Engine(index), bags, data)
     curve = []
     for fraction in args.cap_densities:
         cap = ExportRule.top(fraction, data.n_items).cap
-        m = evaluate_engine(Engine(item_code_index(scores, cap, keep=args.item_codes_keep)), codes, data)
+        m = evaluate_engine(Engine(item_code_index(scores, cap, keep=args.item_codes_keep)), bags, data)
         curve.append({"rule": "cap", "target_density": fraction, "cap": cap, "density": m["density"],
                       "index_bytes": m["index_bytes"], **{k: m[k] for k in ("recall@20", "ndcg@20", "recall@50")},
                       "queries_per_s": m["queries_per_s"]})
         print(f"[accuracy] item_codes density {fraction:g}: {curve[-1]}", flush=True)
     del scores
     return {"train_seconds": fit_seconds, "l2": ridge(data.train, data.n_items, args.item_codes_l2),
-            "tokens": int(codes.shape[1]), "export_seconds": index_seconds,
+            "bag_length": {"mean": float(np.diff(bags[1]).mean()), "max": int(np.diff(bags[1]).max(initial=0))},
+            "export_seconds": index_seconds,
             "density": metrics["density"], "index_bytes": metrics["index_bytes"], "nnz": index.nnz, "rule": "cap",
             "keep": args.item_codes_keep,
             "cap": rule.cap, "target_density": args.cap_density, **{k: metrics[k] for k in METRICS},

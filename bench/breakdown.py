@@ -47,8 +47,9 @@ def breakdown(index: CodeIndex, codes: torch.Tensor, k: int, regime: str, *, til
             _, selection = _timed(lambda o=found[0], kk=found[1]: select_survivors(o, kk, codes.shape[0], k), device)
         elif regime == "tiled":
             rest = 0.0
-            keys, kernel = _timed(lambda: tiled_search.tiled_keys(index.indptr, index.items, index.scores, *flat,
-                                                                  ex_offsets, ex_items, index.n_items, k, block_n=tile_items), device)
+            keys, kernel = _timed(lambda: tiled_search.tiled_keys(
+                index.indptr, index.items, index.scores, *flat, ex_offsets, ex_items, index.n_items, k,
+                block_n=tile_items), device)
             _, selection = _timed(lambda kk=keys: select_keys(kk, k), device)
         elif regime == "dense":
             rows = dense_rows(index, index.scores.dtype)

@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     search = sub.add_parser("search", help="search an index with query codes from a file, results to Parquet")
     search.add_argument("path", type=Path, help="index directory")
     search.add_argument("--codes", type=Path, required=True,
-                        help=".npy of integer codes (B, T), or Parquet with a 'codes' list column (and optionally 'user_id')")
+                        help=".npy of integer codes (B, T), or Parquet with a 'codes' list column (bags of any length) and "
+                             "optionally 'weights' (a list of one float per code) and 'user_id'")
     search.add_argument("--k", type=int, default=100)
     search.add_argument("--out", type=Path, required=True, help="Parquet file to write (user_id, item_ids, scores)")
     search.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -43,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     rec = sub.add_parser("recommend", help="top-k for every query of a file, to Parquet parts (resumable)")
     rec.add_argument("index", type=Path, help="index directory")
     rec.add_argument("--queries", type=Path, required=True,
-                     help=".npy of (rows, T) codes (user id = row) or Parquet with user_id and a codes list column")
+                     help=".npy of (rows, T) codes (user id = row) or Parquet with a 'codes' list column (bags of any "
+                          "length), optionally 'weights' (one float per code) and 'user_id' (else the row)")
     rec.add_argument("--k", type=int, required=True)
     rec.add_argument("--out", type=Path, required=True, help="output directory (parts, journals, manifest.json)")
     rec.add_argument("--exclude", type=Path, default=None, help="Parquet user_id, item_ids: items to leave out per user")
@@ -154,12 +156,18 @@ def cmd_search(args: argparse.Namespace) -> None:
     import pyarrow.parquet as pq
 
     from sparcode.engine import Engine
+    from sparcode.engine.queries import QueryFile
 
     if args.k < 1:
         raise UsageError(f"--k: expected an integer >= 1, got {args.k}")
-    user_ids, codes = read_codes(args.codes)
+    try:
+        queries = QueryFile(args.codes, "--codes")
+        rows = queries.read(0, queries.rows)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    user_ids = rows.users
     engine = Engine.load(args.path, device=args.device, backend=args.backend)
-    scores, ids = engine.search(codes, k=args.k)
+    scores, ids = engine.search(k=args.k, **rows.batch())
     table = pa.table({
         "user_id": pa.array(user_ids, type=pa.int64()),
         "item_ids": _list_column(ids, pa.int64()),
@@ -172,39 +180,6 @@ def cmd_search(args: argparse.Namespace) -> None:
     finally:
         tmp.unlink(missing_ok=True)
     print(f"wrote {len(user_ids)} queries x k={args.k} to {args.out}")
-
-
-def read_codes(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(user ids, codes (B, T) int64) from .npy (user id = row) or Parquet."""
-    if not path.is_file():
-        raise UsageError(f"--codes: {path} is not a file")
-    if path.suffix == ".npy":
-        try:
-            codes = np.load(path, allow_pickle=False)
-        except ValueError as exc:
-            raise UsageError(f"--codes: {path}: {exc}") from None
-        return np.arange(codes.shape[0] if codes.ndim else 0), codes
-    if path.suffix in (".parquet", ".pq"):
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        try:
-            table = pq.read_table(path)
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise UsageError(f"--codes: {path}: {exc}") from None
-        if "codes" not in table.column_names:
-            raise UsageError(f"--codes: {path} has no 'codes' column (columns: {table.column_names})")
-        column = table.column("codes").combine_chunks()
-        if not pa.types.is_list(column.type) and not pa.types.is_fixed_size_list(column.type):
-            raise UsageError(f"--codes: column 'codes' must be a list of integers, got {column.type}")
-        lengths = column.value_lengths().to_numpy(zero_copy_only=False)
-        if len(lengths) and (lengths != lengths[0]).any():
-            raise UsageError("--codes: every row of 'codes' must have the same number of codes T")
-        flat = column.flatten().to_numpy(zero_copy_only=False)
-        codes = flat.reshape(len(column), int(lengths[0]) if len(lengths) else 0)
-        users = table.column("user_id").to_numpy() if "user_id" in table.column_names else np.arange(len(column))
-        return users, codes
-    raise UsageError(f"--codes: expected a .npy or .parquet file, got {path.name}")
 
 
 def _list_column(values: np.ndarray, value_type):

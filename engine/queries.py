@@ -1,32 +1,56 @@
-"""Query files for the offline job: row ranges of codes (and user ids) read on demand.
+"""Query files for the offline job: row ranges of bags of codes (and user ids) read on demand.
 
 ``.npy``: a (rows, T) integer array, memory-mapped; the user id is the row number.
-Parquet: a ``user_id`` column and a ``codes`` list column; rows are read by range
-through the row-group index, so a resumed or sharded run reads only its own parts.
+Parquet: a ``codes`` list column (bags of any length, empty ones too), an optional
+``weights`` list column (one float per code) and an optional ``user_id`` column (else
+the row number); rows are read by range through the row-group index, so a resumed or
+sharded run reads only its own parts.
 """
 
 from __future__ import annotations
 
 import bisect
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
+from .atomic import atomic_write
+
+
+class QueryRows(NamedTuple):
+    """Rows of a query file as bags: row r's codes are ``codes[offsets[r]:offsets[r+1]]``."""
+
+    users: np.ndarray  # (rows,) int64
+    codes: np.ndarray  # (codes,) int64
+    offsets: np.ndarray  # (rows + 1,) int64
+    weights: np.ndarray | None  # (codes,) float32
+    width: int | None = None  # T of a dense (.npy) file, whose bags all have T codes
+
+    def batch(self) -> dict[str, np.ndarray | None]:
+        """``Engine.search`` arguments: (B, T) codes for a dense file, else flat codes,
+        offsets and weights."""
+        if self.width is not None:
+            return {"batch": self.codes.reshape(-1, self.width)}
+        return {"batch": self.codes, "offsets": self.offsets, "weights": self.weights}
+
 
 class QueryFile:
-    """Random access to rows [start, stop) of a query file as (user_ids, codes)."""
+    """Random access to rows [start, stop) of a query file as :class:`QueryRows`.
+    ``name`` is the option the file came from, for error messages."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, name: str = "--queries") -> None:
+        self.name = name
         if not path.is_file():
-            raise ValueError(f"--queries: {path} is not a file")
+            raise ValueError(f"{name}: {path} is not a file")
         self.path = path
         if path.suffix == ".npy":
             try:
                 self._codes = np.load(path, mmap_mode="r", allow_pickle=False)
             except ValueError as exc:
-                raise ValueError(f"--queries: {path}: {exc}") from None
+                raise ValueError(f"{name}: {path}: {exc}") from None
             if self._codes.ndim != 2 or not np.issubdtype(self._codes.dtype, np.integer):
-                raise ValueError(f"--queries: {path} must hold a 2-d integer array of codes, got "
+                raise ValueError(f"{name}: {path} must hold a 2-d integer array of codes, got "
                                  f"{self._codes.dtype} {self._codes.shape}")
             self.rows = self._codes.shape[0]
             self._parquet = None
@@ -37,39 +61,80 @@ class QueryFile:
             try:
                 self._parquet = pq.ParquetFile(path)
             except (pa.ArrowInvalid, OSError) as exc:
-                raise ValueError(f"--queries: {path}: {exc}") from None
+                raise ValueError(f"{name}: {path}: {exc}") from None
             names = self._parquet.schema_arrow.names
-            if "user_id" not in names:
-                raise ValueError(f"--queries: {path} needs a 'user_id' column (columns: {names})")
             if "codes" not in names:
-                raise ValueError(f"--queries: {path} needs a 'codes' list column; raw feature columns need an "
+                raise ValueError(f"{name}: {path} needs a 'codes' list column; raw feature columns need an "
                                  f"index with a query encoder, which this version does not have (columns: {names})")
+            self._columns = [c for c in ("user_id", "codes", "weights") if c in names]
             meta = self._parquet.metadata
             self._group_starts = np.cumsum([0] + [meta.row_group(i).num_rows for i in range(meta.num_row_groups)])
             self.rows = int(self._group_starts[-1])
         else:
-            raise ValueError(f"--queries: expected a .npy or .parquet file, got {path.name}")
+            raise ValueError(f"{name}: expected a .npy or .parquet file, got {path.name}")
 
-    def read(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-        """(user_ids int64, codes int64 (rows, T)) of rows [start, stop)."""
+    def read(self, start: int, stop: int) -> QueryRows:
+        """Rows [start, stop) as bags."""
         if self._parquet is None:
-            return np.arange(start, stop, dtype=np.int64), np.array(self._codes[start:stop], dtype=np.int64)
-        import pyarrow as pa
-
+            codes = np.array(self._codes[start:stop], dtype=np.int64)
+            offsets = np.arange(codes.shape[0] + 1, dtype=np.int64) * codes.shape[1]
+            return QueryRows(np.arange(start, stop, dtype=np.int64), codes.reshape(-1), offsets, None, codes.shape[1])
         first = bisect.bisect_right(self._group_starts, start) - 1
         last = bisect.bisect_left(self._group_starts, stop)
-        table = self._parquet.read_row_groups(list(range(first, last)), columns=["user_id", "codes"])
+        table = self._parquet.read_row_groups(list(range(first, last)), columns=self._columns)
         table = table.slice(start - int(self._group_starts[first]), stop - start)
-        codes = table.column("codes").combine_chunks()
-        if not (pa.types.is_list(codes.type) or pa.types.is_large_list(codes.type) or pa.types.is_fixed_size_list(codes.type)):
-            raise ValueError(f"--queries: column 'codes' must be a list of integers, got {codes.type}")
-        lengths = codes.value_lengths().to_numpy(zero_copy_only=False)
-        if len(lengths) and (lengths != lengths[0]).any():
-            raise ValueError(f"--queries: rows {start}..{stop}: every row of 'codes' must have the same length T")
-        width = int(lengths[0]) if len(lengths) else 0
-        flat = codes.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
-        users = table.column("user_id").to_numpy().astype(np.int64)
-        return users, flat.reshape(len(users), width)
+        codes, offsets = self._lists(table, "codes", start)
+        weights = None
+        if "weights" in self._columns:
+            weights, w_offsets = self._lists(table, "weights", start)
+            if not np.array_equal(w_offsets, offsets):
+                row = start + int(np.nonzero(np.diff(w_offsets) != np.diff(offsets))[0][0])
+                raise ValueError(f"{self.name}: {self.path}: row {row}: 'weights' must hold one weight per code")
+            weights = weights.astype(np.float32)
+        users = (table.column("user_id").to_numpy().astype(np.int64) if "user_id" in self._columns
+                 else np.arange(start, stop, dtype=np.int64))
+        return QueryRows(users, codes.astype(np.int64), offsets, weights)
+
+    def _lists(self, table, column: str, start: int) -> tuple[np.ndarray, np.ndarray]:
+        """A list column as (flat values, offsets from 0); nulls are not allowed."""
+        import pyarrow as pa
+
+        values = table.column(column).combine_chunks()
+        if not (pa.types.is_list(values.type) or pa.types.is_large_list(values.type)
+                or pa.types.is_fixed_size_list(values.type)):
+            raise ValueError(f"{self.name}: {self.path}: column '{column}' must be a list, got {values.type}")
+        if values.null_count:
+            row = start + int(np.nonzero(values.is_null().to_numpy(zero_copy_only=False))[0][0])
+            raise ValueError(f"{self.name}: {self.path}: row {row}: '{column}' is null (an empty list is an empty bag)")
+        lengths = values.value_lengths().to_numpy(zero_copy_only=False).astype(np.int64)
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        flat = values.flatten()
+        if flat.null_count:
+            raise ValueError(f"{self.name}: {self.path}: column '{column}' holds a null value")
+        flat = flat.to_numpy(zero_copy_only=False)
+        kind = "f" if column == "weights" else "iu"
+        if flat.dtype.kind not in kind and not (column == "weights" and flat.dtype.kind in "iu"):
+            raise ValueError(f"{self.name}: {self.path}: column '{column}' must hold "
+                             f"{'numbers' if column == 'weights' else 'integers'}, got {flat.dtype}")
+        return flat, offsets
+
+
+def write_bags(path: Path, users: np.ndarray, codes: np.ndarray, offsets: np.ndarray,
+               weights: np.ndarray | None = None, row_group: int = 65_536) -> None:
+    """Write bags of codes as a query file QueryFile reads (``user_id``, ``codes`` list,
+    optional ``weights`` list), atomically, in row groups of ``row_group`` users so that
+    a job reads only its own parts."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    offsets = np.asarray(offsets, dtype=np.int64)
+    columns = {"user_id": pa.array(np.asarray(users, dtype=np.int64)),
+               "codes": pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(np.asarray(codes, dtype=np.int64)))}
+    if weights is not None:
+        columns["weights"] = pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(np.asarray(weights, np.float32)))
+    table = pa.table(columns)
+    atomic_write(Path(path), lambda tmp: pq.write_table(table, tmp, row_group_size=row_group))
 
 
 class ExcludeTable:

@@ -28,7 +28,7 @@ import torch
 
 from .engine import Engine
 from .index import CodeIndex
-from .queries import ExcludeTable, QueryFile
+from .queries import ExcludeTable, QueryFile, QueryRows
 from .sharding import item_range, merge_topk, slice_items, to_internal
 from .storage import MANIFEST, read_manifest
 
@@ -123,7 +123,7 @@ def run_job(
     mine = [p for p in range(n_parts) if p not in done and (shard != "queries" or p % world == rank)]
     writer = rank == 0 or shard == "queries"
     if mine and queries.rows:  # compile and build derived layouts before the clock starts
-        engine.search(torch.from_numpy(queries.read(0, 1)[1]).to(device), k=k)
+        _search(engine, queries.read(0, 1), k, None, device)
     setup = time.perf_counter() - setup_start
     bar = _progress(len(mine) * batch_size if writer and progress else None)
     start = time.perf_counter()
@@ -133,11 +133,12 @@ def run_job(
     with Stop() as stop, parts:
         for part in mine:
             lo, hi = part * batch_size, min(queries.rows, (part + 1) * batch_size)
-            users, codes = queries.read(lo, hi)
+            rows = queries.read(lo, hi)
+            users = rows.users
             lists = exclude.lists_for(users) if exclude is not None else None
             if lists is not None and external is not None:
                 lists = to_internal(lists, external)
-            scores, ids = engine.search(torch.from_numpy(codes).to(device), k=k, exclude=lists)
+            scores, ids = _search(engine, rows, k, lists, device)
             if shard == "items":
                 scores, ids = (t.cpu() for t in _gather_merge(scores, ids, k, world, rank))
                 if external is not None:
@@ -160,6 +161,13 @@ def run_job(
     if rank == 0 and not stopped:
         _write_manifest(out, n_parts)
     return Summary(n_queries, written, n_parts, n_parts - len(mine), seconds, stopped, setup)
+
+
+def _search(engine: Engine, rows: QueryRows, k: int, exclude: list[np.ndarray] | None,
+            device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One part's bags through ``engine.search``."""
+    args = {name: None if a is None else torch.from_numpy(a).to(device) for name, a in rows.batch().items()}
+    return engine.search(k=k, exclude=exclude, **args)
 
 
 class PartWriter:

@@ -7,8 +7,8 @@ import torch
 from helpers import csr_index, quantized_index
 from oracle import assert_same_results, dense_search
 
-from sparcode.engine.bags import Bags
 from sparcode.engine import Engine
+from sparcode.engine.bags import Bags
 from sparcode.engine.dense import build_rows, dense_budget, rows_bytes
 from sparcode.engine.numba_backend import NumbaBackend, choose_regime
 from sparcode.engine.synthetic import random_codes

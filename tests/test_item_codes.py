@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 
 from sparcode.engine import Engine
 from sparcode.training.data import CSR
-from sparcode.training.item_codes import history_codes, item_code_index, item_scores, ridge
+from sparcode.training.item_codes import history_bags, item_code_index, item_scores, ridge
 
 
 def random_train(n_users: int, n_items: int, seed: int, per_user: tuple[int, int] = (1, 8)) -> CSR:
@@ -56,14 +57,11 @@ def test_item_code_index_keeps_each_codes_largest_scores_by_magnitude_sorted_by_
     scores[4, 7], scores[4, 2] = 0.5, -2.0  # fewer non-zero scores than the cap; the negative one kept
     scores[5, :3] = torch.tensor([-9.0, 8.0, -7.0])  # large negatives outrank small positives
     index = item_code_index(scores, cap, rows=7)
-    assert index.n_codes == n_items + 1 and index.n_items == n_items
-    for code in range(n_items + 1):
+    assert index.n_codes == n_items and index.n_items == n_items  # code h is history item h
+    for code in range(n_items):
         lo, hi = int(index.indptr[code]), int(index.indptr[code + 1])
         items = index.items[lo:hi].long()
         assert bool((items[1:] > items[:-1]).all())
-        if code == n_items:
-            assert hi == lo  # the padding code
-            continue
         row = scores[code]
         expected = sorted(i for i in torch.argsort(row.abs(), descending=True)[:cap].tolist() if row[i] != 0)
         assert items.tolist() == expected
@@ -81,14 +79,17 @@ def test_item_code_index_keeps_each_codes_top_positive_scores_when_asked():
     scores = torch.randn(n_items, n_items, generator=gen)
     scores[3] = -1.0  # no positive score: an empty list
     scores[4, :2], scores[4, 2:] = 1.0, -9.0  # fewer positive scores than the cap; no negative kept
+    scores[6] = 0.0
+    scores[6, 9] = 0.5  # one positive score and zeros: the zeros are not kept
     index = item_code_index(scores, cap, keep="positive", rows=7)
+    assert index.lengths[6] == 1 and bool((index.scores > 0).all())
     for code in range(n_items):
         lo, hi = int(index.indptr[code]), int(index.indptr[code + 1])
         row = scores[code]
         expected = sorted(i for i in torch.argsort(row, descending=True)[:cap].tolist() if row[i] > 0)
         assert index.items[lo:hi].tolist() == expected
         assert torch.equal(index.scores[lo:hi], row[index.items[lo:hi].long()])
-    assert index.lengths[3] == 0 and index.lengths[4] == 2 and index.lengths[n_items] == 0
+    assert index.lengths[3] == 0 and index.lengths[4] == 2 and index.n_codes == n_items
     assert item_code_index(scores, 100, keep="positive").nnz == int((scores > 0).sum())
     with pytest.raises(ValueError, match="keep: expected one of magnitude, positive"):
         item_code_index(scores, cap, keep="top")
@@ -100,34 +101,34 @@ def test_item_code_index_keeps_each_codes_top_positive_scores_when_asked():
         item_code_index(scores[0], cap)
 
 
-def test_history_codes_pad_with_the_empty_code_and_sample_long_histories():
+def test_history_bags_are_the_training_histories():
     train = CSR.from_lists([np.array([4, 7, 9]), np.zeros(0, np.int64), np.array([1])])
-    codes = history_codes(train, 3, n_items=10)
-    assert codes.shape == (3, 3)  # the longest history
-    assert sorted(codes[0].tolist()) == [4, 7, 9] and codes[1].tolist() == [10] * 3
-    assert codes[2].tolist() == [1, 10, 10]
-    short = history_codes(train, 3, n_items=10, length=2)
-    assert short.shape == (3, 2) and set(short[0].tolist()) < {4, 7, 9}
+    codes, offsets = history_bags(train)
+    assert codes.tolist() == [4, 7, 9, 1] and offsets.tolist() == [0, 3, 3, 4]
+    assert codes.dtype == offsets.dtype == np.int64
 
 
-def test_search_with_history_codes_is_the_sum_of_the_history_items_lists():
+def test_search_with_history_bags_is_the_sum_of_the_history_items_lists():
     n_users, n_items, k = 25, 40, 6
-    train = random_train(n_users, n_items, seed=2, per_user=(1, 12))
+    train = random_train(n_users, n_items, seed=2, per_user=(0, 12))
     index = item_code_index(item_scores(train, n_items, l2_scale=0.5), cap=8)
-    codes = history_codes(train, n_users, n_items)
-    result = Engine(index).search(torch.from_numpy(codes), k=k)
-    dense = torch.zeros(n_items + 1, n_items)
-    for code in range(n_items + 1):
+    assert index.n_codes == n_items
+    codes, offsets = history_bags(train)
+    result = Engine(index).search(torch.from_numpy(codes), k=k, offsets=torch.from_numpy(offsets))
+    dense = torch.zeros(n_items, n_items)
+    for code in range(n_items):
         lo, hi = int(index.indptr[code]), int(index.indptr[code + 1])
         dense[code, index.items[lo:hi].long()] = index.scores[lo:hi].float()
-    summed = dense[torch.from_numpy(codes)].sum(1)  # (U, N)
-    candidate = (dense[torch.from_numpy(codes)] != 0).any(1)
     for u in range(n_users):
-        expected = summed[u][candidate[u]].sort(descending=True).values[:k]
+        history = torch.from_numpy(train.row(u))
+        summed = dense[history].sum(0)
+        candidate = (dense[history] != 0).any(0)
+        expected = summed[candidate].sort(descending=True).values[:k]
         got = result.scores[u][: len(expected)]
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
         ids = result.ids[u][: len(expected)]
-        torch.testing.assert_close(summed[u, ids], got, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(summed[ids], got, rtol=1e-5, atol=1e-6)
+        assert (result.ids[u][len(expected):] == -1).all()
 
 
 def test_accuracy_bench_fits_item_codes_and_searches_them(tmp_path, capsys):
@@ -138,7 +139,7 @@ def test_accuracy_bench_fits_item_codes_and_searches_them(tmp_path, capsys):
     assert accuracy.main(argv) == 0
     report = json.loads((tmp_path / "accuracy-synthetic.json").read_text())
     entry = report["models"]["item_codes"]
-    assert entry["cap"] == 10 and 0 < entry["density"] <= 0.1 and entry["recall@20"] > 0 and entry["tokens"] >= 1
+    assert entry["cap"] == 10 and 0 < entry["density"] <= 0.1 and entry["recall@20"] > 0 and entry["bag_length"]["max"] >= 1
     assert report["config"]["model"]["item_codes_l2"] == 10.0 and entry["keep"] == "magnitude"
     sparse, full = entry["sparsity_curve"]
     assert sparse["cap"] == 2 and full["cap"] == 100 and sparse["density"] < entry["density"] <= full["density"]
@@ -160,12 +161,19 @@ def test_item_codes_command_writes_an_index_its_queries_and_metrics_that_recomme
     assert main(["item-codes", "--data", "synthetic", "--out", str(out), "--cap-density", "0.05"]) == 0
     assert "item-codes:" in capsys.readouterr().out
     report = json.loads((out / "metrics.json").read_text())
-    codes = np.load(out / "queries.npy")
+    bags = pq.read_table(out / "queries.parquet")
     index = Engine.load(out / "index").index
-    assert index.n_codes == index.n_items + 1 and codes.shape == (2000, report["tokens"])
+    lengths = [len(b) for b in bags.column("codes").to_pylist()]
+    assert index.n_codes == index.n_items and bags.column("user_id").to_pylist() == list(range(2000))
+    assert max(lengths) == report["bag_length"]["max"] and abs(np.mean(lengths) - report["bag_length"]["mean"]) < 1e-9
     assert report["metrics"]["recall@20"] > 0 and report["metrics"]["density"] <= 0.05
-    assert main(["recommend", str(out / "index"), "--queries", str(out / "queries.npy"), "--k", "5",
+    assert main(["recommend", str(out / "index"), "--queries", str(out / "queries.parquet"), "--k", "5",
                  "--out", str(tmp_path / "recs"), "--no-progress"]) == 0
+    recs = pq.read_table(sorted((tmp_path / "recs").glob("part-*.parquet"))).to_pydict()
+    first = recs["user_id"].index(0)
+    user0 = bags.column("codes").to_pylist()[0]
+    want = Engine(index).search(torch.tensor(user0), k=5, offsets=torch.tensor([0, len(user0)])).ids[0].tolist()
+    assert recs["item_ids"][first] == want
     assert main(["item-codes", "--data", "synthetic", "--out", str(tmp_path / "positive"), "--cap-density", "0.05",
                  "--keep", "positive"]) == 0
     assert json.loads((tmp_path / "positive" / "metrics.json").read_text())["keep"] == "positive"

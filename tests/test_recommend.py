@@ -153,3 +153,51 @@ def test_two_gloo_processes_match_one(job, mode):
     assert users == list(range(1000)) and ids == want.ids.tolist()
     np.testing.assert_array_equal(np.array(scores, dtype=np.float32), want.scores.numpy())
     assert json.loads((path / "out" / "manifest.json").read_text())["rows"] == 1000
+
+
+def test_ragged_weighted_bags_from_parquet(tmp_path):
+    from sparcode.engine.queries import QueryFile, write_bags
+
+    index = quantized_index(V, N, 20, seed=5)
+    index.save(tmp_path / "ix")
+    rng = np.random.default_rng(3)
+    lengths = rng.integers(0, 9, size=300)
+    lengths[:3] = [0, 1, 8]
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    codes = rng.integers(0, V, size=int(offsets[-1]))
+    weights = rng.choice(np.array([-1.0, 0.5, 1.0, 2.0], dtype=np.float32), size=codes.size)
+    users = np.arange(300) * 11 + 5
+    write_bags(tmp_path / "bags.parquet", users, codes, offsets, weights, row_group=64)
+    summary = run_job(tmp_path / "ix", tmp_path / "bags.parquet", tmp_path / "out", k=K, batch_size=100, progress=False)
+    assert summary.queries == 300
+    got_users, got_ids, got_scores = read_rows(tmp_path / "out")
+    want = Engine(index, backend="torch").search(torch.from_numpy(codes), k=K, offsets=torch.from_numpy(offsets),
+                                                 weights=torch.from_numpy(weights))
+    assert got_users == users.tolist()
+    assert got_ids == want.ids.tolist() and np.array_equal(np.array(got_scores, np.float32), want.scores.numpy())
+    part = QueryFile(tmp_path / "bags.parquet").read(50, 170)  # crosses row groups
+    assert part.users.tolist() == users[50:170].tolist() and part.offsets[0] == 0
+    assert part.codes.tolist() == codes[offsets[50] : offsets[170]].tolist()
+
+
+def test_bad_bag_files_name_the_file_and_row(tmp_path):
+    from sparcode.engine.queries import QueryFile
+
+    def written(name, **columns):
+        pq.write_table(pa.table(columns), tmp_path / name)
+        return QueryFile(tmp_path / name)
+
+    bad = written("w.parquet", codes=[[1, 2], [3]], weights=[[1.0, 1.0], [1.0, 2.0]])
+    with pytest.raises(ValueError, match=r"w.parquet: row 1: 'weights' must hold one weight per code"):
+        bad.read(0, 2)
+    bad = written("n.parquet", codes=[[1, 2], None, [3]])
+    with pytest.raises(ValueError, match=r"n.parquet: row 1: 'codes' is null"):
+        bad.read(0, 3)
+    bad = written("f.parquet", codes=[[1.5]])
+    with pytest.raises(ValueError, match=r"column 'codes' must hold integers"):
+        bad.read(0, 1)
+    bad = written("s.parquet", codes=["a"])
+    with pytest.raises(ValueError, match=r"column 'codes' must be a list"):
+        bad.read(0, 1)
+    with pytest.raises(ValueError, match="needs a 'codes' list column"):
+        written("c.parquet", user_id=[1])

@@ -95,8 +95,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                                               "user's codes for recommend and the test metrics")
     add_data_arguments(items)
     items.add_argument("--out", type=Path, required=True,
-                       help="output directory: OUT/index, every user's codes in OUT/queries.npy (row = user, for "
-                            "sparcode recommend) and the test metrics in OUT/metrics.json")
+                       help="output directory: OUT/index, every user's bag of codes (their history) in "
+                            "OUT/queries.parquet (user_id, codes; for sparcode recommend) and the test metrics in "
+                            "OUT/metrics.json")
     items.add_argument("--cap-density", type=float, default=defaults.INDEX_DENSITY,
                        help="each code keeps its top FRACTION x N items")
     items.add_argument("--l2", type=float, default=defaults.ITEM_CODES_L2,
@@ -233,11 +234,13 @@ def cmd_item_codes(args: argparse.Namespace) -> int:
     import numpy as np
 
     from sparcode.engine import Engine
+    from sparcode.engine.atomic import atomic_write_text
+    from sparcode.engine.queries import write_bags
 
     from .checkpoint import load_data
     from .evaluate import evaluate_engine
     from .export import ExportRule
-    from .item_codes import history_codes, item_code_index, item_scores, ridge
+    from .item_codes import history_bags, item_code_index, item_scores, ridge
 
     if not 0 < args.cap_density <= 1:
         raise ValueError(f"--cap-density: expected a fraction in (0, 1], got {args.cap_density}")
@@ -250,21 +253,19 @@ def cmd_item_codes(args: argparse.Namespace) -> int:
     fit_seconds = time.perf_counter() - started
     index = item_code_index(scores, ExportRule.top(args.cap_density, data.n_items).cap, keep=args.keep)
     del scores
-    codes = history_codes(data.train, data.n_users, data.n_items, seed=args.seed)
-    metrics = evaluate_engine(Engine(index), codes, data)
+    codes, offsets = history_bags(data.train)
+    metrics = evaluate_engine(Engine(index), (codes, offsets), data)
     args.out.mkdir(parents=True, exist_ok=True)
     index.save(args.out / "index", overwrite=True)
-    with open(args.out / "queries.npy.tmp", "wb") as file:  # renamed into place: never a half-written file
-        np.save(file, codes)
-    (args.out / "queries.npy.tmp").replace(args.out / "queries.npy")
+    write_bags(args.out / "queries.parquet", np.arange(data.n_users), codes, offsets)
+    lengths = np.diff(offsets)
     report = {"dataset": data.name, "model": "item_codes", "device": device, "fit_seconds": fit_seconds,
-              "l2": ridge(data.train, data.n_items, args.l2), "keep": args.keep, "tokens": int(codes.shape[1]),
-              "metrics": metrics}
-    (args.out / "metrics.json.tmp").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "metrics.json.tmp").replace(args.out / "metrics.json")
+              "l2": ridge(data.train, data.n_items, args.l2), "keep": args.keep,
+              "bag_length": {"mean": float(lengths.mean()), "max": int(lengths.max(initial=0))}, "metrics": metrics}
+    atomic_write_text(args.out / "metrics.json", json.dumps(report, indent=2) + "\n")
     print(f"item-codes: {index.n_codes:,} codes x {index.n_items:,} items, fit {fit_seconds:.1f} s, density "
           f"{metrics['density']:.4%}, {metrics['index_bytes'] / 2**20:.1f} MB; test Recall@20 {metrics['recall@20']:.4f}, "
-          f"NDCG@20 {metrics['ndcg@20']:.4f}, Recall@50 {metrics['recall@50']:.4f}; index, queries.npy and "
+          f"NDCG@20 {metrics['ndcg@20']:.4f}, Recall@50 {metrics['recall@50']:.4f}; index, queries.parquet and "
           f"metrics.json in {args.out}")
     return 0
 

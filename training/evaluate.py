@@ -39,14 +39,19 @@ def evaluate_index(model: SparCode, data: InteractionData, index_path: Path, cfg
     return evaluate_engine(Engine.load(index_path, device=cfg.device), encode_users(model, data, cfg), data, k)
 
 
-def evaluate_engine(engine: Engine, codes: np.ndarray, data: InteractionData, k: int = 50) -> dict:
-    """Every user's top k through ``engine.search`` with their (U, T) ``codes`` (from
-    ``encode_users``; one encoding serves several indexes), train and validation items
-    excluded."""
-    codes = torch.from_numpy(codes).to(engine.index.device)
+def evaluate_engine(engine: Engine, queries: np.ndarray | tuple[np.ndarray, np.ndarray], data: InteractionData,
+                    k: int = 50) -> dict:
+    """Every user's top k through ``engine.search`` with their (U, T) codes (from
+    ``encode_users``; one encoding serves several indexes) or their bags (flat codes,
+    offsets (U + 1)), train and validation items excluded."""
+    device = engine.index.device
+    if isinstance(queries, tuple):
+        batch = {"batch": torch.from_numpy(queries[0]).to(device), "offsets": torch.from_numpy(queries[1]).to(device)}
+    else:
+        batch = {"batch": torch.from_numpy(queries).to(device)}
     seen = seen_items(data)
     start = time.perf_counter()
-    ids = engine.search(codes, k=k, exclude=seen).ids.cpu().numpy()
+    ids = engine.search(k=k, exclude=seen, **batch).ids.cpu().numpy()
     qps = data.n_users / (time.perf_counter() - start)
     return {**ranking_metrics(ids, data.test, np.arange(data.n_users)), "queries_per_s": qps,
             "index_bytes": engine.index.nbytes, "density": engine.index.nnz / (engine.index.n_codes * engine.index.n_items)}

@@ -5,8 +5,8 @@ The (code, item) scores are EASE's item-to-item weights (Steck, 2019): over the 
 item training matrix X, B = argmin ||X - XB||^2 + l2 ||B||^2 with diag(B) = 0, whose
 closed form is B = -P / diag(P) off the diagonal for P = (X^T X + l2 I)^-1. A user's
 score of an item is the sum over their history items h of B[h, item], which is
-SparCode's search exactly: V = N + 1 codes, no quantization, code N an empty list that
-pads short histories to T. The all-to-all interaction is learned between items rather
+SparCode's search exactly: V = N codes, no quantization, a user's bag of codes is their
+history (ragged: ``history_bags``). The all-to-all interaction is learned between items rather
 than between a quantized user and an item, so no user detail is lost to a codebook; on
 ID-only data it is more accurate than quantized user tokens (docs/accuracy.md). The fit holds two
 N x N float32 matrices (Gowalla's 40,981 items: 13.4 GB; 10-14 minutes on 2 CPU cores).
@@ -22,7 +22,6 @@ from sparcode.engine import CodeIndex
 
 from . import defaults
 from .data import CSR
-from .train import history_matrix
 
 
 def interaction_matrix(train: CSR, n_items: int) -> scipy.sparse.csr_matrix:
@@ -64,7 +63,7 @@ def item_code_index(scores: torch.Tensor, cap: int, *, keep: str = defaults.ITEM
                     rows: int = 4096) -> CodeIndex:
     """Each code's ``cap`` largest scores by magnitude (``keep="magnitude"``) or its
     ``cap`` highest positive ones (``"positive"``), items sorted within each list, plus
-    the empty padding code N; float32 scores; exact zeros dropped. The sum is linear, so
+    V = N codes (code h is history item h); float32 scores; exact zeros dropped. The sum is linear, so
     a negative weight demotes its item as a positive one promotes it: on MovieLens-1M at
     10% magnitude gives Recall@50 0.4214 against 0.4070. On Gowalla's 1% (410 of 40,981
     items per code) positive scores give 0.1748 Recall@20 against 0.1739: there the
@@ -86,19 +85,11 @@ def item_code_index(scores: torch.Tensor, cap: int, *, keep: str = defaults.ITEM
         lengths.append(kept.sum(1))
         items.append(ids[kept].to(torch.int32))
         values.append(top[kept])
-    lengths.append(lengths[0].new_zeros(1))  # the padding code
     indptr = torch.cat([lengths[0].new_zeros(1), torch.cat(lengths).cumsum(0)])
     return CodeIndex.from_postings(indptr, torch.cat(items), torch.cat(values).float(), n_items)
 
 
-def history_codes(train: CSR, n_users: int, n_items: int, length: int | None = None,
-                  seed: int = 0) -> np.ndarray:
-    """(U, T) int64 codes of every user: their training items, padded with the empty code
-    N. T is ``length`` (a seeded sample of that many items for longer histories) or, by
-    default, the longest history: the sum then runs over all of it, as the fit does
-    (MovieLens-1M, each code's top 10% positive scores: Recall@50 0.4070, against 0.4021
-    through a sample of 100)."""
-    length = max(1, int(train.lengths.max(initial=0))) if length is None else length
-    codes = history_matrix(train, n_users, length, seed)
-    codes[codes < 0] = n_items
-    return codes
+def history_bags(train: CSR) -> tuple[np.ndarray, np.ndarray]:
+    """Every user's bag of codes, their training items, as (flat codes int64, offsets
+    (U + 1) int64): ragged, so a batch costs the histories it holds, not U x the longest."""
+    return train.items.astype(np.int64), train.indptr.astype(np.int64)
