@@ -56,8 +56,9 @@ def packed_launch(launch: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, in
                   device: torch.device, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Run a kernel that packs (owner, key) survivors behind an int64 atomic counter:
     ``launch(keys, owners, counter, capacity)`` (the kernel counts and places in int64
-    too, so positions never wrap). A launch that finds more than ``capacity`` still counts them all, so a second launch with that capacity fits exactly, unless
-    that is over ``limit`` (which also caps the first capacity): then it raises
+    too, so positions never wrap). A launch that finds more than ``capacity`` still
+    counts them all, so a second launch with that capacity fits exactly, unless that is
+    over ``limit`` (which also caps the first capacity): then it raises
     ``SurvivorOverflow`` instead of allocating.
     Returns (owners, keys) grouped by owner, best first (``keys.group_survivors``)."""
     from .keys import SurvivorOverflow, group_survivors
