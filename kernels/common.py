@@ -52,6 +52,12 @@ def search_steps(longest: int) -> int:
     return max(1, int(longest).bit_length())
 
 
+def new_counter(device: torch.device) -> torch.Tensor:
+    """A zeroed survivor counter: int64, so that positions past 2**31 never wrap negative
+    (and pass ``at < capacity``)."""
+    return torch.zeros(1, dtype=torch.int64, device=device)
+
+
 def packed_launch(launch: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], None], capacity: int,
                   device: torch.device, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Run a kernel that packs (owner, key) survivors behind an int64 atomic counter:
@@ -63,7 +69,7 @@ def packed_launch(launch: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, in
     Returns (owners, keys) grouped by owner, best first (``keys.group_survivors``)."""
     from .keys import SurvivorOverflow, group_survivors
 
-    counter = torch.zeros(1, dtype=torch.int64, device=device)  # int64: positions never wrap
+    counter = new_counter(device)
     capacity = capacity if limit is None else min(capacity, limit)
     while True:
         keys = torch.empty(max(1, capacity), dtype=torch.int64, device=device)

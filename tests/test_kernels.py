@@ -206,3 +206,32 @@ def test_skip_table_points_at_each_superblock():
     table = cs.skip_table(index.indptr, index.items, 20, shift=3)
     assert table.positions.tolist() == [[0, 2, 3, 4], [4, 4, 4, 4], [4, 5, 5, 6]]
     assert table.steps == cs.search_steps(2)  # the longest segment holds 2 postings
+
+
+def test_survivor_positions_do_not_wrap_past_2_31():
+    """A counter already near 2**31 (as after ~2**31 survivors of a huge chunk): further
+    survivors must land at positions >= capacity and be counted, not wrap negative and
+    store out of bounds. Runs each packing kernel with the counter packed_launch makes."""
+    from sparcode.engine.dense import build_rows
+    from sparcode.kernels import dense_search as ds
+    from sparcode.kernels.common import new_counter
+
+    index = quantized_index(6, 40, 20, seed=4, dtype=torch.float32).to(DEVICE)
+    codes, bag_offsets, _ = as_bags(random_codes(3, 2, 6, seed=5, device=DEVICE))
+    floor = torch.full((3,), float("-inf"), device=DEVICE)
+    start = 2**31 - 2
+    owners, keys = ref.dense_keys(build_rows(index, torch.float32), codes, bag_offsets, None, floor)
+    found = keys.numel()
+    assert found > 2
+    rows = build_rows(index, torch.float32)
+    counter = new_counter(DEVICE).fill_(start)
+    out, out_owners = torch.full((4,), 7, device=DEVICE), torch.full((4,), 7, device=DEVICE)
+    ds._dense_keys_kernel[(3, 1)](rows, codes, bag_offsets, floor, floor, out, out_owners, counter, 40, 4,
+                                  BLOCK_N=64, WEIGHTED=False)
+    assert int(counter) == start + found and (out == 7).all() and (out_owners == 7).all()
+    offsets = cs.query_offsets(index.indptr, codes, bag_offsets)
+    ex = exclusion([[], [], []])
+    counter = new_counter(DEVICE).fill_(start)
+    cs._launch(index.indptr, index.items, index.scores, codes, bag_offsets, None, *ex, offsets, out, 32, floor,
+               out_owners, counter, 4)
+    assert int(counter) == start + found and (out == 7).all() and (out_owners == 7).all()
