@@ -52,6 +52,15 @@ def ranked_by_dense(scores: np.ndarray, excluded: list[np.ndarray], k: int) -> l
     return out
 
 
+def already_seen(data) -> list[list[int]]:
+    """Each user's train and validation items, read straight from the CSR arrays (not
+    through ``seen_items``, which is under test)."""
+    def row(csr, u):
+        return [int(i) for i in csr.items[csr.indptr[u] : csr.indptr[u + 1]]]
+
+    return [row(data.train, u) + row(data.valid, u) for u in range(data.n_users)]
+
+
 def test_metrics_by_hand():
     # user 0: |test| = 3 > K = 2 (the ideal DCG is clipped to 2 positions); user 1: |test| = 1;
     # user 2: no test items (not counted); user 3: a hit at rank 3 only
@@ -128,7 +137,10 @@ def test_evaluate_engine_equals_metrics_of_the_dense_index_scores(trained):
     k = 50
     got = evaluate_engine(Engine(index, model.encoder, backend="torch"), codes, data, k=k)
     dense = np.nan_to_num(dense_scores(index, codes), nan=-np.inf)  # non-candidates are never returned
-    ranked = ranked_by_dense(dense, seen_items(data), k)
+    seen = already_seen(data)
+    assert sum(map(len, seen)) > 0 and sum(len(data.valid.row(u)) for u in range(data.n_users)) > 0
+    assert [sorted(x.tolist()) for x in seen_items(data)] == [sorted(x) for x in seen]
+    ranked = ranked_by_dense(dense, seen, k)
     want = reference_metrics(ranked, [list(data.test.row(u)) for u in range(data.n_users)], ks=(10, 20, 50))
     assert got["users"] == want["users"] > 0
     for name in ("recall@20", "ndcg@20", "recall@50", "precision@10", "hitrate@50"):
@@ -144,7 +156,7 @@ def test_evaluate_exact_equals_metrics_of_the_full_scores(trained, kind):
     got = evaluate_exact(model, data, cfg, k=k)
     users = np.arange(data.n_users)
     scores = full_scores(model, data, cfg, users, tensors(data, cfg)).numpy()
-    ranked = ranked_by_dense(scores, seen_items(data), k)
+    ranked = ranked_by_dense(scores, already_seen(data), k)
     want = reference_metrics(ranked, [list(data.test.row(u)) for u in users], ks=(10, 20, 50))
     assert got["users"] == want["users"]
     for name in ("recall@10", "recall@20", "ndcg@20", "recall@50", "ndcg@50", "precision@20", "hitrate@20"):
