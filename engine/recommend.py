@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .atomic import atomic_write, atomic_write_text
 from .engine import Engine
 from .index import CodeIndex
 from .queries import ExcludeTable, QueryFile, QueryRows
@@ -223,15 +224,14 @@ def _write_part(
         "scores": pa.ListArray.from_arrays(offsets, pa.array(scores.reshape(-1), type=pa.float32())),
     })
     name = f"part-{part:06d}.parquet"
-    tmp = out / f".{name}.tmp-{os.getpid()}"
     # no dictionary encoding: item ids barely repeat within a part, and trying costs 5x
-    pq.write_table(table, tmp, compression=compression, use_dictionary=False, write_statistics=False)
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, out / name)
+    atomic_write(out / name, lambda tmp: pq.write_table(table, tmp, compression=compression, use_dictionary=False,
+                                                        write_statistics=False))
     line = json.dumps({"part": part, "file": name, "rows": rows, "first_user": int(users[0]) if rows else None})
-    with open(out / f"journal.rank{rank}.jsonl", "a") as fh:
-        fh.write(line + "\n")
+    with open(out / f"journal.rank{rank}.jsonl", "ab+") as fh:
+        end = fh.seek(0, os.SEEK_END)
+        torn = end > 0 and fh.seek(end - 1) >= 0 and fh.read(1) != b"\n"  # a crash cut the last line
+        fh.write((("\n" if torn else "") + line + "\n").encode())  # so that line never swallows this record
         fh.flush()
         os.fsync(fh.fileno())
 
@@ -261,9 +261,7 @@ def _write_manifest(out: Path, n_parts: int) -> None:
         return
     manifest = {"parts": [records[p] for p in range(n_parts)], "rows": sum(records[p]["rows"] for p in range(n_parts)),
                 "job": json.loads((out / JOB).read_text())}
-    tmp = out / f".{MANIFEST}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, out / MANIFEST)
+    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2))
 
 
 def _claim(out: Path, fingerprint: dict) -> None:
@@ -278,9 +276,7 @@ def _claim(out: Path, fingerprint: dict) -> None:
         return
     if any(out.glob("part-*.parquet")):
         raise ValueError(f"--out: {out} holds parts but no {JOB}; refusing to mix with them")
-    tmp = out / f".{JOB}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(fingerprint, indent=2, sort_keys=True))
-    os.replace(tmp, job)
+    atomic_write_text(job, json.dumps(fingerprint, indent=2, sort_keys=True))
 
 
 def _file_fingerprint(path: Path) -> dict:

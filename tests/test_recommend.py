@@ -201,3 +201,21 @@ def test_bad_bag_files_name_the_file_and_row(tmp_path):
         bad.read(0, 1)
     with pytest.raises(ValueError, match="needs a 'codes' list column"):
         written("c.parquet", user_id=[1])
+
+
+def test_a_torn_journal_line_is_not_a_record(job):
+    """A crash mid-append leaves a torn last line: the rerun ignores it, redoes only the
+    part it named, and completes."""
+    path, index, codes, _ = job
+    out = path / "out"
+    run_job(path / "ix", path / "codes.npy", out, k=K, batch_size=400, progress=False)
+    journal = next(out.glob("journal.rank*.jsonl"))
+    lines = journal.read_text().splitlines()
+    (out / "manifest.json").unlink()
+    (out / json.loads(lines[-1])["file"]).unlink()  # the last part's record is torn before it was complete
+    journal.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][: len(lines[-1]) // 2])
+    summary = run_job(path / "ix", path / "codes.npy", out, k=K, batch_size=400, progress=False)
+    assert summary.parts_written == 1 and summary.parts_skipped == 2 and not summary.stopped
+    users, ids, _ = read_rows(out)
+    assert users == list(range(1000)) and ids == expected(index, codes).ids.tolist()
+    assert json.loads((out / "manifest.json").read_text())["rows"] == 1000

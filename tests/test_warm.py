@@ -53,6 +53,8 @@ def test_warm_all_to_all_ranks_as_the_two_tower(ids_only, n_tokens):
     mine, theirs = full_scores(model, data, cfg, users, t), full_scores(two_tower, data, cfg, users, t)
     factor = mine.max(1).values / theirs.max(1).values  # one positive factor per user
     assert bool((factor > 0).all())
+    # the scale makes a typical user's scores the two-tower's logits, whatever T is
+    assert 0.8 < float(factor.median()) < 1.25, float(factor.median())
     expected = factor.unsqueeze(1) * theirs.clamp(min=0)  # the activation cuts at 0
     assert (mine - expected).abs().max() < 1e-4 * mine.max()
     assert (top_items(model, data) == top_items(two_tower, data)).mean() > 0.95  # only near-ties reorder
