@@ -82,6 +82,63 @@ def _write_top(acc, ids, k, out_row):
     out_row[keys.size :] = EMPTY_KEY
 
 
+@numba.njit(cache=True, nogil=True)
+def _key(bits: np.int32, item: np.int64) -> np.int64:
+    """``pack_keys`` of one float32 given by its bit pattern (-0.0 folds onto 0.0)."""
+    if bits == np.int32(-2147483648):
+        bits = np.int32(0)
+    ordered = np.int64(bits ^ ((bits >> 31) & MAGNITUDE_MASK))
+    return (ordered << SCORE_SHIFT) | (ITEM_BIAS - item)
+
+
+@numba.njit(cache=True, nogil=True)
+def _sift_down(heap, at, size):
+    """Restore the min-heap below ``at``."""
+    key = heap[at]
+    while True:
+        child = 2 * at + 1
+        if child >= size:
+            break
+        if child + 1 < size and heap[child + 1] < heap[child]:
+            child += 1
+        if heap[child] >= key:
+            break
+        heap[at] = heap[child]
+        at = child
+    heap[at] = key
+
+
+@numba.njit(cache=True, nogil=True)
+def _heap_top(acc, bits, ids, n_ids, bound, heap, out_row):
+    """The k = ``heap.size`` best keys of ``ids[:n_ids]`` whose sum reaches ``bound`` (NaN
+    never does), best first, ``EMPTY_KEY``-padded, into ``out_row``: a min-heap of k keys,
+    so each candidate costs one compare once the heap is full (np.partition touches
+    every candidate several times)."""
+    k = heap.size
+    size = 0
+    for j in range(n_ids):
+        item = ids[j]
+        if not acc[item] >= bound:
+            continue
+        key = _key(bits[item], np.int64(item))
+        if size < k:
+            at = size
+            size += 1
+            while at > 0:  # sift up
+                parent = (at - 1) // 2
+                if heap[parent] <= key:
+                    break
+                heap[at] = heap[parent]
+                at = parent
+            heap[at] = key
+        elif key > heap[0]:
+            heap[0] = key
+            _sift_down(heap, 0, k)
+    top = np.sort(heap[:size])[::-1]
+    out_row[:size] = top
+    out_row[size:] = EMPTY_KEY
+
+
 @numba.njit(parallel=True, cache=True, nogil=True)
 def _search(indptr, items, scores, table, codes, offsets, weights, weighted, ex_offsets, ex_items, floor, n_items, k,
             n_workers, out):
@@ -90,13 +147,15 @@ def _search(indptr, items, scores, table, codes, offsets, weights, weighted, ex_
     for worker in numba.prange(n_workers):
         # NaN marks "no posting yet": one random access per posting, no separate flags
         acc = np.full(n_items, np.nan, dtype=np.float32)
+        bits = acc.view(np.int32)
+        heap = np.empty(min(k, HEAP_K), dtype=np.int64)
         touched = np.empty(16, dtype=np.int32)
         for q in range(worker * per_worker, min(n_queries, (worker + 1) * per_worker)):
             need = 0
             for t in range(offsets[q], offsets[q + 1]):
                 need += indptr[codes[t] + 1] - indptr[codes[t]]
-            if need > touched.size:
-                touched = np.empty(max(need, 2 * touched.size), dtype=np.int32)
+            if need + 1 > touched.size:  # + 1: the branch-free append writes one slot past the last
+                touched = np.empty(max(need + 1, 2 * touched.size), dtype=np.int32)
             n_touched = 0
             for t in range(offsets[q], offsets[q + 1]):
                 code = codes[t]
@@ -107,22 +166,23 @@ def _search(indptr, items, scores, table, codes, offsets, weights, weighted, ex_
                     if weighted:
                         value = w * value
                     current = acc[item]
-                    if current != current:
-                        acc[item] = value
-                        touched[n_touched] = item
-                        n_touched += 1
-                    else:
-                        acc[item] = current + value
+                    fresh = current != current
+                    touched[n_touched] = item  # kept only when fresh: no branch to mispredict
+                    n_touched += fresh
+                    acc[item] = value if fresh else current + value
             for p in range(ex_offsets[q], ex_offsets[q + 1]):
                 acc[ex_items[p]] = np.nan
-            ids = np.empty(n_touched, dtype=np.int64)
-            n_kept = 0
-            for j in range(n_touched):
-                item = touched[j]
-                if acc[item] >= floor[q]:  # False for NaN: excluded items drop out here
-                    ids[n_kept] = item
-                    n_kept += 1
-            _write_top(acc, ids[:n_kept], k, out[q])
+            if k <= HEAP_K:
+                _heap_top(acc, bits, touched, n_touched, floor[q], heap, out[q])
+            else:
+                ids = np.empty(n_touched, dtype=np.int64)
+                n_kept = 0
+                for j in range(n_touched):
+                    item = touched[j]
+                    if acc[item] >= floor[q]:  # False for NaN: excluded items drop out here
+                        ids[n_kept] = item
+                        n_kept += 1
+                _write_top(acc, ids[:n_kept], k, out[q])
             for j in range(n_touched):
                 acc[touched[j]] = np.nan
 
@@ -138,7 +198,10 @@ def _search_dense(rows, positive, codes, offsets, weights, weighted, ex_offsets,
     per_worker = (n_queries + n_workers - 1) // n_workers
     for worker in numba.prange(n_workers):
         acc = np.empty(n_items, dtype=np.float32)
+        bits = acc.view(np.int32)
         ids = np.empty(n_items, dtype=np.int64)
+        every = np.arange(n_items)
+        heap = np.empty(min(k, HEAP_K), dtype=np.int64)
         for q in range(worker * per_worker, min(n_queries, (worker + 1) * per_worker)):
             acc[:] = np.float32(0.0) if positive else np.float32(np.nan)
             for t in range(offsets[q], offsets[q + 1]):
@@ -159,6 +222,9 @@ def _search_dense(rows, positive, codes, offsets, weights, weighted, ex_offsets,
             bound = floor[q]
             if positive and not bound > 0:
                 bound = np.float32(1e-45)  # the smallest positive float32: present items only
+            if k <= HEAP_K:
+                _heap_top(acc, bits, every, n_items, bound, heap, out[q])
+                continue
             n_kept = 0
             for j in range(n_items):
                 if acc[j] >= bound:  # False for NaN: absent and excluded items drop out here
@@ -166,6 +232,8 @@ def _search_dense(rows, positive, codes, offsets, weights, weighted, ex_offsets,
                     n_kept += 1
             _write_top(acc, ids[:n_kept], k, out[q])
 
+
+HEAP_K = 256  # up to this k, selection keeps a min-heap of k keys; above it, a partition
 
 # Per-query cost of the two CPU regimes in ns per unit of work, measured on 2 AMD EPYC
 # cores at the R1 and R2 CPU shapes (docs/performance.md): a posting is a random access

@@ -256,3 +256,9 @@ def test_the_oracle_comparison_rejects_anything_but_tie_reordering():
         except AssertionError:
             continue
         pytest.fail(f"the oracle accepted a result with a fault: {case}")
+
+
+def test_negative_zero_ties_with_zero_and_goes_by_id(cpu_backend):
+    index = csr_index([[(3, -0.0), (5, 0.0), (7, -1.0)]], n_items=8)
+    scores, ids = Engine(index, backend=cpu_backend).search(torch.tensor([[0]]), k=3)
+    assert ids.tolist() == [[3, 5, 7]] and scores[0].tolist() == [0.0, 0.0, -1.0]
