@@ -3,6 +3,7 @@ all-to-all scoring (the model class SparCode serves, evaluated for every item)."
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -151,8 +152,10 @@ def dense_item_codes(index, *, block: int = 1024) -> Callable[[torch.Tensor, tor
             hi = min(n_queries, lo + block)
             part = offsets[lo : hi + 1] - offsets[lo]
             items = codes[int(offsets[lo]) : int(offsets[hi])]
-            users = torch.sparse_csr_tensor(part, items, torch.ones(items.numel(), device=codes.device),
-                                            size=(hi - lo, n_items))
+            with warnings.catch_warnings():  # torch's beta-state notice for sparse CSR
+                warnings.simplefilter("ignore", UserWarning)
+                users = torch.sparse_csr_tensor(part, items, torch.ones(items.numel(), device=codes.device),
+                                                size=(hi - lo, n_items))
             scores = users @ dense
             owner = torch.repeat_interleave(torch.arange(hi - lo, device=codes.device), part.diff())
             scores[owner, items] = float("-inf")

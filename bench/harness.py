@@ -23,11 +23,11 @@ import numpy as np
 import torch
 
 from sparcode.engine import CodeIndex, Engine
-from sparcode.engine.dense import fits
+from sparcode.engine.dense import available_bytes, fits
 
 from . import baselines
 from .options import build_parser
-from .regimes import REGIMES, Regime, build
+from .regimes import ITEM_CODES, REGIMES, ItemCodesRegime, Regime, build, build_item_codes
 from .timing import cpu_name, current_rss_bytes, peak_rss_bytes, reset_peak_rss
 
 CPU_SCALE = (10, 4)  # DESIGN.md: CPU runs divide N by 10 and B by 4
@@ -176,6 +176,57 @@ def bench_regime(regime: Regime, device: str, *, repeats: int, all_to_all_querie
             **notes}
 
 
+def bench_item_codes(regime: ItemCodesRegime, device: str, *, repeats: int, seed: int = 0) -> dict:
+    """R4: SparCode over item codes (ragged history bags, history excluded) against what an
+    item-to-item user runs (scipy CSR @ CSR + partial sort; dense EASE scoring where the
+    N x N matrix fits) and two-tower brute force over the same N, interleaved."""
+    index, batches = build_item_codes(regime, device, seed=seed, n_batches=N_BATCHES)
+    k = regime.k
+    lengths = [b[1].diff().float() for b in batches]
+    postings = float(np.mean([int(index.lengths[c].sum()) for c, _ in batches])) / regime.batch
+    methods: list[Method] = []
+    for backend in (["triton"] if device == "cuda" else ["numba", "torch"]):
+        engine = Engine(index, backend=backend, workspace_bytes=8 * 2**30 if device == "cuda" else None)
+        methods.append(Method(f"sparcode-{backend}", lambda i, e=engine: e.search(
+            batches[i % N_BATCHES][0], k=k, offsets=batches[i % N_BATCHES][1],
+            exclude=(batches[i % N_BATCHES][1], batches[i % N_BATCHES][0])), regime.batch,
+            {"postings_per_query": postings}))
+    if device == "cpu":
+        scipy_search = baselines.scipy_item_codes(index)
+        methods.append(Method("scipy-csr-matmul", lambda i: scipy_search(*batches[i % N_BATCHES], k), regime.batch))
+        if 4 * regime.n_items**2 <= available_bytes(index.device) // 2:
+            dense = baselines.dense_item_codes(index)
+            methods.append(Method("dense-ease", lambda i: dense(*batches[i % N_BATCHES], k), regime.batch))
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((max(16, regime.n_items // 100), baselines.DIM)).astype(np.float32)
+    item_t = torch.from_numpy(baselines.clustered_vectors(regime.n_items, centers=centers, spread=VECTOR_SPREAD,
+                                                          rng=rng)).to(device)
+    query_t = [torch.from_numpy(baselines.clustered_vectors(regime.batch, centers=centers, spread=VECTOR_SPREAD,
+                                                            rng=rng)).to(device) for _ in range(N_BATCHES)]
+    tower = baselines.two_tower(item_t, budget_bytes=4 * 2**30 if device == "cuda" else 256 * 2**20)
+    methods.append(Method("two-tower-bruteforce", lambda i: tower(query_t[i % N_BATCHES], k), regime.batch))
+    measure(methods, device, repeats)
+    entries = []
+    for m in methods:
+        med = statistics.median(m.times)
+        entry = {"method": m.name, "qps_median": m.queries / med, "qps_min": m.queries / max(m.times),
+                 "qps_max": m.queries / min(m.times), "repeats": len(m.times), "queries_per_run": m.queries,
+                 "peak_memory_bytes": m.peak, "added_memory_bytes": m.added,
+                 "peak_memory_kind": "cuda-max-allocated" if device == "cuda" else "process-rss"}
+        if "postings_per_query" in m.extra:
+            entry["postings_per_s"] = m.extra["postings_per_query"] * entry["qps_median"]
+        entries.append(entry)
+    best = max((e for e in entries if e["method"].startswith("sparcode-")), key=lambda e: e["qps_median"])
+    ratios = {f"sparcode_vs_{e['method']}": best["qps_median"] / e["qps_median"] for e in entries
+              if not e["method"].startswith("sparcode-")}
+    return {"regime": regime.name, "config": regime.as_dict(), "postings_per_query": postings,
+            "history_lengths": {"mean": float(torch.cat(lengths).mean()), "p50": float(torch.cat(lengths).median()),
+                                "p99": float(torch.cat(lengths).quantile(0.99)), "max": float(torch.cat(lengths).max())},
+            "index": {k2: v for k2, v in index.stats().items() if k2 != "device"}, "methods": entries, "ratios": ratios,
+            "note": "item-codes index generated without files: Zipf item popularity (exponent 0.8), cap postings per "
+                    "code, lognormal |scores| with a share negated; every query's history excluded"}
+
+
 def triton_regimes(index: CodeIndex, batches: list[torch.Tensor], regime: Regime, k: int, postings: float,
                    device: str) -> list[Method]:
     """The Triton backend forced into each regime that fits: candidate always, dense when its
@@ -314,7 +365,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--device: cuda requested but no CUDA device is available")
     if args.scale <= 0 or args.repeats < 1:
         raise ValueError("--scale must be > 0 and --repeats >= 1")
-    names = list(REGIMES) if args.regime == "all" else [args.regime]
+    names = [*REGIMES, "R4"] if args.regime == "all" else [args.regime]
     items_by, batch_by = CPU_SCALE if args.device == "cpu" else (1, 1)
     scale = args.scale * (10 if args.quick else 1)
     device_name = device_label(args.device)
@@ -322,9 +373,14 @@ def run(args: argparse.Namespace) -> int:
     reports = []
     today = date.today().isoformat()
     for name in names:
-        regime = REGIMES[name].scaled(items_by * scale, batch_by * scale)
-        print(f"[bench] {name} on {device_name}: {regime}", flush=True)
-        report = bench_regime(regime, args.device, repeats=args.repeats, all_to_all_queries=1 if args.quick else 2)
+        if name == "R4":
+            regime = ITEM_CODES[args.device].scaled(scale)
+            print(f"[bench] {name} on {device_name}: {regime}", flush=True)
+            report = bench_item_codes(regime, args.device, repeats=args.repeats)
+        else:
+            regime = REGIMES[name].scaled(items_by * scale, batch_by * scale)
+            print(f"[bench] {name} on {device_name}: {regime}", flush=True)
+            report = bench_regime(regime, args.device, repeats=args.repeats, all_to_all_queries=1 if args.quick else 2)
         report.update(_environment(args, device_name, today))
         (args.out / f"{slug(device_name)}-{name}-{today}.json").write_text(json.dumps(report, indent=2) + "\n")
         reports.append(report)

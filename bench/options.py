@@ -12,7 +12,8 @@ from .regimes import REGIMES
 
 
 def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--regime", default="R1", choices=[*REGIMES, "all"])
+    parser.add_argument("--regime", default="R1", choices=[*REGIMES, "R4", "all"],
+                        help="R1-R3: quantized-token shapes; R4: item codes (ragged history bags, history excluded)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--scale", type=float, default=1.0, help="divide N and B further by this factor")
     parser.add_argument("--out", type=Path, default=Path("bench-out"))

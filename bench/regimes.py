@@ -63,6 +63,14 @@ class ItemCodesRegime:
     negative_share: float = 0.3  # the default keep rule (by magnitude) keeps negative scores too
     history_sigma: float = 1.0  # lognormal spread of history lengths (Gowalla: mean 27, p50 16, p99 182)
 
+    def scaled(self, by: float) -> ItemCodesRegime:
+        """N and B divided by ``by`` (the cap, a share of N, with them); histories keep their shape."""
+        if by == 1:
+            return self
+        n_items = max(2, int(self.n_items / by))
+        return replace(self, n_items=n_items, cap=max(1, int(self.cap / by)), batch=max(1, int(self.batch / by)),
+                       longest_history=min(self.longest_history, n_items))
+
     def as_dict(self) -> dict:
         return asdict(self)
 

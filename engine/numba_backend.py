@@ -1,20 +1,21 @@
 """The CPU backend: per-query accumulation compiled with numba, queries in parallel.
 
 Each worker owns a dense float32 accumulator over items (N x 4 bytes, NaN = not yet
-touched), reused for every query it handles. For one query it adds its bag's posting lists in bag
-order, each score times the code's weight (so sums match the other backends bit for bit), remembers the touched items,
-drops excluded ones and those under the query's score floor (``score_floor``: they
-cannot reach the top k), packs the survivors into int64 keys (``sparcode.kernels.keys``) and
-keeps the k largest with a partition and a sort; then it clears only the touched
-slots. Work is T x L per query, never N, and there is no per-query allocation of N.
-Needs numba (the ``cpu`` extra); without it ``backend="auto"`` uses the torch backend.
+touched), reused for every query it handles. For one query it adds its bag's posting
+lists in bag order, each score times the code's weight (so sums match the other
+backends bit for bit), remembers the touched items without a branch per posting, drops
+excluded ones and those under the query's score floor (``score_floor``: they cannot
+reach the top k) and keeps the k best int64 keys (``sparcode.kernels.keys``): in a
+min-heap of k keys that also clears the touched slots in the same pass (k <= 256), or
+by a partition and a sort. Work follows the postings, never N, and there is no
+per-query allocation of N. Needs numba (the ``cpu`` extra); without it
+``backend="auto"`` uses the torch backend.
 
 For indexes whose queries touch a large share of the items the backend sums the query's
-T dense score rows instead (``engine/dense.py``): T x N sequential float32 reads, which
+dense score rows instead (``engine/dense.py``): T x N sequential float32 reads, which
 the compiler vectorises, against one random access per posting. ``choose_regime``
 compares the two by cost per query, when the rows fit the memory budget.
 """
-
 from __future__ import annotations
 
 from functools import cache
@@ -109,18 +110,22 @@ def _sift_down(heap, at, size):
 
 
 @numba.njit(cache=True, nogil=True)
-def _heap_top(acc, bits, ids, n_ids, bound, heap, out_row):
+def _heap_top(acc, bits, ids, n_ids, bound, heap, out_row, clear):
     """The k = ``heap.size`` best keys of ``ids[:n_ids]`` whose sum reaches ``bound`` (NaN
     never does), best first, ``EMPTY_KEY``-padded, into ``out_row``: a min-heap of k keys,
     so each candidate costs one compare once the heap is full (np.partition touches
-    every candidate several times)."""
+    every candidate several times). With ``clear`` each visited slot is reset to NaN in
+    the same pass."""
     k = heap.size
     size = 0
     for j in range(n_ids):
         item = ids[j]
-        if not acc[item] >= bound:
-            continue
+        value = acc[item]
         key = _key(bits[item], np.int64(item))
+        if clear:
+            acc[item] = np.nan
+        if not value >= bound:
+            continue
         if size < k:
             at = size
             size += 1
@@ -172,8 +177,8 @@ def _search(indptr, items, scores, table, codes, offsets, weights, weighted, ex_
                     acc[item] = value if fresh else current + value
             for p in range(ex_offsets[q], ex_offsets[q + 1]):
                 acc[ex_items[p]] = np.nan
-            if k <= HEAP_K:
-                _heap_top(acc, bits, touched, n_touched, floor[q], heap, out[q])
+            if k <= HEAP_K:  # selects and clears the touched slots in one pass
+                _heap_top(acc, bits, touched, n_touched, floor[q], heap, out[q], True)
             else:
                 ids = np.empty(n_touched, dtype=np.int64)
                 n_kept = 0
@@ -183,8 +188,8 @@ def _search(indptr, items, scores, table, codes, offsets, weights, weighted, ex_
                         ids[n_kept] = item
                         n_kept += 1
                 _write_top(acc, ids[:n_kept], k, out[q])
-            for j in range(n_touched):
-                acc[touched[j]] = np.nan
+                for j in range(n_touched):
+                    acc[touched[j]] = np.nan
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
@@ -223,7 +228,7 @@ def _search_dense(rows, positive, codes, offsets, weights, weighted, ex_offsets,
             if positive and not bound > 0:
                 bound = np.float32(1e-45)  # the smallest positive float32: present items only
             if k <= HEAP_K:
-                _heap_top(acc, bits, every, n_items, bound, heap, out[q])
+                _heap_top(acc, bits, every, n_items, bound, heap, out[q], False)
                 continue
             n_kept = 0
             for j in range(n_items):
@@ -276,6 +281,8 @@ class NumbaBackend:
             if regime == "cpu-dense" and not fits(index, torch.float32, self.dense_bytes):
                 regime = "cpu-accumulate"
         if regime == "cpu-dense":  # the rows are shared; per query only the (B, k) keys
+            return Plan(np.full(postings.shape, 16 * k), regime=regime)
+        if k <= HEAP_K:  # the (B, k) keys; each worker reuses one touched list (4 bytes a posting)
             return Plan(np.full(postings.shape, 16 * k), regime=regime)
         # touched list, ids and keys per posting; the (B, k) keys
         return Plan(24 * postings + 16 * k, regime=regime)
