@@ -58,6 +58,11 @@ class Bags(NamedTuple):
         weights = None if self.weights is None else self.weights[lo:hi]
         return Bags(self.codes[lo:hi], part - lo, weights)
 
+    def take(self, rows: torch.Tensor) -> Bags:
+        """The bags of queries ``rows`` (int64), in that order."""
+        offsets, (codes, weights) = take_rows(self.offsets, [self.codes, self.weights], rows)
+        return Bags(codes, offsets, weights)
+
     def nonnegative_weights(self) -> torch.Tensor:
         """(B,) bool: whether every weight of the query is >= 0 (True without weights)."""
         ok = torch.ones(self.n_queries, dtype=torch.bool, device=self.codes.device)
@@ -72,6 +77,19 @@ class Bags(NamedTuple):
         n_queries, n_tokens = codes.shape
         offsets = torch.arange(n_queries + 1, dtype=torch.int64, device=codes.device) * n_tokens
         return cls(codes.reshape(-1), offsets, None if weights is None else weights.reshape(-1))
+
+
+def take_rows(offsets: torch.Tensor, columns: list[torch.Tensor | None],
+              rows: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """Rows ``rows`` of a CSR (``offsets`` and per-value ``columns``; None stays None):
+    (new offsets, new columns), costing the values those rows hold."""
+    lengths = offsets.diff()[rows]
+    new = torch.zeros(rows.numel() + 1, dtype=torch.int64, device=offsets.device)
+    new[1:] = lengths.cumsum(0)
+    total = int(new[-1])
+    at = torch.repeat_interleave(offsets[rows] - new[:-1], lengths, output_size=total) + torch.arange(
+        total, device=offsets.device)
+    return new, [None if c is None else c[at] for c in columns]
 
 
 def to_bags(batch: Any, offsets: Any, weights: Any, n_codes: int, device: torch.device) -> tuple[Bags, Kind]:

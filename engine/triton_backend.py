@@ -13,22 +13,25 @@ import torch
 
 from sparcode.kernels.candidate_search import SKIP_SHIFT, SkipTable, candidate_search, skip_table
 from sparcode.kernels.dense_search import dense_search
+from sparcode.kernels.table_search import LOAD, MAX_K, table_search
 from sparcode.kernels.tiled_search import tiled_search
 
-from .bags import Bags
+from .bags import Bags, take_rows
 from .dense import dense_rows, fits
 from .index import CodeIndex
 from .plan import Plan
 from .selection import Exclusion, score_floor
 
 TILE_ITEMS = 1024
-REGIMES = ("auto", "candidate", "tiled", "dense")
+REGIMES = ("auto", "table", "candidate", "tiled", "dense")
+TABLE_RANGE = (1024, 65536)  # slots of a per-query table (8 bytes each)
+L2_TABLE_BYTES = 32 * 2**20  # the tables in flight together: within an H100/H200's 50 MB L2
 SECTOR_BYTES = 32  # one L2 sector: what a scattered load costs in traffic
 SURVIVOR_BYTES = 32  # a dense-regime survivor: its key and owner, and their grouped copies
 
 
 def choose_regime(n_items: int, n_tokens: float, mean_postings: float, longest: int, tile_items: int = TILE_ITEMS,
-                  dense_fits: bool = False, score_bytes: int = 2) -> str:
+                  dense_fits: bool = False, score_bytes: int = 2, table_slots: int | None = None) -> str:
     """Pick the cheapest regime from a count of memory operations (sectors) per query.
 
     candidate: every posting binary-searches its superblock segment of all T lists
@@ -36,8 +39,11 @@ def choose_regime(n_items: int, n_tokens: float, mean_postings: float, longest: 
     written once as a key. tiled: every posting is a read-modify-write of the scratch
     row, every item slot costs an init, a read-back and its share of the on-chip sort,
     and every (code, item block) two binary searches of the code's whole list. dense
-    (only when the rows fit their budget): T coalesced rows of N scores. T is the
-    batch's mean bag length (``n_tokens``). The
+    (only when the rows fit their budget): T coalesced rows of N scores. table (when
+    ``table_slots`` is given: k fits and the mean query fits a table of that size): per
+    posting a compare-and-swap and a read-modify-write of its slot, and per query one
+    clearing and one reading pass over the table. T is the batch's mean bag length
+    (``n_tokens``). The
     constants are counted from the kernels' loops, not yet fitted to GPU measurements
     (docs/performance.md).
     """
@@ -47,7 +53,18 @@ def choose_regime(n_items: int, n_tokens: float, mean_postings: float, longest: 
              + n_tokens * -(-n_items // tile_items) * 2 * steps}
     if dense_fits:
         costs["dense"] = n_tokens * n_items * score_bytes / SECTOR_BYTES
+    if table_slots is not None and mean_postings <= table_slots * LOAD:
+        costs["table"] = mean_postings * 3 + table_slots * 2 * 8 / SECTOR_BYTES
     return min(costs, key=costs.get)
+
+
+def table_size(postings: torch.Tensor) -> int:
+    """Slots of the per-query tables for a batch: room for its 99th-percentile query at
+    the table's load (longer ones go to another regime), within ``TABLE_RANGE``."""
+    if postings.numel() == 0:
+        return TABLE_RANGE[0]
+    p99 = float(torch.quantile(postings.double(), 0.99)) if postings.numel() > 1 else float(postings[0])
+    return int(min(TABLE_RANGE[1], max(TABLE_RANGE[0], 1 << max(0, math.ceil(math.log2(max(1.0, p99 / LOAD)))))))
 
 
 def _skip(index: CodeIndex) -> SkipTable:
@@ -61,9 +78,12 @@ class TritonBackend:
     name = "triton"
 
     def __init__(self, regime: str = "auto", tile_items: int = TILE_ITEMS, dense_bytes: int | None = None,
-                 workspace_bytes: int | None = None) -> None:
+                 workspace_bytes: int | None = None, table_slots: int | None = None,
+                 table_programs: int | None = None) -> None:
         """``workspace_bytes`` bounds the dense regime's survivors per launch (None: no bound);
-        ``Engine`` passes its own."""
+        ``Engine`` passes its own. ``table_slots`` (a power of two) fixes the table regime's
+        per-query tables (None: sized per batch, ``table_size``) and ``table_programs`` the
+        tables in flight (None: ``L2_TABLE_BYTES`` worth, at least one per SM)."""
         if regime not in REGIMES:
             raise ValueError(f"regime: expected one of {REGIMES}, got {regime!r}")
         if tile_items < 16 or tile_items & (tile_items - 1):
@@ -72,6 +92,9 @@ class TritonBackend:
         self.tile_items = tile_items
         self.dense_bytes = dense_bytes
         self.workspace_bytes = workspace_bytes
+        if table_slots is not None and (table_slots < 2 or table_slots & (table_slots - 1)):
+            raise ValueError(f"table_slots: expected a power of two >= 2, got {table_slots}")
+        self.table_slots, self.table_programs = table_slots, table_programs
 
     def plan(self, index: CodeIndex, bags: Bags, k: int) -> Plan:
         postings = bags.postings(index.lengths).cpu().numpy()
@@ -81,8 +104,12 @@ class TritonBackend:
             tokens = float(bags.codes.numel()) / max(1, bags.n_queries)
             dense_ok = fits(index, index.scores.dtype, self.dense_bytes)
             searched = (1 << _skip(index).steps) - 1  # the longest segment a candidate search covers
+            table = (self.table_slots or table_size(torch.from_numpy(postings))) if k <= MAX_K else None
             regime = choose_regime(index.n_items, tokens, mean, searched, self.tile_items,
-                                   dense_ok, index.scores.element_size())
+                                   dense_ok, index.scores.element_size(), table)
+        if regime == "table":  # the (B, k) keys; queries that do not fit go the candidate way
+            return Plan(np.where(postings <= self._table(torch.from_numpy(postings)) * LOAD, 16 * k,
+                                 40 * postings + 16 * k), regime=regime)
         if regime == "dense":  # survivors of the floor (keys and owners, sorted twice), the (B, k) keys
             return Plan(np.full(postings.shape, 64 * (64 + k) + 16 * k), regime=regime)
         if regime == "candidate":
@@ -103,6 +130,8 @@ class TritonBackend:
             ex_offsets, ex_items = exclude
             if ex_items.numel() == 0:  # kernels need a real pointer; nothing is read from it
                 ex_items = torch.zeros(1, dtype=torch.int64, device=device)
+        if regime == "table":
+            return self._table_search(index, bags, k, ex_offsets, ex_items)
         codes = bags.codes if bags.codes.numel() else torch.zeros(1, dtype=torch.int64, device=device)
         weights = bags.weights if bags.weights is None or bags.weights.numel() else None
         if regime == "dense":
@@ -114,3 +143,36 @@ class TritonBackend:
         if regime == "candidate":
             return candidate_search(*args, floor=score_floor(index, bags, k + ex_offsets.diff()), skip=_skip(index))
         return tiled_search(*args, index.n_items, block_n=self.tile_items)
+
+    def _table(self, postings: torch.Tensor) -> int:
+        return self.table_slots or table_size(postings)
+
+    def _table_search(self, index: CodeIndex, bags: Bags, k: int, ex_offsets: torch.Tensor,
+                      ex_items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The queries that fit a table through the table kernel, the rest through the
+        regime the cost model picks for them."""
+        device = bags.codes.device
+        postings = bags.postings(index.lengths)
+        table = self._table(postings)
+        fit = (postings <= table * LOAD) & (k <= MAX_K)
+        scores = torch.full((bags.n_queries, k), float("-inf"), device=device)
+        ids = torch.full((bags.n_queries, k), -1, dtype=torch.int64, device=device)
+        mine = torch.nonzero(fit).squeeze(1)
+        if mine.numel():
+            programs = self.table_programs
+            if programs is None:
+                programs = max(torch.cuda.get_device_properties(device).multi_processor_count,
+                               L2_TABLE_BYTES // (8 * table)) if device.type == "cuda" else 4
+            codes = bags.codes if bags.codes.numel() else torch.zeros(1, dtype=torch.int64, device=device)
+            floor = score_floor(index, bags, k + ex_offsets.diff())
+            scores[mine], ids[mine] = table_search(index.indptr, index.items, index.scores, codes, bags.offsets,
+                                                   bags.weights, ex_offsets, ex_items, floor, mine, k, table=table,
+                                                   n_programs=programs)
+        rest = torch.nonzero(~fit).squeeze(1)
+        if rest.numel():
+            sub = bags.take(rest)
+            ex_sub, (ex_rest,) = take_rows(ex_offsets, [ex_items[: int(ex_offsets[-1])]], rest)
+            plan = TritonBackend(tile_items=self.tile_items, dense_bytes=self.dense_bytes,
+                                 workspace_bytes=self.workspace_bytes).plan(index, sub, k)
+            scores[rest], ids[rest] = self.search(index, sub, k, (ex_sub, ex_rest), plan.regime)
+        return scores, ids

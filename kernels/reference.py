@@ -159,3 +159,27 @@ def dense_search(rows, codes, bag_offsets, weights, floor, ex_offsets, ex_items,
         mine = mine[~torch.isin(ids, excluded)][:k]
         out[q, : mine.numel()] = mine
     return unpack_keys(out)
+
+
+def table_keys(indptr, items, scores, codes, bag_offsets, weights, ex_offsets, ex_items, floor, queries, k, *,
+               table=16384, chunk=256, n_programs=None):
+    """Reference for ``table_search.table_keys``: a dense per-query sort of the candidates
+    that reach the floor and are not excluded."""
+    n_items = int(items.max()) + 1 if items.numel() else 1
+    out = torch.full((queries.numel(), k), EMPTY_KEY, dtype=torch.int64, device=codes.device)
+    for row, q in enumerate(queries.tolist()):
+        total, present, _, _ = _query_sums(indptr, items, scores, codes, bag_offsets, weights, q, n_items)
+        excluded = ex_items[int(ex_offsets[q]) : int(ex_offsets[q + 1])]
+        present[excluded[excluded < n_items]] = False
+        present &= total >= floor[q]
+        ids = torch.nonzero(present).squeeze(1)
+        best = torch.sort(pack_keys(total[ids], ids), descending=True).values[:k]
+        out[row, : best.numel()] = best
+    return out
+
+
+def table_search(indptr, items, scores, codes, bag_offsets, weights, ex_offsets, ex_items, floor, queries, k, *,
+                 table=16384, chunk=256, n_programs=None):
+    """Reference for ``table_search.table_search``."""
+    return unpack_keys(table_keys(indptr, items, scores, codes, bag_offsets, weights, ex_offsets, ex_items, floor,
+                                  queries, k))

@@ -21,6 +21,7 @@ ENGINES = {
     "torch": lambda ix: Engine(ix, backend="torch"),
     "numba": lambda ix: _with(Engine(ix, backend="numba"), NumbaBackend(regime="cpu-accumulate")),
     "numba-dense": lambda ix: _with(Engine(ix, backend="numba"), NumbaBackend(regime="cpu-dense", dense_bytes=2**30)),
+    "triton-table": lambda ix: _with(Engine(ix, backend="triton"), _triton("table")),
     "triton-candidate": lambda ix: _with(Engine(ix, backend="triton"), _triton("candidate")),
     "triton-tiled": lambda ix: _with(Engine(ix, backend="triton"), _triton("tiled")),
     "triton-dense": lambda ix: _with(Engine(ix, backend="triton"), _triton("dense")),
@@ -28,7 +29,9 @@ ENGINES = {
 
 
 def _triton(regime):
-    return TritonBackend(regime=regime, tile_items=64 if DEVICE == "cpu" else 1024, dense_bytes=2**30)
+    # 32 table slots: collisions, and queries over 16 postings routed to another regime
+    return TritonBackend(regime=regime, tile_items=64 if DEVICE == "cpu" else 1024, dense_bytes=2**30,
+                         table_slots=32 if DEVICE == "cpu" else None)
 
 
 def _with(engine, backend):

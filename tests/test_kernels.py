@@ -1,6 +1,7 @@
 """Triton kernels vs their torch references (bit-exact keys), on the interpreter with tiny
 shapes (a few programs each) and, marked ``gpu``, at realistic sizes on CUDA."""
 
+import numpy as np
 import pytest
 import torch
 from helpers import DEVICE, csr_index, quantized_index
@@ -8,6 +9,7 @@ from helpers import DEVICE, csr_index, quantized_index
 from sparcode.engine.synthetic import random_codes
 from sparcode.kernels import candidate_search as cs
 from sparcode.kernels import reference as ref
+from sparcode.kernels import table_search as tbl
 from sparcode.kernels import tiled_search as ts
 from sparcode.kernels.keys import EMPTY_KEY, SurvivorOverflow
 
@@ -235,3 +237,68 @@ def test_survivor_positions_do_not_wrap_past_2_31():
     cs._launch(index.indptr, index.items, index.scores, codes, bag_offsets, None, *ex, offsets, out, 32, floor,
                out_owners, counter, 4)
     assert int(counter) == start + found and (out == 7).all() and (out_owners == 7).all()
+
+
+def ragged(rng, n_queries, n_codes, longest, weighted, device=DEVICE):
+    """Ragged bags (flat codes, offsets, weights): empty ones, a repeated code, and weights
+    whose products with quantized scores are exact, negative ones included."""
+    lengths = rng.integers(0, longest + 1, size=n_queries)
+    lengths[0] = 0
+    codes = rng.integers(0, n_codes, size=int(lengths.sum()))
+    if n_queries > 1 and lengths[1] >= 2:
+        codes[lengths[0] + 1] = codes[lengths[0]]
+    offsets = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int64, device=device)
+    weights = torch.tensor(rng.choice([-1.0, 0.0, 0.5, 1.0, 2.0], size=codes.size), dtype=torch.float32,
+                           device=device) if weighted else None
+    return torch.tensor(codes, dtype=torch.int64, device=device), offsets, weights
+
+
+def check_table(index, bags, ex, floor, k, *, table, chunk, n_programs=3):
+    codes, offsets, _ = bags
+    postings = cs.query_offsets(index.indptr, codes, offsets).diff()
+    queries = torch.nonzero(tbl.fits(postings, table)).squeeze(1)
+    args = (index.indptr, index.items, index.scores, *bags, *ex, floor, queries, k)
+    got = tbl.table_keys(*args, table=table, chunk=chunk, n_programs=n_programs)
+    assert torch.equal(got, ref.table_keys(*args)), "table keys differ from the reference"
+    return queries
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("weighted", [False, True])
+def test_table_ragged_bags_with_collisions(dtype, weighted):
+    rng = np.random.default_rng(int(weighted) + 7)
+    index = quantized_index(12, 200, 3, seed=3, dtype=dtype, negative=dtype == torch.float32).to(DEVICE)
+    bags = ragged(rng, 6, 12, 4, weighted)
+    ex = exclusion([[], [3, 50], list(range(0, 200, 3)), [], [199], []])
+    n = 6
+    floors = [torch.full((n,), float("-inf"), device=DEVICE)]
+    want = ref.table_keys(index.indptr, index.items, index.scores, *bags, *ex, floors[0], torch.arange(n), 9)
+    floors.append(unpack_keys_scores(want)[:, 4].clone())  # a floor that binds: each query's 5th best
+    for floor in floors:
+        for table, chunk in ((16, 4), (64, 16)):  # 16 slots for up to 8 items: collisions and wrap-around probes
+            queries = check_table(index, bags, ex, floor, 9, table=table, chunk=chunk)
+            assert queries.numel() >= (3 if table == 16 else 4), "too few queries fit: the case checks little"
+
+
+def unpack_keys_scores(keys):
+    from sparcode.kernels.keys import unpack_keys
+
+    return unpack_keys(keys)[0]
+
+
+def test_table_edge_cases():
+    # every candidate excluded; the top item excluded at k = 1; k above the candidates; empty bags
+    index = csr_index([[(0, 1.0), (5, 2.0), (9, 0.5)], [], [(5, 1.0), (6, 3.0)]], n_items=10).to(DEVICE)
+    codes = torch.tensor([0, 2, 0, 2, 1, 0, 2], device=DEVICE)
+    offsets = torch.tensor([0, 2, 4, 5, 7, 7], device=DEVICE)
+    ex = exclusion([[0, 5, 6, 9], [5], [], [], []])
+    floor = torch.full((5,), float("-inf"), device=DEVICE)
+    for k in (1, 3, 8):
+        args = (index.indptr, index.items, index.scores, codes, offsets, None, *ex, floor, torch.arange(5, device=DEVICE), k)
+        got = tbl.table_search(*args, table=8, chunk=2, n_programs=2)
+        want = ref.table_search(*args)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert got[1][0].tolist() == [-1] * 8 and got[1][1].tolist()[:3] == [6, 0, 9]
+    assert (got[1][2] == -1).all() and (got[1][4] == -1).all()
+    with pytest.raises(ValueError, match="k: the table regime keeps at most"):
+        tbl.table_keys(*args[:-1], tbl.MAX_K + 1)

@@ -10,17 +10,19 @@ from oracle import assert_same_results, dense_search
 from sparcode.engine import Engine
 from sparcode.engine.bags import Bags
 from sparcode.engine.synthetic import random_codes
-from sparcode.engine.triton_backend import TritonBackend, choose_regime
+from sparcode.engine.triton_backend import TritonBackend, choose_regime, table_size
 
 
 def engines(index, regime):
     triton_engine = Engine(index, backend="triton")
     # small tiles keep the interpreter fast and give several item blocks per query
-    triton_engine.backend = TritonBackend(regime=regime, tile_items=64 if DEVICE == "cpu" else 1024, dense_bytes=2**30)
+    # 32 table slots: collisions, and queries over 16 postings routed to another regime
+    triton_engine.backend = TritonBackend(regime=regime, tile_items=64 if DEVICE == "cpu" else 1024, dense_bytes=2**30,
+                                          table_slots=32 if DEVICE == "cpu" else None)
     return triton_engine, Engine(index, backend="torch")
 
 
-@pytest.mark.parametrize("regime", ["candidate", "tiled", "dense"])
+@pytest.mark.parametrize("regime", ["table", "candidate", "tiled", "dense"])
 @pytest.mark.parametrize("case", range(40))
 def test_triton_equals_torch(regime, case):
     rng = np.random.default_rng(case)
@@ -39,7 +41,7 @@ def test_triton_equals_torch(regime, case):
     assert torch.equal(got.ids, want.ids) and torch.equal(got.scores, want.scores)
 
 
-@pytest.mark.parametrize("regime", ["candidate", "tiled", "dense"])
+@pytest.mark.parametrize("regime", ["table", "candidate", "tiled", "dense"])
 @pytest.mark.parametrize("case", range(12))
 def test_triton_equals_the_dense_oracle(regime, case):
     rng = np.random.default_rng(1000 + case)
@@ -64,6 +66,13 @@ def test_auto_regime_follows_the_cost_model():
     assert choose_regime(1_000_000, 8, 723_000, 600_000, dense_fits=True) == "dense"
     assert choose_regime(10_000_000, 4, 60_000, 100_000) == "candidate"
     assert choose_regime(10_000_000, 4, 1_000, 100_000, dense_fits=True) == "candidate"  # dense reads all N
+    # with a table: sparse queries and long bags (item codes) take it; catalogue-wide queries cannot
+    assert choose_regime(1_000_000, 4, 12_000, 50_000, table_slots=32_768) == "table"
+    assert choose_regime(1_000_000, 30, 15_000, 50_000, table_slots=32_768) == "table"
+    assert choose_regime(1_000_000, 8, 723_000, 600_000, dense_fits=True, table_slots=65_536) == "dense"
+    assert choose_regime(1_000_000, 4, 40_000, 50_000, table_slots=65_536) == "candidate"  # over the table's load
+    assert table_size(torch.tensor([100] * 199 + [10**6])) == 1024  # the 99th percentile, within the range
+    assert table_size(torch.tensor([12_000] * 10)) == 32_768 and table_size(torch.tensor([10**6] * 3)) == 65_536
 
 
 def test_dense_regime_respects_its_budget():
@@ -114,7 +123,7 @@ def test_regime_is_validated():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("regime", ["auto", "candidate", "tiled", "dense"])
+@pytest.mark.parametrize("regime", ["auto", "table", "candidate", "tiled", "dense"])
 def test_triton_equals_torch_at_scale_gpu(regime):
     index = quantized_index(4096, 200_000, 300, seed=1).to("cuda")
     codes = random_codes(512, 4, 4096, seed=2, device="cuda")
@@ -131,3 +140,26 @@ def test_large_k_gpu():
     fast, reference = engines(index, "auto")
     got, want = fast.search(codes, k=20_000), reference.search(codes, k=20_000)
     assert torch.equal(got.ids, want.ids)
+
+
+def test_table_regime_routes_queries_that_do_not_fit(monkeypatch):
+    from sparcode.engine import triton_backend
+
+    index = quantized_index(8, 120, 10, seed=5, dtype=torch.float32).to(DEVICE)
+    lengths = index.lengths.tolist()
+    short = min(range(8), key=lambda c: lengths[c])
+    codes = torch.tensor([short, 0, 1, 2, 3, 4, 5], device=DEVICE)
+    offsets = torch.tensor([0, 1, 7, 7], device=DEVICE)  # fits a 32-slot table / 60 postings / empty
+    assert lengths[short] <= 16 < sum(lengths[:6])
+    seen = []
+    kernel = triton_backend.table_search
+    monkeypatch.setattr(triton_backend, "table_search", lambda *a, **kw: seen.append(a[9].tolist()) or kernel(*a, **kw))
+    fast = Engine(index, backend="triton")
+    fast.backend = TritonBackend(regime="table", tile_items=64, table_slots=32)
+    exclude = [[1, 2], [int(index.items[0])], []]
+    for k in (3, 2000):  # 2000 > MAX_K: every query goes another way
+        seen.clear()
+        got = fast.search(codes, k=k, offsets=offsets, exclude=exclude)
+        want = Engine(index, backend="torch").search(codes, k=k, offsets=offsets, exclude=exclude)
+        assert torch.equal(got.ids, want.ids) and torch.equal(got.scores, want.scores)
+        assert seen == ([[0, 2]] if k == 3 else [])
