@@ -23,7 +23,9 @@ import numpy as np
 import torch
 
 from sparcode.engine import CodeIndex, Engine
-from sparcode.engine.dense import available_bytes, fits
+from sparcode.engine.bags import Bags
+from sparcode.engine.dense import available_bytes
+from sparcode.engine.dense import fits as fits_rows
 
 from . import baselines
 from .options import build_parser
@@ -119,7 +121,7 @@ def bench_regime(regime: Regime, device: str, *, repeats: int, all_to_all_querie
         methods.append(Method(f"sparcode-{backend}", lambda i, e=engine, r=rows: e.search(batches[i % N_BATCHES][:r], k=k),
                               rows, {"postings_per_query": postings}))
         if backend == "triton" and triton_side_by_side:
-            methods += triton_regimes(index, batches, regime, k, postings, device)
+            methods += triton_regimes(index, [Bags.dense(b) for b in batches], k, postings, device)
 
     rng = np.random.default_rng(seed)
     centers = rng.standard_normal((max(16, regime.n_items // 100), baselines.DIM)).astype(np.float32)
@@ -176,7 +178,8 @@ def bench_regime(regime: Regime, device: str, *, repeats: int, all_to_all_querie
             **notes}
 
 
-def bench_item_codes(regime: ItemCodesRegime, device: str, *, repeats: int, seed: int = 0) -> dict:
+def bench_item_codes(regime: ItemCodesRegime, device: str, *, repeats: int, seed: int = 0,
+                     triton_side_by_side: bool = False) -> dict:
     """R4: SparCode over item codes (ragged history bags, history excluded) against what an
     item-to-item user runs (scipy CSR @ CSR + partial sort; dense EASE scoring where the
     N x N matrix fits) and two-tower brute force over the same N, interleaved."""
@@ -185,12 +188,17 @@ def bench_item_codes(regime: ItemCodesRegime, device: str, *, repeats: int, seed
     lengths = [b[1].diff().float() for b in batches]
     postings = float(np.mean([int(index.lengths[c].sum()) for c, _ in batches])) / regime.batch
     methods: list[Method] = []
-    for backend in (["triton"] if device == "cuda" else ["numba", "torch"]):
+    backends = ["triton"] if device == "cuda" else ["numba", "torch"]
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        backends.append("triton")  # the GPU check's dry run exercises the Triton path too
+    for backend in backends:
         engine = Engine(index, backend=backend, workspace_bytes=8 * 2**30 if device == "cuda" else None)
         methods.append(Method(f"sparcode-{backend}", lambda i, e=engine: e.search(
             batches[i % N_BATCHES][0], k=k, offsets=batches[i % N_BATCHES][1],
             exclude=(batches[i % N_BATCHES][1], batches[i % N_BATCHES][0])), regime.batch,
             {"postings_per_query": postings}))
+        if backend == "triton" and triton_side_by_side:
+            methods += triton_regimes(index, [Bags(c, o) for c, o in batches], k, postings, device, exclude=True)
     if device == "cpu":
         scipy_search = baselines.scipy_item_codes(index)
         methods.append(Method("scipy-csr-matmul", lambda i: scipy_search(*batches[i % N_BATCHES], k), regime.batch))
@@ -215,6 +223,7 @@ def bench_item_codes(regime: ItemCodesRegime, device: str, *, repeats: int, seed
                  "peak_memory_kind": "cuda-max-allocated" if device == "cuda" else "process-rss"}
         if "postings_per_query" in m.extra:
             entry["postings_per_s"] = m.extra["postings_per_query"] * entry["qps_median"]
+        entry.update({k2: v for k2, v in m.extra.items() if k2 != "postings_per_query"})
         entries.append(entry)
     best = max((e for e in entries if e["method"].startswith("sparcode-")), key=lambda e: e["qps_median"])
     ratios = {f"sparcode_vs_{e['method']}": best["qps_median"] / e["qps_median"] for e in entries
@@ -227,38 +236,44 @@ def bench_item_codes(regime: ItemCodesRegime, device: str, *, repeats: int, seed
                     "code, lognormal |scores| with a share negated; every query's history excluded"}
 
 
-def triton_regimes(index: CodeIndex, batches: list[torch.Tensor], regime: Regime, k: int, postings: float,
-                   device: str) -> list[Method]:
-    """The Triton backend forced into each regime that fits: candidate always, dense when its
-    rows fit the budget, tiled when queries touch a tenth of the items or more (below that
-    it is hopeless and would take minutes). Each carries its breakdown of one search."""
-    from sparcode.engine.triton_backend import TritonBackend  # triton is imported only here
+def triton_regimes(index: CodeIndex, batches: list[Bags], k: int, postings: float, device: str,
+                   exclude: bool = False) -> list[Method]:
+    """The Triton backend forced into each regime that fits, v3 beside v2: table (K1)
+    and candidate always, dense when its rows fit the budget, tiled when queries touch a
+    tenth of the items or more (below that it is hopeless and would take minutes). Each
+    carries its breakdown of one search (the table regime's over the queries it takes).
+    With ``exclude`` each query's own codes are excluded (item codes: the history)."""
+    from sparcode.engine.triton_backend import TritonBackend, table_size  # triton is imported only here
+    from sparcode.kernels.table_search import fits
 
     from .breakdown import breakdown
 
     out = []
     tile = 1024 if device == "cuda" else 64
-    for name in ("candidate", "tiled", "dense"):
+    n_items = index.n_items
+    for name in ("table", "candidate", "tiled", "dense"):
         backend = TritonBackend(regime=name, tile_items=tile)
-        if name == "dense" and not fits(index, index.scores.dtype, None):
+        if name == "dense" and not fits_rows(index, index.scores.dtype, None):
             continue
-        if name == "tiled" and postings < regime.n_items / 10:
+        if name == "tiled" and postings < n_items / 10:
             continue
         engine = Engine(index, backend="triton", workspace_bytes=8 * 2**30 if device == "cuda" else None)
         engine.backend = backend
-        split = breakdown(index, batches[0], k, name, tile_items=tile)
-        out.append(Method(f"sparcode-triton-{name}", lambda i, e=engine: e.search(batches[i % N_BATCHES], k=k),
-                          regime.batch, {"postings_per_query": postings, "breakdown_seconds": split}))
-    if postings >= regime.n_items / 10:  # writing every posting's key would take gigabytes there
-        return out
-    # the candidate kernel as first measured: whole-list searches, every posting written and selected
-    from sparcode.kernels.candidate_search import candidate_search
-
-    no_ex = (torch.zeros(regime.batch + 1, dtype=torch.int64, device=device), torch.zeros(1, dtype=torch.int64, device=device))
-    out.append(Method("sparcode-triton-candidate-unfiltered",
-                      lambda i: candidate_search(index.indptr, index.items, index.scores, batches[i % N_BATCHES], *no_ex, k),
-                      regime.batch, {"postings_per_query": postings}))
+        first = batches[0]
+        if name == "table":
+            per_query = first.postings(index.lengths)
+            first = first.take(torch.nonzero(fits(per_query, table_size(per_query))).squeeze(1))
+        split = breakdown(index, first, k, name, tile_items=tile)
+        out.append(Method(f"sparcode-triton-{name}", lambda i, e=engine: _search_bags(e, batches[i % N_BATCHES], k,
+                                                                                         exclude),
+                          batches[0].n_queries, {"postings_per_query": postings, "breakdown_seconds": split,
+                                                 "version": "v3" if name == "table" else "v2"}))
     return out
+
+
+def _search_bags(engine: Engine, bags: Bags, k: int, exclude: bool) -> object:
+    return engine.search(bags.codes, k=k, offsets=bags.offsets, weights=bags.weights,
+                         exclude=(bags.offsets, bags.codes) if exclude else None)
 
 
 def scaling(device: str, *, quick: bool, repeats: int) -> dict:

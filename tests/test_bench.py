@@ -60,3 +60,40 @@ def test_each_accuracy_record_is_reproduced_by_its_command(record):
     derived = json.loads(json.dumps(model_config(args, device)))
     recorded = report["config"]["model"]  # older records lack settings added since; each they hold must match
     assert {k: derived[k] for k in recorded} == recorded
+
+
+def test_item_codes_regime_and_its_baselines_agree_with_the_engine():
+    """R4's generated data has the promised shape, and the scipy and dense EASE baselines
+    return the engine's top k (scores are continuous: no ties to order differently);
+    dense scoring ranks items in no list at 0, so it is compared on positive scores."""
+    import numpy as np
+    import torch
+
+    from sparcode.bench import baselines
+    from sparcode.bench.harness import bench_item_codes
+    from sparcode.bench.regimes import ItemCodesRegime, build_item_codes
+    from sparcode.engine import Engine
+
+    regime = ItemCodesRegime("R4", 400, 20, 6, 60, 64, 10)
+    index, batches = build_item_codes(regime, "cpu", n_batches=2)
+    assert index.n_codes == index.n_items == 400 and int(index.lengths.max()) == 20 and index.lengths.float().mean() > 19
+    assert bool((index.scores < 0).any()) and bool((index.scores > 0).all() == torch.tensor(False))
+    codes, offsets = batches[0]
+    lengths = offsets.diff()
+    assert int(lengths.max()) == 60 and int(lengths.min()) >= 1 and offsets.numel() == 65
+    for q in range(64):  # distinct, sorted history items
+        bag = codes[int(offsets[q]) : int(offsets[q + 1])]
+        assert bool((bag[1:] > bag[:-1]).all())
+    want = Engine(index, backend="torch").search(codes, k=10, offsets=offsets, exclude=(offsets, codes))
+    got = baselines.scipy_item_codes(index)(codes, offsets, 10)
+    dense = baselines.dense_item_codes(index, block=16)(codes, offsets, 10)
+    for q in range(64):
+        row = want.ids[q][want.ids[q] >= 0].numpy()
+        assert np.array_equal(got[q], row)
+        positive = want.ids[q][want.scores[q] > 0].numpy()
+        assert np.array_equal(dense[q][: positive.size].numpy(), positive)
+    report = bench_item_codes(regime, "cpu", repeats=1)
+    names = {m["method"] for m in report["methods"]}
+    assert {"sparcode-numba", "scipy-csr-matmul", "dense-ease", "two-tower-bruteforce"} <= names
+    assert report["history_lengths"]["max"] == 60 and set(report["ratios"]) == {
+        "sparcode_vs_scipy-csr-matmul", "sparcode_vs_dense-ease", "sparcode_vs_two-tower-bruteforce"}
