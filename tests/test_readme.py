@@ -18,6 +18,8 @@ def test_python_example_runs(tmp_path, monkeypatch):
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)
     assert namespace["ids"].shape == (1024, 100) and namespace["result"].ids.shape == (2, 10)
+    bagged = namespace["bagged"].ids
+    assert bagged.shape == (3, 10) and (bagged[1] == -1).all() and (bagged[0] >= 0).any()
     assert (tmp_path / "my-index" / "manifest.json").is_file()
 
 
