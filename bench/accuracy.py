@@ -36,6 +36,7 @@ from sparcode.training.checkpoint import load_data
 from sparcode.training.data import SYNTHETIC_PER_USER
 from sparcode.training.evaluate import encode_users, evaluate_engine, evaluate_exact
 from sparcode.training.export import ExportRule, export_indexes
+from sparcode.training.graph_filter import graph_filter_index
 from sparcode.training.item_codes import history_bags, item_code_index, item_scores, ridge
 from sparcode.training.train import TrainConfig, fit, make_model, tensors, validator
 from sparcode.training.warm import model_kwargs as warm_kwargs
@@ -56,7 +57,7 @@ REFERENCES = {  # the BARS leaderboard on gowalla_m1
                 "LightGCN": {"recall@20": 0.1820, "ndcg@20": 0.1547},
                 "SimpleX": {"recall@20": 0.1872, "ndcg@20": 0.1557, "recall@50": 0.2874, "ndcg@50": 0.1868}},
 }
-MODELS = ["two_tower", "sparcode", "sparcode_warm", "item_codes", "all_to_all"]
+MODELS = ["two_tower", "sparcode", "sparcode_warm", "item_codes", "graph_filter", "all_to_all"]
 METRICS = [f"{m}@{k}" for m in ("recall", "ndcg", "precision", "hitrate") for k in (10, 20, 50)]
 
 
@@ -117,6 +118,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="item_codes: l2 weight as a multiple of the mean item's training interactions")
     p.add_argument("--item-codes-keep", choices=defaults.ITEM_CODES_KEEPS, default=defaults.ITEM_CODES_KEEP,
                    help="item_codes: each code's largest scores by magnitude or its highest positive ones")
+    p.add_argument("--graph-filter-grid", nargs="+", default=list(defaults.GRAPH_FILTER_GRID), metavar="ALPHA:VECTORS",
+                   help="graph_filter: the settings screened on the validation split (the best by the headline "
+                        "metric is read on the test split once)")
     p.add_argument("--all-to-all-sample", type=int, default=5000, help="users scored exactly for AllToAll")
     headline = p.add_mutually_exclusive_group()
     headline.add_argument("--density", type=float, default=None,
@@ -157,8 +161,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         bad = [v for v in values if v is not None and not 0 < v <= 1]
         if bad:
             p.error(f"{flag}: expected fractions in (0, 1], got {bad[0]:g}")
-    if args.density is not None and "item_codes" in args.models:
-        p.error("--density: item_codes keep each code's top items; give --cap-density")
+    if args.density is not None and ("item_codes" in args.models or "graph_filter" in args.models):
+        p.error("--density: item_codes and graph_filter keep each code's top items; give --cap-density")
+    try:
+        args.graph_filter_grid = [grid_point(text) for text in args.graph_filter_grid]
+    except ValueError as exc:
+        p.error(f"--graph-filter-grid: {exc}")
     if args.density is None and args.cap_density is None:
         args.cap_density = defaults.INDEX_DENSITY
     if "sparcode_warm" in args.models and ("two_tower" not in args.models
@@ -202,7 +210,8 @@ def model_config(args: argparse.Namespace, device: str) -> dict:
             "quantizer": args.quantizer, "per_token": args.per_token_codebooks, "feedback": args.error_feedback,
             "temperature": args.two_tower_temperature,
             "codes": codewords**2 * (args.tokens if args.per_token_codebooks else 1), "two_tower_dim": args.two_tower_dim,
-            "item_codes_l2": args.item_codes_l2, "item_codes_keep": args.item_codes_keep}
+            "item_codes_l2": args.item_codes_l2, "item_codes_keep": args.item_codes_keep,
+            "graph_filter_grid": [list(point) for point in args.graph_filter_grid]}
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> dict:
@@ -215,7 +224,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     data = load_data(loader, args.path, args.seed, tuple(args.synthetic_size))
     cfg, cfg_two_tower, cfg_warm = train_configs(args, device)
     models = model_config(args, device)
-    model_kwargs = {k: v for k, v in models.items() if k not in ("codes", "two_tower_dim", "item_codes_l2", "item_codes_keep")}
+    model_kwargs = {k: v for k, v in models.items()
+                    if k not in ("codes", "two_tower_dim", "item_codes_l2", "item_codes_keep", "graph_filter_grid")}
     two_tower_kwargs = {**model_kwargs, "dim": models["two_tower_dim"]}
     validate = validator(data, cfg)
     t = tensors(data, cfg)
@@ -236,8 +246,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     curve_model = "sparcode_warm" if "sparcode_warm" in args.models else "sparcode"
     for kind in args.models:
         torch.manual_seed(args.seed)
-        if kind == "item_codes":
-            entry = report["models"][kind] = item_codes_entry(args, data, device)
+        if kind in ("item_codes", "graph_filter"):
+            entry = report["models"][kind] = (item_codes_entry if kind == "item_codes" else graph_filter_entry)(
+                args, data, device, headline)
             print(f"[accuracy] {args.dataset} {kind}: {headline} {entry[headline]:.4f} recall@20 {entry['recall@20']:.4f} "
                   f"(fit {entry['train_seconds']:.0f} s)", flush=True)
             write(args.out, report, started)
@@ -290,7 +301,44 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     return report
 
 
-def item_codes_entry(args: argparse.Namespace, data, device: str) -> dict:
+def grid_point(text: str) -> tuple[float, int]:
+    """"ALPHA:VECTORS" -> (alpha, vectors)."""
+    try:
+        alpha, vectors = text.split(":")
+        point = float(alpha), int(vectors)
+    except ValueError:
+        raise ValueError(f"expected ALPHA:VECTORS such as 0.3:256, got {text!r}") from None
+    if not point[0] >= 0 or point[1] < 0:
+        raise ValueError(f"expected alpha >= 0 and vectors >= 0, got {text!r}")
+    return point
+
+
+def graph_filter_entry(args: argparse.Namespace, data, device: str, headline: str) -> dict:
+    """Graph-filter codes (``training/graph_filter.py``) through the headline rule's index:
+    every ``--graph-filter-grid`` setting fitted and scored on the validation split, the
+    best by the headline metric read on the test split once."""
+    bags = history_bags(data.train)
+    cap = headline_rule(args, data).cap
+    grid = []
+    for alpha, vectors in args.graph_filter_grid:
+        started = time.perf_counter()
+        index = graph_filter_index(data.train, data.n_items, cap, alpha=alpha, vectors=vectors, seed=args.seed)
+        fit_seconds = time.perf_counter() - started
+        m = evaluate_engine(Engine(index), bags, data, split="valid")
+        grid.append({"alpha": alpha, "vectors": vectors, "fit_seconds": fit_seconds,
+                     **{f"valid_{k}": m[k] for k in ("recall@20", "ndcg@20", "recall@50")}})
+        print(f"[accuracy] graph_filter alpha {alpha:g} vectors {vectors}: {grid[-1]}", flush=True)
+    best = max(grid, key=lambda point: point[f"valid_{headline}"])
+    index = graph_filter_index(data.train, data.n_items, cap, alpha=best["alpha"], vectors=best["vectors"],
+                               seed=args.seed)
+    metrics = evaluate_engine(Engine(index), bags, data)
+    return {"train_seconds": best["fit_seconds"], "alpha": best["alpha"], "vectors": best["vectors"],
+            "grid": grid, "selected_on": f"valid_{headline}", "rule": "cap", "cap": cap, "keep": "positive",
+            "target_density": args.cap_density, "density": metrics["density"], "index_bytes": metrics["index_bytes"],
+            "nnz": index.nnz, **{k: metrics[k] for k in METRICS}, "queries_per_s": metrics["queries_per_s"]}
+
+
+def item_codes_entry(args: argparse.Namespace, data, device: str, headline: str) -> dict:
     """Item codes fitted in closed form on ``device``, indexed by the headline rule (each
     code's top items) and by each ``--cap-densities`` fraction (their sparsity curve),
     and searched through ``Engine`` with every user's history as codes."""

@@ -30,6 +30,9 @@ INDEX_DENSITY = 0.01  # the export rule to use: each code keeps its top 1% of th
 ITEM_CODES_L2 = 10.0  # item codes: l2 = this x the mean item's training interactions (docs/accuracy.md)
 ITEM_CODES_KEEP = "magnitude"  # item codes: each code keeps its largest scores by magnitude, or "positive" ones
 ITEM_CODES_KEEPS = ("magnitude", "positive")  # the choices of ITEM_CODES_KEEP
+GRAPH_FILTER_ALPHA = 0.3  # graph-filter codes: weight of the ideal low-pass term (GF-CF's published value)
+GRAPH_FILTER_VECTORS = 256  # graph-filter codes: singular vectors of the ideal low-pass term (GF-CF's)
+GRAPH_FILTER_GRID = ("0:0", "0.1:256", "0.3:256", "0.1:512", "0.3:512", "0.3:1024")  # screened on validation
 CPU_TIME_BUDGET = 1800.0  # seconds per model; training stops after the epoch that crosses it
 
 # model

@@ -12,7 +12,7 @@ import torch
 
 from sparcode.engine import Engine
 
-from .data import InteractionData
+from .data import CSR, InteractionData
 from .metrics import ranking_metrics
 from .models import SparCode
 from .train import TrainConfig, full_scores, rank_excluding, tensors
@@ -40,20 +40,33 @@ def evaluate_index(model: SparCode, data: InteractionData, index_path: Path, cfg
 
 
 def evaluate_engine(engine: Engine, queries: np.ndarray | tuple[np.ndarray, np.ndarray], data: InteractionData,
-                    k: int = 50) -> dict:
+                    k: int = 50, split: str = "test") -> dict:
     """Every user's top k through ``engine.search`` with their (U, T) codes (from
     ``encode_users``; one encoding serves several indexes) or their bags (flat codes,
-    offsets (U + 1)), train and validation items excluded."""
+    offsets (U + 1)), train and validation items excluded, scored on the test split; or,
+    with ``split="valid"``, the users with validation items, train items excluded, scored
+    on their validation items (for choosing settings without reading the test split)."""
+    if split not in ("test", "valid"):
+        raise ValueError(f"split: expected 'test' or 'valid', got {split!r}")
+    users = np.arange(data.n_users)
+    seen = seen_items(data)
+    truth = data.test
+    if split == "valid":
+        users = np.nonzero(data.valid.lengths > 0)[0]
+        seen = [data.train.row(u) for u in users]
+        truth = CSR.from_lists([data.valid.row(u) for u in users])
     device = engine.index.device
     if isinstance(queries, tuple):
-        batch = {"batch": torch.from_numpy(queries[0]).to(device), "offsets": torch.from_numpy(queries[1]).to(device)}
+        codes, offsets = queries
+        picked = np.concatenate([np.arange(offsets[u], offsets[u + 1]) for u in users]) if users.size else np.zeros(0, int)
+        starts = np.concatenate([[0], np.cumsum(offsets[users + 1] - offsets[users])])
+        batch = {"batch": torch.from_numpy(codes[picked]).to(device), "offsets": torch.from_numpy(starts).to(device)}
     else:
-        batch = {"batch": torch.from_numpy(queries).to(device)}
-    seen = seen_items(data)
+        batch = {"batch": torch.from_numpy(queries[users]).to(device)}
     start = time.perf_counter()
     ids = engine.search(k=k, exclude=seen, **batch).ids.cpu().numpy()
-    qps = data.n_users / (time.perf_counter() - start)
-    return {**ranking_metrics(ids, data.test, np.arange(data.n_users)), "queries_per_s": qps,
+    qps = len(users) / (time.perf_counter() - start)
+    return {**ranking_metrics(ids, truth, np.arange(len(users))), "queries_per_s": qps,
             "index_bytes": engine.index.nbytes, "density": engine.index.nnz / (engine.index.n_codes * engine.index.n_items)}
 
 

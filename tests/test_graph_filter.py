@@ -1,0 +1,92 @@
+"""Graph-filter codes against the GF-CF formula computed densely in float64 with numpy."""
+
+import numpy as np
+import pytest
+import torch
+
+from sparcode.engine import Engine
+from sparcode.training.data import CSR
+from sparcode.training.graph_filter import filter_rows, graph_filter_index
+from sparcode.training.item_codes import history_bags
+
+
+def random_train(n_users: int, n_items: int, seed: int) -> CSR:
+    rng = np.random.default_rng(seed)
+    return CSR.from_lists([np.sort(rng.choice(n_items, size=rng.integers(1, 9), replace=False)) for _ in range(n_users)])
+
+
+def dense_filter(train: CSR, n_items: int, alpha: float, vectors: int) -> np.ndarray:
+    """s = r (R~^T R~ + alpha D^-1/2 V V^T D^1/2), built from the definitions."""
+    r = np.zeros((len(train.indptr) - 1, n_items))
+    for u in range(r.shape[0]):
+        r[u, train.row(u)] = 1.0
+    du, di = np.maximum(r.sum(1), 1), np.maximum(r.sum(0), 1)
+    norm = r / np.sqrt(du)[:, None] / np.sqrt(di)[None, :]
+    out = norm.T @ norm
+    if alpha and vectors:
+        v = np.linalg.svd(norm)[2][:vectors].T
+        out += alpha * (v / np.sqrt(di)[:, None]) @ (v.T * np.sqrt(di)[None, :])
+    return out
+
+
+@pytest.mark.parametrize(("alpha", "vectors"), [(0.0, 0), (0.3, 4), (1.0, 6)])
+def test_filter_rows_are_the_gf_cf_matrix(alpha, vectors):
+    train = random_train(40, 25, seed=1)
+    want = dense_filter(train, 25, alpha, vectors)
+    got = torch.cat(list(filter_rows(train, 25, alpha=alpha, vectors=vectors, rows=7))).double().numpy()
+    assert got.shape == (25, 25)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_graph_filter_index_keeps_each_codes_top_scores_and_serves_the_filter():
+    n_users, n_items, cap, k = 40, 25, 6, 5
+    train = random_train(n_users, n_items, seed=2)
+    dense = dense_filter(train, n_items, 0.3, 4)
+    index = graph_filter_index(train, n_items, cap, alpha=0.3, vectors=4)
+    assert index.n_codes == index.n_items == n_items
+    for code in range(n_items):
+        lo, hi = int(index.indptr[code]), int(index.indptr[code + 1])
+        best = set(np.argsort(-dense[code])[:cap].tolist()) & set(np.nonzero(dense[code] > 0)[0].tolist())
+        assert set(index.items[lo:hi].tolist()) == best
+    kept = np.zeros_like(dense)
+    for code in range(n_items):
+        lo, hi = int(index.indptr[code]), int(index.indptr[code + 1])
+        kept[code, index.items[lo:hi].numpy()] = dense[code, index.items[lo:hi].numpy()]
+    codes, offsets = history_bags(train)
+    result = Engine(index).search(torch.from_numpy(codes), k=k, offsets=torch.from_numpy(offsets))
+    for u in range(n_users):
+        history = train.row(u)
+        summed = kept[history].sum(0)
+        candidate = (kept[history] != 0).any(0)
+        expected = np.sort(summed[candidate])[::-1][:k]
+        np.testing.assert_allclose(result.scores[u][: expected.size].numpy(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_bad_settings_name_the_argument():
+    train = random_train(10, 8, seed=3)
+    with pytest.raises(ValueError, match="alpha: expected a weight >= 0"):
+        list(filter_rows(train, 8, alpha=-1.0))
+    with pytest.raises(ValueError, match="vectors: expected an int >= 0"):
+        list(filter_rows(train, 8, vectors=-2))
+    with pytest.raises(ValueError, match="cap: expected a positive int"):
+        graph_filter_index(train, 8, 0)
+
+
+def test_accuracy_bench_picks_the_graph_filter_on_validation(tmp_path, capsys):
+    import json
+
+    from sparcode.bench import accuracy
+
+    argv = ["--dataset", "synthetic", "--synthetic-size", "300", "100", "--out", str(tmp_path), "--models",
+            "graph_filter", "--cap-density", "0.1", "--graph-filter-grid", "0:0", "0.3:8", "1:16", "--no-progress"]
+    assert accuracy.main(argv) == 0
+    report = json.loads((tmp_path / "accuracy-synthetic.json").read_text())
+    entry = report["models"]["graph_filter"]
+    grid = entry["grid"]
+    assert [(p["alpha"], p["vectors"]) for p in grid] == [(0.0, 0), (0.3, 8), (1.0, 16)]
+    best = max(grid, key=lambda p: p["valid_recall@20"])
+    assert (entry["alpha"], entry["vectors"]) == (best["alpha"], best["vectors"]) and entry["selected_on"] == "valid_recall@20"
+    assert entry["cap"] == 10 and entry["recall@20"] > 0 and report["config"]["model"]["graph_filter_grid"][1] == [0.3, 8]
+    with pytest.raises(SystemExit):
+        accuracy.main([*argv[:-5], "--graph-filter-grid", "0.3", "--no-progress"])
+    assert "--graph-filter-grid: expected ALPHA:VECTORS" in capsys.readouterr().err

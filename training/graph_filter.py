@@ -1,0 +1,79 @@
+"""Graph-filter codes: item codes whose (code, item) scores are a linear graph filter.
+
+GF-CF (Shen et al., 2021) scores a user's items by filtering their 0/1 history row r
+through the normalised item graph: with R~ = D_U^-1/2 R D_I^-1/2 (R the user x item
+training matrix, D its degrees), s = r (R~^T R~ + alpha D_I^-1/2 V V^T D_I^1/2), where
+R~^T R~ is the normalised co-occurrence (a linear low-pass filter) and V holds R~'s top
+right singular vectors (an ideal low-pass filter). The score is linear in the history,
+so row h of that item x item matrix is what history item h adds to each item: it
+serves as item h's posting list exactly as EASE's B does (``item_codes``). The rows are
+produced a block at a time (sparse products for the co-occurrence, a rank-``vectors``
+product for the ideal filter), so no N x N matrix exists at once; each code keeps its
+top ``cap`` scores as they come (``item_codes.rows_index``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import scipy.sparse
+import torch
+
+from sparcode.engine import CodeIndex
+
+from . import defaults
+from .data import CSR
+from .item_codes import interaction_matrix, rows_index
+
+
+def normalized(train: CSR, n_items: int) -> tuple[scipy.sparse.csr_matrix, np.ndarray]:
+    """R~ = D_U^-1/2 R D_I^-1/2 (float32 CSR) and the item degrees (1 for unseen items)."""
+    x = interaction_matrix(train, n_items)
+    users = np.maximum(np.asarray(x.sum(1)).ravel(), 1.0)
+    items = np.maximum(np.asarray(x.sum(0)).ravel(), 1.0)
+    norm = scipy.sparse.diags(users**-0.5) @ x @ scipy.sparse.diags(items**-0.5)
+    return norm.astype(np.float32).tocsr(), items.astype(np.float32)
+
+
+def low_pass_basis(norm: scipy.sparse.csr_matrix, vectors: int, seed: int = 0) -> torch.Tensor:
+    """(N, vectors) float32: R~'s top right singular vectors (randomized, seeded)."""
+    vectors = min(vectors, min(norm.shape) - 1)
+    if vectors < 1:
+        return torch.zeros(norm.shape[1], 0)
+    coo = norm.tocoo()
+    matrix = torch.sparse_coo_tensor(np.vstack([coo.row, coo.col]), coo.data, size=norm.shape,
+                                     check_invariants=True).coalesce()
+    torch.manual_seed(seed)
+    _, _, v = torch.svd_lowrank(matrix, q=vectors + 16, niter=4)
+    return v[:, :vectors].float().contiguous()
+
+
+def filter_rows(train: CSR, n_items: int, *, alpha: float = defaults.GRAPH_FILTER_ALPHA,
+                vectors: int = defaults.GRAPH_FILTER_VECTORS, rows: int = 2048,
+                seed: int = 0) -> Iterator[torch.Tensor]:
+    """The (N, N) filter matrix a block of ``rows`` rows at a time, in order (float32)."""
+    if not alpha >= 0:
+        raise ValueError(f"alpha: expected a weight >= 0, got {alpha!r}")
+    if isinstance(vectors, bool) or not isinstance(vectors, int) or vectors < 0:
+        raise ValueError(f"vectors: expected an int >= 0, got {vectors!r}")
+    norm, degrees = normalized(train, n_items)
+    by_item = norm.T.tocsr()
+    basis = low_pass_basis(norm, vectors, seed) if alpha > 0 and vectors > 0 else None
+    if basis is not None:
+        left = basis * torch.from_numpy(degrees**-0.5)[:, None]
+        right = (basis * torch.from_numpy(degrees**0.5)[:, None]).T.contiguous()
+    for lo in range(0, n_items, rows):
+        block = torch.from_numpy((by_item[lo : lo + rows] @ norm).toarray())
+        if basis is not None:
+            block += alpha * (left[lo : lo + rows] @ right)
+        yield block
+
+
+def graph_filter_index(train: CSR, n_items: int, cap: int, *, alpha: float = defaults.GRAPH_FILTER_ALPHA,
+                       vectors: int = defaults.GRAPH_FILTER_VECTORS, keep: str = "positive",
+                       seed: int = 0) -> CodeIndex:
+    """Graph-filter codes: each code's top ``cap`` filter scores (V = N)."""
+    if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
+        raise ValueError(f"cap: expected a positive int (items per code), got {cap!r}")
+    return rows_index(filter_rows(train, n_items, alpha=alpha, vectors=vectors, seed=seed), n_items, cap, keep)
