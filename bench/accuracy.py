@@ -36,7 +36,7 @@ from sparcode.training.checkpoint import load_data
 from sparcode.training.data import SYNTHETIC_PER_USER
 from sparcode.training.evaluate import encode_users, evaluate_engine, evaluate_exact
 from sparcode.training.export import ExportRule, export_indexes
-from sparcode.training.graph_filter import graph_filter_index
+from sparcode.training.graph_filter import fit_on_validation, grid_point
 from sparcode.training.item_codes import history_bags, item_code_index, item_scores, ridge
 from sparcode.training.train import TrainConfig, fit, make_model, tensors, validator
 from sparcode.training.warm import model_kwargs as warm_kwargs
@@ -301,37 +301,15 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     return report
 
 
-def grid_point(text: str) -> tuple[float, int]:
-    """"ALPHA:VECTORS" -> (alpha, vectors)."""
-    try:
-        alpha, vectors = text.split(":")
-        point = float(alpha), int(vectors)
-    except ValueError:
-        raise ValueError(f"expected ALPHA:VECTORS such as 0.3:256, got {text!r}") from None
-    if not point[0] >= 0 or point[1] < 0:
-        raise ValueError(f"expected alpha >= 0 and vectors >= 0, got {text!r}")
-    return point
-
-
 def graph_filter_entry(args: argparse.Namespace, data, device: str, headline: str) -> dict:
     """Graph-filter codes (``training/graph_filter.py``) through the headline rule's index:
     every ``--graph-filter-grid`` setting fitted and scored on the validation split, the
     best by the headline metric read on the test split once."""
-    bags = history_bags(data.train)
     cap = headline_rule(args, data).cap
-    grid = []
-    for alpha, vectors in args.graph_filter_grid:
-        started = time.perf_counter()
-        index = graph_filter_index(data.train, data.n_items, cap, alpha=alpha, vectors=vectors, seed=args.seed)
-        fit_seconds = time.perf_counter() - started
-        m = evaluate_engine(Engine(index), bags, data, split="valid")
-        grid.append({"alpha": alpha, "vectors": vectors, "fit_seconds": fit_seconds,
-                     **{f"valid_{k}": m[k] for k in ("recall@20", "ndcg@20", "recall@50")}})
-        print(f"[accuracy] graph_filter alpha {alpha:g} vectors {vectors}: {grid[-1]}", flush=True)
-    best = max(grid, key=lambda point: point[f"valid_{headline}"])
-    index = graph_filter_index(data.train, data.n_items, cap, alpha=best["alpha"], vectors=best["vectors"],
-                               seed=args.seed)
-    metrics = evaluate_engine(Engine(index), bags, data)
+    index, best, grid = fit_on_validation(data, cap, args.graph_filter_grid, metric=headline, seed=args.seed)
+    for point in grid:
+        print(f"[accuracy] graph_filter alpha {point['alpha']:g} vectors {point['vectors']}: {point}", flush=True)
+    metrics = evaluate_engine(Engine(index), history_bags(data.train), data)
     return {"train_seconds": best["fit_seconds"], "alpha": best["alpha"], "vectors": best["vectors"],
             "grid": grid, "selected_on": f"valid_{headline}", "rule": "cap", "cap": cap, "keep": "positive",
             "target_density": args.cap_density, "density": metrics["density"], "index_bytes": metrics["index_bytes"],

@@ -1,5 +1,6 @@
 """Training side: loaders, metrics, quantizer, export, and the demo end to end."""
 
+import json
 import os
 from pathlib import Path
 
@@ -377,6 +378,10 @@ def test_demo_end_to_end_tiny(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "sparcode" in out and "two_tower" in out
     assert (tmp_path / "demo" / "recommendations" / "manifest.json").is_file()
+    report = json.loads((tmp_path / "demo" / "demo.json").read_text())
+    sparcode, two_tower = report["models"]
+    assert sparcode["codes"] == "graph filter" and sparcode["recall@20"] > 0 and two_tower["model"] == "two_tower"
+    assert (tmp_path / "demo" / "queries.parquet").is_file() and (tmp_path / "demo" / "index" / "manifest.json").is_file()
 
 
 @pytest.mark.skipif(not (DATA / "gowalla_m1").is_dir(), reason="no Gowalla dataset (SPARCODE_DATA)")

@@ -14,7 +14,8 @@ top ``cap`` scores as they come (``item_codes.rows_index``).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import scipy.sparse
@@ -23,7 +24,7 @@ import torch
 from sparcode.engine import CodeIndex
 
 from . import defaults
-from .data import CSR
+from .data import CSR, InteractionData
 from .item_codes import interaction_matrix, rows_index
 
 
@@ -77,3 +78,41 @@ def graph_filter_index(train: CSR, n_items: int, cap: int, *, alpha: float = def
     if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
         raise ValueError(f"cap: expected a positive int (items per code), got {cap!r}")
     return rows_index(filter_rows(train, n_items, alpha=alpha, vectors=vectors, seed=seed), n_items, cap, keep)
+
+
+def fit_on_validation(data: InteractionData, cap: int, grid: Iterable[tuple[float, int]], *, metric: str = "recall@20",
+                      seed: int = 0) -> tuple[CodeIndex, dict, list[dict]]:
+    """Graph-filter codes with the (alpha, vectors) of ``grid`` that scores best on the
+    validation split by ``metric`` (the test split is not read): (index, the chosen
+    setting, every setting with its validation scores and fit seconds)."""
+    from sparcode.engine import Engine
+
+    from .evaluate import evaluate_engine
+    from .item_codes import history_bags
+
+    bags = history_bags(data.train)
+    scores, best = [], None
+    for alpha, vectors in grid:
+        started = time.perf_counter()
+        index = graph_filter_index(data.train, data.n_items, cap, alpha=alpha, vectors=vectors, seed=seed)
+        seconds = time.perf_counter() - started
+        m = evaluate_engine(Engine(index), bags, data, split="valid")
+        scores.append({"alpha": alpha, "vectors": vectors, "fit_seconds": seconds,
+                       **{f"valid_{k}": m[k] for k in ("recall@20", "ndcg@20", "recall@50")}})
+        if best is None or scores[-1][f"valid_{metric}"] > best[1][f"valid_{metric}"]:
+            best = (index, scores[-1])
+    if best is None:
+        raise ValueError("grid: needs at least one (alpha, vectors) setting")
+    return best[0], best[1], scores
+
+
+def grid_point(text: str) -> tuple[float, int]:
+    """"ALPHA:VECTORS" -> (alpha, vectors), as ``--graph-filter-grid`` spells a setting."""
+    try:
+        alpha, vectors = text.split(":")
+        point = float(alpha), int(vectors)
+    except ValueError:
+        raise ValueError(f"expected ALPHA:VECTORS such as 0.3:256, got {text!r}") from None
+    if not point[0] >= 0 or point[1] < 0:
+        raise ValueError(f"expected alpha >= 0 and vectors >= 0, got {text!r}")
+    return point
