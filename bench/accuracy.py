@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from sparcode.engine import Engine
+from sparcode.engine.atomic import atomic_write_text
 from sparcode.engine.encoder import QUANTIZERS
 from sparcode.training import defaults
 from sparcode.training.checkpoint import load_data
@@ -414,9 +415,7 @@ def write(out: Path, report: dict, started: float) -> None:
     report["wall_seconds"] = time.perf_counter() - started
     out.mkdir(parents=True, exist_ok=True)
     file = out / f"accuracy-{report['dataset']}.json"
-    tmp = file.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(file)
+    atomic_write_text(file, json.dumps(report, indent=2) + "\n")
 
 
 def table(report: dict) -> str:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from sparcode.engine import CodeIndex, Engine
+from sparcode.engine.atomic import atomic_write_text
 from sparcode.engine.bags import Bags
 from sparcode.engine.dense import available_bytes
 from sparcode.engine.dense import fits as fits_rows
@@ -397,11 +398,11 @@ def run(args: argparse.Namespace) -> int:
             print(f"[bench] {name} on {device_name}: {regime}", flush=True)
             report = bench_regime(regime, args.device, repeats=args.repeats, all_to_all_queries=1 if args.quick else 2)
         report.update(_environment(args, device_name, today))
-        (args.out / f"{slug(device_name)}-{name}-{today}.json").write_text(json.dumps(report, indent=2) + "\n")
+        atomic_write_text(args.out / f"{slug(device_name)}-{name}-{today}.json", json.dumps(report, indent=2) + "\n")
         reports.append(report)
     if args.scaling:
         curves = scaling(args.device, quick=args.quick, repeats=args.repeats)
-        (args.out / f"{slug(device_name)}-scaling-{today}.json").write_text(
+        atomic_write_text(args.out / f"{slug(device_name)}-scaling-{today}.json",
             json.dumps({**curves, **_environment(args, device_name, today)}, indent=2) + "\n")
         plot_scaling(curves, device_name, args.out / f"{slug(device_name)}-scaling-{today}.png")
     plot(reports, device_name, args.out / f"{slug(device_name)}-{today}.png")

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from sparcode.engine import Engine
+from sparcode.engine.atomic import atomic_write_text
 from sparcode.engine.recommend import run_job
 from sparcode.engine.synthetic import random_codes
 
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
               "recommend_setup_seconds": summary.setup_seconds,
               "note": "recommend_qps: the parts loop (read, search, write Parquet) after setup; raw: search only"}
     if args.out:
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        atomic_write_text(args.out, json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
     return report
 

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sparcode.engine.atomic import atomic_write_text
 from sparcode.training import defaults
 from sparcode.training.checkpoint import load_checkpoint
 from sparcode.training.export import ExportRule
@@ -148,9 +149,7 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     file = args.out / f"warm-loss-{slug(data.name)}{'-feedback' if args.error_feedback else ''}.json"
-    tmp = file.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(file)
+    atomic_write_text(file, json.dumps(report, indent=2) + "\n")
     return 0
 
 

@@ -156,6 +156,7 @@ def cmd_search(args: argparse.Namespace) -> None:
     import pyarrow.parquet as pq
 
     from sparcode.engine import Engine
+    from sparcode.engine.atomic import atomic_write
     from sparcode.engine.queries import QueryFile
 
     if args.k < 1:
@@ -173,12 +174,7 @@ def cmd_search(args: argparse.Namespace) -> None:
         "item_ids": _list_column(ids, pa.int64()),
         "scores": _list_column(scores, pa.float32()),
     })
-    tmp = args.out.with_name(f".{args.out.name}.tmp-{os.getpid()}")
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, args.out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(args.out, lambda tmp: pq.write_table(table, tmp))
     print(f"wrote {len(user_ids)} queries x k={args.k} to {args.out}")
 
 

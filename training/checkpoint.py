@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from sparcode.engine.replace import replace_dir
+
 from . import data as datasets
 from .train import TrainConfig, make_model
 
@@ -37,9 +39,7 @@ def save_checkpoint(out: Path, model: torch.nn.Module, config: dict) -> None:
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}  # copies: tied tables share memory
     save_file(state, str(tmp / "model.safetensors"))
     (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    replace_dir(tmp, out)  # at every instant ``out`` is the whole old checkpoint or the whole new one
 
 
 def load_checkpoint(path: Path, device: str = "cpu") -> tuple[torch.nn.Module, datasets.InteractionData, dict]:

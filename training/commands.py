@@ -288,6 +288,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     report = {"dataset": data.name, "model": config["model"]["kind"], "device": device, "metrics": metrics}
     text = json.dumps(report, indent=2)
     if args.out:
-        args.out.write_text(text + "\n")
+        from sparcode.engine.atomic import atomic_write_text
+
+        atomic_write_text(args.out, text + "\n")
     print(text)
     return 0
