@@ -178,7 +178,10 @@ def test_item_codes_command_writes_an_index_its_queries_and_metrics_that_recomme
                  "--keep", "positive"]) == 0
     assert json.loads((tmp_path / "positive" / "metrics.json").read_text())["keep"] == "positive"
     assert bool((Engine.load(tmp_path / "positive" / "index").index.scores > 0).all())
+    assert main(["item-codes", "--data", "synthetic", "--out", str(tmp_path / "capped"), "--cap", "3"]) == 0
+    assert int(Engine.load(tmp_path / "capped" / "index").index.lengths.max()) == 3
     for flags, message in ((["--cap-density", "0"], "--cap-density: expected a fraction in (0, 1]"),
+                           (["--cap", "0"], "--cap: expected a positive number of items"),
                            (["--l2", "-1"], "--l2: expected a positive number")):
         assert main(["item-codes", "--data", "synthetic", "--out", str(tmp_path / "x"), *flags]) == 2
         assert message in capsys.readouterr().err

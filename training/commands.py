@@ -98,8 +98,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                        help="output directory: OUT/index, every user's bag of codes (their history) in "
                             "OUT/queries.parquet (user_id, codes; for sparcode recommend) and the test metrics in "
                             "OUT/metrics.json")
-    items.add_argument("--cap-density", type=float, default=defaults.INDEX_DENSITY,
-                       help="each code keeps its top FRACTION x N items")
+    cap = items.add_mutually_exclusive_group()
+    cap.add_argument("--cap-density", type=float, default=defaults.INDEX_DENSITY,
+                     help="each code keeps its top FRACTION x N items")
+    cap.add_argument("--cap", type=int, default=None,
+                     help="each code keeps its top N items (an index of at most N x cap pairs at any catalogue size)")
     items.add_argument("--l2", type=float, default=defaults.ITEM_CODES_L2,
                        help="l2 weight as a multiple of the mean item's training interactions")
     items.add_argument("--keep", choices=defaults.ITEM_CODES_KEEPS, default=defaults.ITEM_CODES_KEEP,
@@ -242,6 +245,8 @@ def cmd_item_codes(args: argparse.Namespace) -> int:
     from .export import ExportRule
     from .item_codes import history_bags, item_code_index, item_scores, ridge
 
+    if args.cap is not None and args.cap < 1:
+        raise ValueError(f"--cap: expected a positive number of items, got {args.cap}")
     if not 0 < args.cap_density <= 1:
         raise ValueError(f"--cap-density: expected a fraction in (0, 1], got {args.cap_density}")
     if not args.l2 > 0:
@@ -251,7 +256,8 @@ def cmd_item_codes(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     scores = item_scores(data.train, data.n_items, l2_scale=args.l2, device=device)
     fit_seconds = time.perf_counter() - started
-    index = item_code_index(scores, ExportRule.top(args.cap_density, data.n_items).cap, keep=args.keep)
+    cap = args.cap if args.cap is not None else ExportRule.top(args.cap_density, data.n_items).cap
+    index = item_code_index(scores, cap, keep=args.keep)
     del scores
     codes, offsets = history_bags(data.train)
     metrics = evaluate_engine(Engine(index), (codes, offsets), data)
