@@ -119,7 +119,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="item_codes: l2 weight as a multiple of the mean item's training interactions")
     p.add_argument("--item-codes-keep", choices=defaults.ITEM_CODES_KEEPS, default=defaults.ITEM_CODES_KEEP,
                    help="item_codes: each code's largest scores by magnitude or its highest positive ones")
-    p.add_argument("--graph-filter-grid", nargs="+", default=list(defaults.GRAPH_FILTER_GRID), metavar="ALPHA:VECTORS",
+    p.add_argument("--graph-filter-grid", nargs="+", default=list(defaults.GRAPH_FILTER_GRID), metavar="ALPHA:VECTORS[:EASE]",
                    help="graph_filter: the settings screened on the validation split (the best by the headline "
                         "metric is read on the test split once)")
     p.add_argument("--all-to-all-sample", type=int, default=5000, help="users scored exactly for AllToAll")
@@ -309,9 +309,10 @@ def graph_filter_entry(args: argparse.Namespace, data, device: str, headline: st
     cap = headline_rule(args, data).cap
     index, best, grid = fit_on_validation(data, cap, args.graph_filter_grid, metric=headline, seed=args.seed)
     for point in grid:
-        print(f"[accuracy] graph_filter alpha {point['alpha']:g} vectors {point['vectors']}: {point}", flush=True)
+        print(f"[accuracy] graph_filter {point}", flush=True)
     metrics = evaluate_engine(Engine(index), history_bags(data.train), data)
     return {"train_seconds": best["fit_seconds"], "alpha": best["alpha"], "vectors": best["vectors"],
+            "ease_weight": best["ease_weight"],
             "grid": grid, "selected_on": f"valid_{headline}", "rule": "cap", "cap": cap, "keep": "positive",
             "target_density": args.cap_density, "density": metrics["density"], "index_bytes": metrics["index_bytes"],
             "nnz": index.nnz, **{k: metrics[k] for k in METRICS}, "queries_per_s": metrics["queries_per_s"]}

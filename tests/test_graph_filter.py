@@ -62,6 +62,24 @@ def test_graph_filter_index_keeps_each_codes_top_scores_and_serves_the_filter():
         np.testing.assert_allclose(result.scores[u][: expected.size].numpy(), expected, rtol=1e-4, atol=1e-5)
 
 
+def test_ease_weights_add_to_the_filter_and_are_chosen_on_validation():
+    from sparcode.training.data import synthetic
+    from sparcode.training.graph_filter import fit_on_validation
+    from sparcode.training.item_codes import item_scores
+
+    train = random_train(40, 25, seed=4)
+    ease = item_scores(train, 25)
+    plain = torch.cat(list(filter_rows(train, 25, alpha=0.3, vectors=4, rows=8)))
+    summed = torch.cat(list(filter_rows(train, 25, alpha=0.3, vectors=4, rows=8, ease=ease, ease_weight=2.0)))
+    torch.testing.assert_close(summed, plain + 2.0 * ease)
+    with pytest.raises(ValueError, match="ease_weight: expected a weight >= 0 with the EASE matrix"):
+        list(filter_rows(train, 25, ease_weight=1.0))
+    data = synthetic(300, 100, seed=1)
+    index, best, grid = fit_on_validation(data, 10, [(0.0, 0, 0.0), (0.3, 8, 1.0)])
+    assert [p["ease_weight"] for p in grid] == [0.0, 1.0] and index.n_codes == 100
+    assert best["valid_recall@20"] == max(p["valid_recall@20"] for p in grid)
+
+
 def test_bad_settings_name_the_argument():
     train = random_train(10, 8, seed=3)
     with pytest.raises(ValueError, match="alpha: expected a weight >= 0"):
@@ -86,7 +104,8 @@ def test_accuracy_bench_picks_the_graph_filter_on_validation(tmp_path, capsys):
     assert [(p["alpha"], p["vectors"]) for p in grid] == [(0.0, 0), (0.3, 8), (1.0, 16)]
     best = max(grid, key=lambda p: p["valid_recall@20"])
     assert (entry["alpha"], entry["vectors"]) == (best["alpha"], best["vectors"]) and entry["selected_on"] == "valid_recall@20"
-    assert entry["cap"] == 10 and entry["recall@20"] > 0 and report["config"]["model"]["graph_filter_grid"][1] == [0.3, 8]
+    assert entry["cap"] == 10 and entry["recall@20"] > 0
+    assert report["config"]["model"]["graph_filter_grid"][1] == [0.3, 8, 0.0]
     with pytest.raises(SystemExit):
         accuracy.main([*argv[:-5], "--graph-filter-grid", "0.3", "--no-progress"])
-    assert "--graph-filter-grid: expected ALPHA:VECTORS" in capsys.readouterr().err
+    assert "--graph-filter-grid: expected ALPHA:VECTORS[:EASE]" in capsys.readouterr().err

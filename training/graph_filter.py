@@ -51,9 +51,13 @@ def low_pass_basis(norm: scipy.sparse.csr_matrix, vectors: int, seed: int = 0) -
 
 
 def filter_rows(train: CSR, n_items: int, *, alpha: float = defaults.GRAPH_FILTER_ALPHA,
-                vectors: int = defaults.GRAPH_FILTER_VECTORS, rows: int = 2048,
-                seed: int = 0) -> Iterator[torch.Tensor]:
-    """The (N, N) filter matrix a block of ``rows`` rows at a time, in order (float32)."""
+                vectors: int = defaults.GRAPH_FILTER_VECTORS, rows: int = 2048, seed: int = 0,
+                ease: torch.Tensor | None = None, ease_weight: float = 0.0) -> Iterator[torch.Tensor]:
+    """The (N, N) filter matrix a block of ``rows`` rows at a time, in order (float32),
+    plus ``ease_weight`` x EASE's (N, N) item-to-item weights ``ease`` when given (the
+    two are linear in the history, so their sum serves through one set of lists)."""
+    if not ease_weight >= 0 or (ease_weight > 0 and ease is None):
+        raise ValueError(f"ease_weight: expected a weight >= 0 with the EASE matrix, got {ease_weight!r}")
     if not alpha >= 0:
         raise ValueError(f"alpha: expected a weight >= 0, got {alpha!r}")
     if isinstance(vectors, bool) or not isinstance(vectors, int) or vectors < 0:
@@ -68,36 +72,48 @@ def filter_rows(train: CSR, n_items: int, *, alpha: float = defaults.GRAPH_FILTE
         block = torch.from_numpy((by_item[lo : lo + rows] @ norm).toarray())
         if basis is not None:
             block += alpha * (left[lo : lo + rows] @ right)
+        if ease_weight > 0:
+            block += ease_weight * ease[lo : lo + rows].to(block.device)
         yield block
 
 
 def graph_filter_index(train: CSR, n_items: int, cap: int, *, alpha: float = defaults.GRAPH_FILTER_ALPHA,
-                       vectors: int = defaults.GRAPH_FILTER_VECTORS, keep: str = "positive",
-                       seed: int = 0) -> CodeIndex:
-    """Graph-filter codes: each code's top ``cap`` filter scores (V = N)."""
+                       vectors: int = defaults.GRAPH_FILTER_VECTORS, keep: str = "positive", seed: int = 0,
+                       ease: torch.Tensor | None = None, ease_weight: float = 0.0) -> CodeIndex:
+    """Graph-filter codes: each code's top ``cap`` filter scores (V = N), the filter
+    optionally summed with ``ease_weight`` x EASE's weights."""
     if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
         raise ValueError(f"cap: expected a positive int (items per code), got {cap!r}")
-    return rows_index(filter_rows(train, n_items, alpha=alpha, vectors=vectors, seed=seed), n_items, cap, keep)
+    return rows_index(filter_rows(train, n_items, alpha=alpha, vectors=vectors, seed=seed, ease=ease,
+                                  ease_weight=ease_weight), n_items, cap, keep)
 
 
-def fit_on_validation(data: InteractionData, cap: int, grid: Iterable[tuple[float, int]], *, metric: str = "recall@20",
-                      seed: int = 0) -> tuple[CodeIndex, dict, list[dict]]:
-    """Graph-filter codes with the (alpha, vectors) of ``grid`` that scores best on the
-    validation split by ``metric`` (the test split is not read): (index, the chosen
-    setting, every setting with its validation scores and fit seconds)."""
+def fit_on_validation(data: InteractionData, cap: int, grid: Iterable[tuple[float, int, float]], *,
+                      metric: str = "recall@20", seed: int = 0) -> tuple[CodeIndex, dict, list[dict]]:
+    """Graph-filter codes with the (alpha, vectors, ease_weight) of ``grid`` that scores
+    best on the validation split by ``metric`` (the test split is not read): (index, the
+    chosen setting, every setting with its validation scores and fit seconds). EASE's
+    weights (``item_codes.item_scores``, default l2) are fitted once if a setting uses them."""
     from sparcode.engine import Engine
 
     from .evaluate import evaluate_engine
-    from .item_codes import history_bags
+    from .item_codes import history_bags, item_scores
 
+    grid = list(grid)
     bags = history_bags(data.train)
-    scores, best = [], None
-    for alpha, vectors in grid:
+    ease, ease_seconds = None, 0.0
+    if any(point[2] > 0 for point in grid):
         started = time.perf_counter()
-        index = graph_filter_index(data.train, data.n_items, cap, alpha=alpha, vectors=vectors, seed=seed)
-        seconds = time.perf_counter() - started
+        ease = item_scores(data.train, data.n_items)
+        ease_seconds = time.perf_counter() - started
+    scores, best = [], None
+    for alpha, vectors, ease_weight in grid:
+        started = time.perf_counter()
+        index = graph_filter_index(data.train, data.n_items, cap, alpha=alpha, vectors=vectors, seed=seed,
+                                   ease=ease, ease_weight=ease_weight)
+        seconds = time.perf_counter() - started + (ease_seconds if ease_weight > 0 else 0.0)
         m = evaluate_engine(Engine(index), bags, data, split="valid")
-        scores.append({"alpha": alpha, "vectors": vectors, "fit_seconds": seconds,
+        scores.append({"alpha": alpha, "vectors": vectors, "ease_weight": ease_weight, "fit_seconds": seconds,
                        **{f"valid_{k}": m[k] for k in ("recall@20", "ndcg@20", "recall@50")}})
         if best is None or scores[-1][f"valid_{metric}"] > best[1][f"valid_{metric}"]:
             best = (index, scores[-1])
@@ -106,13 +122,16 @@ def fit_on_validation(data: InteractionData, cap: int, grid: Iterable[tuple[floa
     return best[0], best[1], scores
 
 
-def grid_point(text: str) -> tuple[float, int]:
-    """"ALPHA:VECTORS" -> (alpha, vectors), as ``--graph-filter-grid`` spells a setting."""
+def grid_point(text: str) -> tuple[float, int, float]:
+    """"ALPHA:VECTORS[:EASE]" -> (alpha, vectors, ease_weight), as ``--graph-filter-grid``
+    spells a setting (EASE's weight 0 when absent)."""
     try:
-        alpha, vectors = text.split(":")
-        point = float(alpha), int(vectors)
+        parts = text.split(":")
+        if len(parts) not in (2, 3):
+            raise ValueError
+        point = float(parts[0]), int(parts[1]), float(parts[2]) if len(parts) == 3 else 0.0
     except ValueError:
-        raise ValueError(f"expected ALPHA:VECTORS such as 0.3:256, got {text!r}") from None
-    if not point[0] >= 0 or point[1] < 0:
-        raise ValueError(f"expected alpha >= 0 and vectors >= 0, got {text!r}")
+        raise ValueError(f"expected ALPHA:VECTORS[:EASE] such as 0.3:256 or 0.3:256:1, got {text!r}") from None
+    if not point[0] >= 0 or point[1] < 0 or not point[2] >= 0:
+        raise ValueError(f"expected alpha, vectors and the EASE weight >= 0, got {text!r}")
     return point
