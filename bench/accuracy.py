@@ -122,6 +122,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--graph-filter-grid", nargs="+", default=list(defaults.GRAPH_FILTER_GRID), metavar="ALPHA:VECTORS[:EASE]",
                    help="graph_filter: the settings screened on the validation split (the best by the headline "
                         "metric is read on the test split once)")
+    p.add_argument("--graph-filter-keeps", nargs="+", choices=defaults.ITEM_CODES_KEEPS,
+                   default=list(defaults.GRAPH_FILTER_KEEPS), help="graph_filter: keep rules screened with the grid")
     p.add_argument("--all-to-all-sample", type=int, default=5000, help="users scored exactly for AllToAll")
     headline = p.add_mutually_exclusive_group()
     headline.add_argument("--density", type=float, default=None,
@@ -212,7 +214,8 @@ def model_config(args: argparse.Namespace, device: str) -> dict:
             "temperature": args.two_tower_temperature,
             "codes": codewords**2 * (args.tokens if args.per_token_codebooks else 1), "two_tower_dim": args.two_tower_dim,
             "item_codes_l2": args.item_codes_l2, "item_codes_keep": args.item_codes_keep,
-            "graph_filter_grid": [list(point) for point in args.graph_filter_grid]}
+            "graph_filter_grid": [list(point) for point in args.graph_filter_grid],
+            "graph_filter_keeps": list(args.graph_filter_keeps)}
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> dict:
@@ -226,7 +229,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     cfg, cfg_two_tower, cfg_warm = train_configs(args, device)
     models = model_config(args, device)
     model_kwargs = {k: v for k, v in models.items()
-                    if k not in ("codes", "two_tower_dim", "item_codes_l2", "item_codes_keep", "graph_filter_grid")}
+                    if k not in ("codes", "two_tower_dim", "item_codes_l2", "item_codes_keep", "graph_filter_grid",
+                                 "graph_filter_keeps")}
     two_tower_kwargs = {**model_kwargs, "dim": models["two_tower_dim"]}
     validate = validator(data, cfg)
     t = tensors(data, cfg)
@@ -307,13 +311,14 @@ def graph_filter_entry(args: argparse.Namespace, data, device: str, headline: st
     every ``--graph-filter-grid`` setting fitted and scored on the validation split, the
     best by the headline metric read on the test split once."""
     cap = headline_rule(args, data).cap
-    index, best, grid = fit_on_validation(data, cap, args.graph_filter_grid, metric=headline, seed=args.seed)
+    index, best, grid = fit_on_validation(data, cap, args.graph_filter_grid, keeps=args.graph_filter_keeps,
+                                          metric=headline, seed=args.seed)
     for point in grid:
         print(f"[accuracy] graph_filter {point}", flush=True)
     metrics = evaluate_engine(Engine(index), history_bags(data.train), data)
     return {"train_seconds": best["fit_seconds"], "alpha": best["alpha"], "vectors": best["vectors"],
             "ease_weight": best["ease_weight"],
-            "grid": grid, "selected_on": f"valid_{headline}", "rule": "cap", "cap": cap, "keep": "positive",
+            "grid": grid, "selected_on": f"valid_{headline}", "rule": "cap", "cap": cap, "keep": best["keep"],
             "target_density": args.cap_density, "density": metrics["density"], "index_bytes": metrics["index_bytes"],
             "nnz": index.nnz, **{k: metrics[k] for k in METRICS}, "queries_per_s": metrics["queries_per_s"]}
 

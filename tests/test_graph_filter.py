@@ -75,9 +75,12 @@ def test_ease_weights_add_to_the_filter_and_are_chosen_on_validation():
     with pytest.raises(ValueError, match="ease_weight: expected a weight >= 0 with the EASE matrix"):
         list(filter_rows(train, 25, ease_weight=1.0))
     data = synthetic(300, 100, seed=1)
-    index, best, grid = fit_on_validation(data, 10, [(0.0, 0, 0.0), (0.3, 8, 1.0)])
-    assert [p["ease_weight"] for p in grid] == [0.0, 1.0] and index.n_codes == 100
-    assert best["valid_recall@20"] == max(p["valid_recall@20"] for p in grid)
+    index, best, grid = fit_on_validation(data, 10, [(0.0, 0, 0.0), (0.3, 8, 1.0)], keeps=("positive", "magnitude"))
+    assert [(p["ease_weight"], p["keep"]) for p in grid] == [(0.0, "positive"), (0.0, "magnitude"),
+                                                           (1.0, "positive"), (1.0, "magnitude")]
+    assert best["valid_recall@20"] == max(p["valid_recall@20"] for p in grid) and index.n_codes == 100
+    by_magnitude = [p for p in grid if p["keep"] == "magnitude"]
+    assert by_magnitude[0]["valid_recall@20"] != by_magnitude[1]["valid_recall@20"]  # the grid is not vacuous
 
 
 def test_bad_settings_name_the_argument():
@@ -96,16 +99,19 @@ def test_accuracy_bench_picks_the_graph_filter_on_validation(tmp_path, capsys):
     from sparcode.bench import accuracy
 
     argv = ["--dataset", "synthetic", "--synthetic-size", "300", "100", "--out", str(tmp_path), "--models",
-            "graph_filter", "--cap-density", "0.1", "--graph-filter-grid", "0:0", "0.3:8", "1:16", "--no-progress"]
+            "graph_filter", "--cap-density", "0.1", "--graph-filter-grid", "0:0", "0.3:8", "1:16", "--graph-filter-keeps",
+            "positive", "magnitude", "--no-progress"]
     assert accuracy.main(argv) == 0
     report = json.loads((tmp_path / "accuracy-synthetic.json").read_text())
     entry = report["models"]["graph_filter"]
     grid = entry["grid"]
-    assert [(p["alpha"], p["vectors"]) for p in grid] == [(0.0, 0), (0.3, 8), (1.0, 16)]
+    assert [(p["alpha"], p["vectors"], p["keep"]) for p in grid] == [
+        (a, v, keep) for a, v in [(0.0, 0), (0.3, 8), (1.0, 16)] for keep in ("positive", "magnitude")]
     best = max(grid, key=lambda p: p["valid_recall@20"])
-    assert (entry["alpha"], entry["vectors"]) == (best["alpha"], best["vectors"]) and entry["selected_on"] == "valid_recall@20"
+    assert (entry["alpha"], entry["vectors"], entry["keep"]) == (best["alpha"], best["vectors"], best["keep"])
+    assert entry["selected_on"] == "valid_recall@20"
     assert entry["cap"] == 10 and entry["recall@20"] > 0
     assert report["config"]["model"]["graph_filter_grid"][1] == [0.3, 8, 0.0]
     with pytest.raises(SystemExit):
-        accuracy.main([*argv[:-5], "--graph-filter-grid", "0.3", "--no-progress"])
+        accuracy.main([*argv[:-8], "--graph-filter-grid", "0.3", "--no-progress"])
     assert "--graph-filter-grid: expected ALPHA:VECTORS[:EASE]" in capsys.readouterr().err

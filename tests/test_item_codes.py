@@ -143,7 +143,7 @@ def test_accuracy_bench_fits_item_codes_and_searches_them(tmp_path, capsys):
     assert report["config"]["model"]["item_codes_l2"] == 10.0 and entry["keep"] == "magnitude"
     sparse, full = entry["sparsity_curve"]
     assert sparse["cap"] == 2 and full["cap"] == 100 and sparse["density"] < entry["density"] <= full["density"]
-    for flags, message in ((["--density", "0.1"], "--density: item_codes keep each code's top items"),
+    for flags, message in ((["--density", "0.1"], "--density: item_codes and graph_filter keep each code's top items"),
                            (["--item-codes-l2", "0"], "--item-codes-l2: expected a positive number")):
         with pytest.raises(SystemExit) as exit_:
             accuracy.main([a for a in argv if a not in ("--cap-density", "0.1")] + flags)

@@ -32,6 +32,7 @@ ITEM_CODES_KEEP = "magnitude"  # item codes: each code keeps its largest scores 
 ITEM_CODES_KEEPS = ("magnitude", "positive")  # the choices of ITEM_CODES_KEEP
 GRAPH_FILTER_ALPHA = 0.3  # graph-filter codes: weight of the ideal low-pass term (GF-CF's published value)
 GRAPH_FILTER_VECTORS = 256  # graph-filter codes: singular vectors of the ideal low-pass term (GF-CF's)
+GRAPH_FILTER_KEEPS = ("positive",)  # graph-filter codes: keep rules screened on validation (--graph-filter-keeps)
 GRAPH_FILTER_GRID = ("0:0", "0.1:256", "0.3:256", "0.3:512", "0.3:1024", "0.1:256:1", "0.3:256:1", "0.1:256:2")  # on validation
 CPU_TIME_BUDGET = 1800.0  # seconds per model; training stops after the epoch that crosses it
 

@@ -25,7 +25,7 @@ from sparcode.engine import CodeIndex
 
 from . import defaults
 from .data import CSR, InteractionData
-from .item_codes import interaction_matrix, rows_index
+from .item_codes import interaction_matrix, rows_index, rows_indexes
 
 
 def normalized(train: CSR, n_items: int) -> tuple[scipy.sparse.csr_matrix, np.ndarray]:
@@ -89,11 +89,13 @@ def graph_filter_index(train: CSR, n_items: int, cap: int, *, alpha: float = def
 
 
 def fit_on_validation(data: InteractionData, cap: int, grid: Iterable[tuple[float, int, float]], *,
-                      metric: str = "recall@20", seed: int = 0) -> tuple[CodeIndex, dict, list[dict]]:
-    """Graph-filter codes with the (alpha, vectors, ease_weight) of ``grid`` that scores
-    best on the validation split by ``metric`` (the test split is not read): (index, the
-    chosen setting, every setting with its validation scores and fit seconds). EASE's
-    weights (``item_codes.item_scores``, default l2) are fitted once if a setting uses them."""
+                      keeps: Iterable[str] = defaults.GRAPH_FILTER_KEEPS, metric: str = "recall@20",
+                      seed: int = 0) -> tuple[CodeIndex, dict, list[dict]]:
+    """Graph-filter codes with the (alpha, vectors, ease_weight) of ``grid`` and the keep
+    rule of ``keeps`` that score best on the validation split by ``metric`` (the test
+    split is not read): (index, the chosen setting, every setting with its validation
+    scores and fit seconds). EASE's weights (``item_codes.item_scores``, default l2) are
+    fitted once if a setting uses them; the keep rules share one pass over the rows."""
     from sparcode.engine import Engine
 
     from .evaluate import evaluate_engine
@@ -109,14 +111,16 @@ def fit_on_validation(data: InteractionData, cap: int, grid: Iterable[tuple[floa
     scores, best = [], None
     for alpha, vectors, ease_weight in grid:
         started = time.perf_counter()
-        index = graph_filter_index(data.train, data.n_items, cap, alpha=alpha, vectors=vectors, seed=seed,
-                                   ease=ease, ease_weight=ease_weight)
+        rows = filter_rows(data.train, data.n_items, alpha=alpha, vectors=vectors, seed=seed, ease=ease,
+                           ease_weight=ease_weight)
+        indexes = rows_indexes(rows, data.n_items, cap, keeps)
         seconds = time.perf_counter() - started + (ease_seconds if ease_weight > 0 else 0.0)
-        m = evaluate_engine(Engine(index), bags, data, split="valid")
-        scores.append({"alpha": alpha, "vectors": vectors, "ease_weight": ease_weight, "fit_seconds": seconds,
-                       **{f"valid_{k}": m[k] for k in ("recall@20", "ndcg@20", "recall@50")}})
-        if best is None or scores[-1][f"valid_{metric}"] > best[1][f"valid_{metric}"]:
-            best = (index, scores[-1])
+        for keep, index in indexes.items():
+            m = evaluate_engine(Engine(index), bags, data, split="valid")
+            scores.append({"alpha": alpha, "vectors": vectors, "ease_weight": ease_weight, "keep": keep,
+                           "fit_seconds": seconds, **{f"valid_{k}": m[k] for k in ("recall@20", "ndcg@20", "recall@50")}})
+            if best is None or scores[-1][f"valid_{metric}"] > best[1][f"valid_{metric}"]:
+                best = (index, scores[-1])
     if best is None:
         raise ValueError("grid: needs at least one (alpha, vectors) setting")
     return best[0], best[1], scores

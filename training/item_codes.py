@@ -77,24 +77,32 @@ def item_code_index(scores: torch.Tensor, cap: int, *, keep: str = defaults.ITEM
     return rows_index((scores[lo : lo + rows] for lo in range(0, scores.shape[0], rows)), scores.shape[1], cap, keep)
 
 
-@torch.no_grad()
 def rows_index(blocks: Iterable[torch.Tensor], n_items: int, cap: int, keep: str = defaults.ITEM_CODES_KEEP) -> CodeIndex:
     """The index of an item-to-item matrix given as consecutive blocks of rows (code h =
     row h): each row's ``cap`` kept scores (``item_code_index``'s rules), so that no
     N x N matrix has to exist at once."""
-    if keep not in defaults.ITEM_CODES_KEEPS:
-        raise ValueError(f"keep: expected one of {', '.join(defaults.ITEM_CODES_KEEPS)}, got {keep!r}")
+    return rows_indexes(blocks, n_items, cap, (keep,))[keep]
+
+
+@torch.no_grad()
+def rows_indexes(blocks: Iterable[torch.Tensor], n_items: int, cap: int, keeps: Iterable[str]) -> dict[str, CodeIndex]:
+    """``rows_index`` under several keep rules from one pass over the blocks."""
+    keeps = tuple(dict.fromkeys(keeps))
+    for keep in keeps:
+        if keep not in defaults.ITEM_CODES_KEEPS:
+            raise ValueError(f"keep: expected one of {', '.join(defaults.ITEM_CODES_KEEPS)}, got {keep!r}")
     cap = min(cap, n_items)
-    lengths, items, values = [torch.zeros(1, dtype=torch.int64)], [], []
+    parts = {keep: ([torch.zeros(1, dtype=torch.int64)], [], []) for keep in keeps}
     for block in blocks:
-        ids = torch.topk(block.abs() if keep == "magnitude" else block, cap, dim=1).indices.sort(dim=1).values
-        top = block.gather(1, ids)
-        kept = top != 0 if keep == "magnitude" else top > 0
-        lengths.append(kept.sum(1).cpu())
-        items.append(ids[kept].to(torch.int32).cpu())
-        values.append(top[kept].float().cpu())
-    indptr = torch.cat(lengths).cumsum(0)
-    return CodeIndex.from_postings(indptr, torch.cat(items), torch.cat(values), n_items)
+        for keep, (lengths, items, values) in parts.items():
+            ids = torch.topk(block.abs() if keep == "magnitude" else block, cap, dim=1).indices.sort(dim=1).values
+            top = block.gather(1, ids)
+            kept = top != 0 if keep == "magnitude" else top > 0
+            lengths.append(kept.sum(1).cpu())
+            items.append(ids[kept].to(torch.int32).cpu())
+            values.append(top[kept].float().cpu())
+    return {keep: CodeIndex.from_postings(torch.cat(lengths).cumsum(0), torch.cat(items), torch.cat(values), n_items)
+            for keep, (lengths, items, values) in parts.items()}
 
 
 def history_bags(train: CSR) -> tuple[np.ndarray, np.ndarray]:
