@@ -157,7 +157,18 @@ def bench_regime(regime: Regime, device: str, *, repeats: int, all_to_all_querie
 
     measure(methods, device, repeats)
     copy_bw = copy_bandwidth(device)
-    posting_bytes = 4 + index.scores.element_size()
+    entries = method_entries(methods, device, copy_bw, 4 + index.scores.element_size())
+    return {"regime": regime.name, "config": regime.as_dict(), "postings_per_query": postings,
+            "index": {k2: v for k2, v in index.stats().items() if k2 != "device"},
+            "copy_bandwidth_bytes_per_s": copy_bw, "methods": entries,
+            "vectors": {"dim": baselines.DIM, "clusters": int(centers.shape[0]), "spread": VECTOR_SPREAD,
+                        "note": "two-tower and faiss item/query vectors: Gaussian mixture, standard-normal centers"},
+            **notes}
+
+
+def method_entries(methods: list[Method], device: str, copy_bw: float | None, posting_bytes: int) -> list[dict]:
+    """Each measured method as its report entry: queries/s (median, min, max), memory,
+    postings/s and the share of the copy bandwidth where it gathers postings."""
     entries = []
     for m in methods:
         med = statistics.median(m.times)
@@ -171,12 +182,7 @@ def bench_regime(regime: Regime, device: str, *, repeats: int, all_to_all_querie
                 entry["bandwidth_fraction_of_copy"] = entry["postings_per_s"] * posting_bytes / copy_bw
         entry.update({k2: v for k2, v in m.extra.items() if k2 != "postings_per_query"})
         entries.append(entry)
-    return {"regime": regime.name, "config": regime.as_dict(), "postings_per_query": postings,
-            "index": {k2: v for k2, v in index.stats().items() if k2 != "device"},
-            "copy_bandwidth_bytes_per_s": copy_bw, "methods": entries,
-            "vectors": {"dim": baselines.DIM, "clusters": int(centers.shape[0]), "spread": VECTOR_SPREAD,
-                        "note": "two-tower and faiss item/query vectors: Gaussian mixture, standard-normal centers"},
-            **notes}
+    return entries
 
 
 def bench_item_codes(regime: ItemCodesRegime, device: str, *, repeats: int, seed: int = 0,
@@ -215,17 +221,8 @@ def bench_item_codes(regime: ItemCodesRegime, device: str, *, repeats: int, seed
     tower = baselines.two_tower(item_t, budget_bytes=4 * 2**30 if device == "cuda" else 256 * 2**20)
     methods.append(Method("two-tower-bruteforce", lambda i: tower(query_t[i % N_BATCHES], k), regime.batch))
     measure(methods, device, repeats)
-    entries = []
-    for m in methods:
-        med = statistics.median(m.times)
-        entry = {"method": m.name, "qps_median": m.queries / med, "qps_min": m.queries / max(m.times),
-                 "qps_max": m.queries / min(m.times), "repeats": len(m.times), "queries_per_run": m.queries,
-                 "peak_memory_bytes": m.peak, "added_memory_bytes": m.added,
-                 "peak_memory_kind": "cuda-max-allocated" if device == "cuda" else "process-rss"}
-        if "postings_per_query" in m.extra:
-            entry["postings_per_s"] = m.extra["postings_per_query"] * entry["qps_median"]
-        entry.update({k2: v for k2, v in m.extra.items() if k2 != "postings_per_query"})
-        entries.append(entry)
+    copy_bw = copy_bandwidth(device)
+    entries = method_entries(methods, device, copy_bw, 4 + index.scores.element_size())
     best = max((e for e in entries if e["method"].startswith("sparcode-")), key=lambda e: e["qps_median"])
     ratios = {f"sparcode_vs_{e['method']}": best["qps_median"] / e["qps_median"] for e in entries
               if not e["method"].startswith("sparcode-")}
@@ -233,6 +230,7 @@ def bench_item_codes(regime: ItemCodesRegime, device: str, *, repeats: int, seed
             "history_lengths": {"mean": float(torch.cat(lengths).mean()), "p50": float(torch.cat(lengths).median()),
                                 "p99": float(torch.cat(lengths).quantile(0.99)), "max": float(torch.cat(lengths).max())},
             "index": {k2: v for k2, v in index.stats().items() if k2 != "device"}, "methods": entries, "ratios": ratios,
+            "copy_bandwidth_bytes_per_s": copy_bw,
             "note": "item-codes index generated without files: Zipf item popularity (exponent 0.8), cap postings per "
                     "code, lognormal |scores| with a share negated; every query's history excluded"}
 

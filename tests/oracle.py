@@ -11,21 +11,7 @@ from sparcode.engine import CodeIndex
 def dense_scores(index: CodeIndex, codes: np.ndarray, exclude: list[np.ndarray] | None = None) -> np.ndarray:
     """(B, N) float32: each item's summed score over the query's T lists in token order,
     NaN where the item is in none of them or is excluded (not a candidate)."""
-    indptr = index.indptr.cpu().numpy()
-    items = index.items.cpu().numpy()
-    scores = index.scores.cpu().to(torch.float32).numpy()
-    out = np.full((codes.shape[0], index.n_items), np.nan, dtype=np.float32)
-    for q in range(codes.shape[0]):
-        acc = np.zeros(index.n_items, dtype=np.float32)
-        present = np.zeros(index.n_items, dtype=bool)
-        for code in codes[q]:
-            lo, hi = indptr[code], indptr[code + 1]
-            acc[items[lo:hi]] += scores[lo:hi]
-            present[items[lo:hi]] = True
-        if exclude is not None:
-            present[np.asarray(exclude[q], dtype=np.int64)] = False
-        out[q, present] = acc[present]
-    return out
+    return bag_scores(index, np.asarray(codes).tolist(), None, exclude)
 
 
 def bag_scores(index: CodeIndex, bags: list[list[int]], weights: list[list[float]] | None = None,
@@ -65,15 +51,7 @@ def top_k(truth: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 def dense_search(index: CodeIndex, codes: np.ndarray, k: int, exclude: list[np.ndarray] | None = None):
     """Scores and ids (B, k) by brute force: order by (score desc, item asc), candidates
     only, -1/-inf padding; internal ids."""
-    truth = dense_scores(index, codes, exclude)
-    out_scores = np.full((codes.shape[0], k), -np.inf, dtype=np.float32)
-    out_ids = np.full((codes.shape[0], k), -1, dtype=np.int64)
-    for q, row in enumerate(truth):
-        cand = np.nonzero(~np.isnan(row))[0]
-        order = np.lexsort((cand, -row[cand]))[:k]
-        out_ids[q, : order.size] = cand[order]
-        out_scores[q, : order.size] = row[cand[order]]
-    return out_scores, out_ids
+    return top_k(dense_scores(index, codes, exclude), k)
 
 
 def assert_same_results(scores, ids, ref_scores, ref_ids) -> None:
