@@ -1,5 +1,6 @@
 """Where one Triton search spends its time: the kernel, the selection, and the rest
-(planning, the score floor, exclusion handling), each timed with device synchronisation."""
+(planning, the score floor, exclusion handling), each timed with device synchronisation,
+and how many keys per query the kernel hands to the selection."""
 
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ def breakdown(index: CodeIndex, codes: torch.Tensor | Bags, k: int, regime: str,
     ex_offsets = torch.zeros(bags.n_queries + 1, dtype=torch.int64, device=index.device)
     ex_items = torch.zeros(1, dtype=torch.int64, device=index.device)
     phases: dict[str, list[float]] = {"rest": [], "kernel": [], "selection": []}
+    survivors = None  # keys handed to selection per query (the candidate and dense regimes' floor survivors)
     for _ in range(repeats + 1):  # the first run compiles and builds derived layouts
         if regime == "candidate":
             (offsets, floor), rest = _timed(lambda: (candidate_search.query_offsets(index.indptr, *flat[:2]), score_floor(
@@ -47,12 +49,14 @@ def breakdown(index: CodeIndex, codes: torch.Tensor | Bags, k: int, regime: str,
             found, kernel = _timed(lambda o=offsets, f=floor, s=skip: candidate_search.candidate_survivors(
                 index.indptr, index.items, index.scores, *flat, ex_offsets, ex_items, o, f, skip=s), device)
             _, selection = _timed(lambda o=found[0], kk=found[1]: select_survivors(o, kk, bags.n_queries, k), device)
+            survivors = found[1].numel()
         elif regime == "tiled":
             rest = 0.0
             keys, kernel = _timed(lambda: tiled_search.tiled_keys(
                 index.indptr, index.items, index.scores, *flat, ex_offsets, ex_items, index.n_items, k,
                 block_n=tile_items), device)
             _, selection = _timed(lambda kk=keys: select_keys(kk, k), device)
+            survivors = keys.numel()
         elif regime == "table":  # selection runs inside the kernel
             (floor, queries), rest = _timed(lambda: (score_floor(index, bags, torch.full(
                 (bags.n_queries,), k, device=index.device)), torch.arange(bags.n_queries, device=index.device)), device)
@@ -66,9 +70,13 @@ def breakdown(index: CodeIndex, codes: torch.Tensor | Bags, k: int, regime: str,
                                  device)
             found, kernel = _timed(lambda f=floor: dense_search.dense_keys(rows, *flat, f, block_n=tile_items), device)
             _, selection = _timed(lambda o=found[0], kk=found[1]: select_survivors(o, kk, bags.n_queries, k), device)
+            survivors = found[1].numel()
         else:
             raise ValueError(f"regime: expected table, candidate, tiled or dense, got {regime!r}")
         for name, value in (("rest", rest), ("kernel", kernel), ("selection", selection)):
             phases[name].append(value)
-    return {name: statistics.median(values[1:]) for name, values in phases.items()}
+    out = {name: statistics.median(values[1:]) for name, values in phases.items()}
+    if survivors is not None:  # the table regime selects inside its kernel: nothing is handed over
+        out["keys_per_query"] = survivors / max(1, bags.n_queries)
+    return out
 
