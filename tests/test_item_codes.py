@@ -180,8 +180,17 @@ def test_item_codes_command_writes_an_index_its_queries_and_metrics_that_recomme
     assert bool((Engine.load(tmp_path / "positive" / "index").index.scores > 0).all())
     assert main(["item-codes", "--data", "synthetic", "--out", str(tmp_path / "capped"), "--cap", "3"]) == 0
     assert int(Engine.load(tmp_path / "capped" / "index").index.lengths.max()) == 3
+    assert main(["item-codes", "--data", "synthetic", "--out", str(tmp_path / "filter"), "--cap", "8", "--scores",
+                 "graph-filter", "--graph-filter-grid", "0:0", "0.1:16"]) == 0
+    filtered = json.loads((tmp_path / "filter" / "metrics.json").read_text())
+    assert filtered["scores"] == "graph-filter" and len(filtered["grid"]) == 4 and filtered["cap"] == 8
+    best = max(filtered["grid"], key=lambda p: p["valid_recall@20"])
+    assert (filtered["alpha"], filtered["vectors"], filtered["keep"]) == (best["alpha"], best["vectors"], best["keep"])
+    assert filtered["metrics"]["recall@20"] > 0 and (tmp_path / "filter" / "queries.parquet").is_file()
     for flags, message in ((["--cap-density", "0"], "--cap-density: expected a fraction in (0, 1]"),
                            (["--cap", "0"], "--cap: expected a positive number of items"),
+                           (["--scores", "graph-filter", "--graph-filter-grid", "0.3"],
+                            "--graph-filter-grid: expected ALPHA:VECTORS[:EASE]"),
                            (["--l2", "-1"], "--l2: expected a positive number")):
         assert main(["item-codes", "--data", "synthetic", "--out", str(tmp_path / "x"), *flags]) == 2
         assert message in capsys.readouterr().err

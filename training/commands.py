@@ -103,8 +103,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                      help="each code keeps its top FRACTION x N items")
     cap.add_argument("--cap", type=int, default=None,
                      help="each code keeps its top N items (an index of at most N x cap pairs at any catalogue size)")
+    items.add_argument("--scores", choices=("ease", "graph-filter"), default="ease",
+                       help="the (code, item) scores: EASE's closed form, or a graph filter whose settings (and "
+                            "keep rule) are chosen on the validation split from --graph-filter-grid")
+    items.add_argument("--graph-filter-grid", nargs="+", default=list(defaults.GRAPH_FILTER_GRID),
+                       metavar="ALPHA:VECTORS[:EASE]", help="graph-filter: the settings screened on validation")
     items.add_argument("--l2", type=float, default=defaults.ITEM_CODES_L2,
-                       help="l2 weight as a multiple of the mean item's training interactions")
+                       help="ease: l2 weight as a multiple of the mean item's training interactions")
     items.add_argument("--keep", choices=defaults.ITEM_CODES_KEEPS, default=defaults.ITEM_CODES_KEEP,
                        help="each code's largest scores by magnitude (negative ones demote their items) or its "
                             "highest positive ones")
@@ -243,6 +248,7 @@ def cmd_item_codes(args: argparse.Namespace) -> int:
     from .checkpoint import load_data
     from .evaluate import evaluate_engine
     from .export import ExportRule
+    from .graph_filter import fit_on_validation, grid_point
     from .item_codes import history_bags, item_code_index, item_scores, ridge
 
     if args.cap is not None and args.cap < 1:
@@ -251,22 +257,32 @@ def cmd_item_codes(args: argparse.Namespace) -> int:
         raise ValueError(f"--cap-density: expected a fraction in (0, 1], got {args.cap_density}")
     if not args.l2 > 0:
         raise ValueError(f"--l2: expected a positive number, got {args.l2}")
+    try:
+        grid = [grid_point(text) for text in args.graph_filter_grid]
+    except ValueError as exc:
+        raise ValueError(f"--graph-filter-grid: {exc}") from None
     device = _device(args.device)
     data = load_data(args.data, args.path, args.seed)
-    started = time.perf_counter()
-    scores = item_scores(data.train, data.n_items, l2_scale=args.l2, device=device)
-    fit_seconds = time.perf_counter() - started
     cap = args.cap if args.cap is not None else ExportRule.top(args.cap_density, data.n_items).cap
-    index = item_code_index(scores, cap, keep=args.keep)
-    del scores
+    started = time.perf_counter()
+    settings: dict = {"l2": ridge(data.train, data.n_items, args.l2), "keep": args.keep}
+    if args.scores == "graph-filter":
+        index, chosen, screened = fit_on_validation(data, cap, grid, keeps=defaults.ITEM_CODES_KEEPS, seed=args.seed)
+        settings = {"alpha": chosen["alpha"], "vectors": chosen["vectors"], "ease_weight": chosen["ease_weight"],
+                    "keep": chosen["keep"], "grid": screened}
+    else:
+        scores = item_scores(data.train, data.n_items, l2_scale=args.l2, device=device)
+        index = item_code_index(scores, cap, keep=args.keep)
+        del scores
+    fit_seconds = time.perf_counter() - started
     codes, offsets = history_bags(data.train)
     metrics = evaluate_engine(Engine(index), (codes, offsets), data)
     args.out.mkdir(parents=True, exist_ok=True)
     index.save(args.out / "index", overwrite=True)
     write_bags(args.out / "queries.parquet", np.arange(data.n_users), codes, offsets)
     lengths = np.diff(offsets)
-    report = {"dataset": data.name, "model": "item_codes", "device": device, "fit_seconds": fit_seconds,
-              "l2": ridge(data.train, data.n_items, args.l2), "keep": args.keep,
+    report = {"dataset": data.name, "model": "item_codes", "scores": args.scores, "device": device,
+              "fit_seconds": fit_seconds, "cap": cap, **settings,
               "bag_length": {"mean": float(lengths.mean()), "max": int(lengths.max(initial=0))}, "metrics": metrics}
     atomic_write_text(args.out / "metrics.json", json.dumps(report, indent=2) + "\n")
     print(f"item-codes: {index.n_codes:,} codes x {index.n_items:,} items, fit {fit_seconds:.1f} s, density "
