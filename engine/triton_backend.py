@@ -24,8 +24,9 @@ from .selection import Exclusion, score_floor
 
 TILE_ITEMS = 1024
 REGIMES = ("auto", "table", "candidate", "tiled", "dense")
-TABLE_RANGE = (1024, 65536)  # slots of a per-query table (8 bytes each)
+TABLE_RANGE = (1024, 1 << 22)  # slots of a per-query table (8 bytes each)
 L2_TABLE_BYTES = 32 * 2**20  # the tables in flight together: within an H100/H200's 50 MB L2
+TABLE_BYTES = 2**30  # at most this much for the tables of one launch (long queries' tables spill to HBM)
 SECTOR_BYTES = 32  # one L2 sector: what a scattered load costs in traffic
 SURVIVOR_BYTES = 32  # a dense-regime survivor: its key and owner, and their grouped copies
 
@@ -56,6 +57,15 @@ def choose_regime(n_items: int, n_tokens: float, mean_postings: float, longest: 
     if table_slots is not None and mean_postings <= table_slots * LOAD:
         costs["table"] = mean_postings * 3 + table_slots * 2 * 8 / SECTOR_BYTES
     return min(costs, key=costs.get)
+
+
+def query_tables(postings: torch.Tensor) -> torch.Tensor:
+    """(B,) int64 slots of each query's own table: room for its postings at the table's
+    load, a power of two within ``TABLE_RANGE`` (queries over the range get its top, and
+    do not fit)."""
+    need = torch.ceil(postings.double().clamp(min=1) / LOAD)
+    slots = torch.exp2(torch.ceil(torch.log2(need))).to(torch.int64)
+    return slots.clamp(TABLE_RANGE[0], TABLE_RANGE[1])
 
 
 def table_size(postings: torch.Tensor) -> int:
@@ -108,8 +118,8 @@ class TritonBackend:
             regime = choose_regime(index.n_items, tokens, mean, searched, self.tile_items,
                                    dense_ok, index.scores.element_size(), table)
         if regime == "table":  # the (B, k) keys; queries that do not fit go the candidate way
-            return Plan(np.where(postings <= self._table(torch.from_numpy(postings)) * LOAD, 16 * k,
-                                 40 * postings + 16 * k), regime=regime)
+            fit = self._fits(torch.from_numpy(postings), k)[0].numpy()
+            return Plan(np.where(fit, 16 * k, 40 * postings + 16 * k), regime=regime)
         if regime == "dense":  # survivors of the floor (keys and owners, sorted twice), the (B, k) keys
             return Plan(np.full(postings.shape, 64 * (64 + k) + 16 * k), regime=regime)
         if regime == "candidate":
@@ -144,30 +154,32 @@ class TritonBackend:
             return candidate_search(*args, floor=score_floor(index, bags, k + ex_offsets.diff()), skip=_skip(index))
         return tiled_search(*args, index.n_items, block_n=self.tile_items)
 
-    def _table(self, postings: torch.Tensor) -> int:
-        return self.table_slots or table_size(postings)
+    def _fits(self, postings: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B,) bool: the queries the table regime takes, and (B,) int64 their table slots:
+        ``table_slots`` for all when fixed, else each query's own (``query_tables``)."""
+        if self.table_slots is not None:
+            slots = torch.full_like(postings, self.table_slots)
+        else:
+            slots = query_tables(postings)
+        return (postings <= slots * LOAD) & (k <= MAX_K), slots
 
     def _table_search(self, index: CodeIndex, bags: Bags, k: int, ex_offsets: torch.Tensor,
                       ex_items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The queries that fit a table through the table kernel, the rest through the
-        regime the cost model picks for them."""
+        """The queries that fit a table through the table kernel, one launch per table size
+        (queries binned by their postings), the rest through the regime the cost model
+        picks for them."""
         device = bags.codes.device
-        postings = bags.postings(index.lengths)
-        table = self._table(postings)
-        fit = (postings <= table * LOAD) & (k <= MAX_K)
+        fit, slots = self._fits(bags.postings(index.lengths), k)
         scores = torch.full((bags.n_queries, k), float("-inf"), device=device)
         ids = torch.full((bags.n_queries, k), -1, dtype=torch.int64, device=device)
-        mine = torch.nonzero(fit).squeeze(1)
-        if mine.numel():
-            programs = self.table_programs
-            if programs is None:
-                programs = max(torch.cuda.get_device_properties(device).multi_processor_count,
-                               L2_TABLE_BYTES // (8 * table)) if device.type == "cuda" else 4
+        if bool(fit.any()):
             codes = bags.codes if bags.codes.numel() else torch.zeros(1, dtype=torch.int64, device=device)
             floor = score_floor(index, bags, k + ex_offsets.diff())
-            scores[mine], ids[mine] = table_search(index.indptr, index.items, index.scores, codes, bags.offsets,
-                                                   bags.weights, ex_offsets, ex_items, floor, mine, k, table=table,
-                                                   n_programs=programs)
+            for table in torch.unique(slots[fit]).tolist():
+                mine = torch.nonzero(fit & (slots == table)).squeeze(1)
+                scores[mine], ids[mine] = table_search(index.indptr, index.items, index.scores, codes, bags.offsets,
+                                                       bags.weights, ex_offsets, ex_items, floor, mine, k, table=table,
+                                                       n_programs=self._programs(table, mine.numel(), device))
         rest = torch.nonzero(~fit).squeeze(1)
         if rest.numel():
             sub = bags.take(rest)
@@ -176,3 +188,14 @@ class TritonBackend:
                                  workspace_bytes=self.workspace_bytes).plan(index, sub, k)
             scores[rest], ids[rest] = self.search(index, sub, k, (ex_sub, ex_rest), plan.regime)
         return scores, ids
+
+    def _programs(self, table: int, queries: int, device: torch.device) -> int:
+        """Tables in flight for one launch: ``table_programs`` if set; on CUDA as many as fill
+        ``L2_TABLE_BYTES``, at least one per SM, within ``TABLE_BYTES``; 4 on the interpreter."""
+        if self.table_programs is not None:
+            return self.table_programs
+        if device.type != "cuda":
+            return 4
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        wanted = max(sms, L2_TABLE_BYTES // (8 * table))
+        return max(1, min(queries, wanted, TABLE_BYTES // (8 * table)))

@@ -10,7 +10,7 @@ from oracle import assert_same_results, dense_search
 from sparcode.engine import Engine
 from sparcode.engine.bags import Bags
 from sparcode.engine.synthetic import random_codes
-from sparcode.engine.triton_backend import TritonBackend, choose_regime, table_size
+from sparcode.engine.triton_backend import TritonBackend, choose_regime, query_tables, table_size
 
 
 def engines(index, regime):
@@ -72,7 +72,8 @@ def test_auto_regime_follows_the_cost_model():
     assert choose_regime(1_000_000, 8, 723_000, 600_000, dense_fits=True, table_slots=65_536) == "dense"
     assert choose_regime(1_000_000, 4, 40_000, 50_000, table_slots=65_536) == "candidate"  # over the table's load
     assert table_size(torch.tensor([100] * 199 + [10**6])) == 1024  # the 99th percentile, within the range
-    assert table_size(torch.tensor([12_000] * 10)) == 32_768 and table_size(torch.tensor([10**6] * 3)) == 65_536
+    assert table_size(torch.tensor([12_000] * 10)) == 32_768 and table_size(torch.tensor([10**6] * 3)) == 2**21
+    assert query_tables(torch.tensor([0, 300, 600, 10**9])).tolist() == [1024, 1024, 2048, 2**22]
 
 
 def test_dense_regime_respects_its_budget():
@@ -163,3 +164,22 @@ def test_table_regime_routes_queries_that_do_not_fit(monkeypatch):
         want = Engine(index, backend="torch").search(codes, k=k, offsets=offsets, exclude=exclude)
         assert torch.equal(got.ids, want.ids) and torch.equal(got.scores, want.scores)
         assert seen == ([[0, 2]] if k == 3 else [])
+
+
+def test_table_regime_launches_one_table_size_per_bin(monkeypatch):
+    from sparcode.engine import triton_backend
+
+    index = quantized_index(6, 900, 300, seed=9, dtype=torch.float32).to(DEVICE)
+    assert index.lengths.tolist() == [357, 197, 180, 242, 204, 279]
+    codes = torch.tensor([1, 0, 3, 5, 3], device=DEVICE)
+    offsets = torch.tensor([0, 1, 3, 5], device=DEVICE)  # 197 postings (1,024 slots); 599 and 521 (2,048)
+    launches = []
+    kernel = triton_backend.table_search
+    monkeypatch.setattr(triton_backend, "table_search",
+                        lambda *a, **kw: launches.append((kw["table"], a[9].tolist())) or kernel(*a, **kw))
+    fast = Engine(index, backend="triton")
+    fast.backend = TritonBackend(regime="table", tile_items=64)
+    got = fast.search(codes, k=4, offsets=offsets, exclude=[[1], [], [2, 3]])
+    want = Engine(index, backend="torch").search(codes, k=4, offsets=offsets, exclude=[[1], [], [2, 3]])
+    assert torch.equal(got.ids, want.ids) and torch.equal(got.scores, want.scores)
+    assert sorted(launches) == [(1024, [0]), (2048, [1, 2])]
