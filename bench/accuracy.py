@@ -252,8 +252,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     for kind in args.models:
         torch.manual_seed(args.seed)
         if kind in ("item_codes", "graph_filter"):
-            entry = report["models"][kind] = (item_codes_entry if kind == "item_codes" else graph_filter_entry)(
-                args, data, device, headline)
+            entry = report["models"][kind] = (item_codes_entry(args, data, device) if kind == "item_codes"
+                                              else graph_filter_entry(args, data, headline))
             print(f"[accuracy] {args.dataset} {kind}: {headline} {entry[headline]:.4f} recall@20 {entry['recall@20']:.4f} "
                   f"(fit {entry['train_seconds']:.0f} s)", flush=True)
             write(args.out, report, started)
@@ -306,7 +306,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     return report
 
 
-def graph_filter_entry(args: argparse.Namespace, data, device: str, headline: str) -> dict:
+def graph_filter_entry(args: argparse.Namespace, data, headline: str) -> dict:
     """Graph-filter codes (``training/graph_filter.py``) through the headline rule's index:
     every ``--graph-filter-grid`` setting fitted and scored on the validation split, the
     best by the headline metric read on the test split once."""
@@ -323,7 +323,7 @@ def graph_filter_entry(args: argparse.Namespace, data, device: str, headline: st
             "nnz": index.nnz, **{k: metrics[k] for k in METRICS}, "queries_per_s": metrics["queries_per_s"]}
 
 
-def item_codes_entry(args: argparse.Namespace, data, device: str, headline: str) -> dict:
+def item_codes_entry(args: argparse.Namespace, data, device: str) -> dict:
     """Item codes fitted in closed form on ``device``, indexed by the headline rule (each
     code's top items) and by each ``--cap-densities`` fraction (their sparsity curve),
     and searched through ``Engine`` with every user's history as codes."""

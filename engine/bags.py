@@ -65,11 +65,9 @@ class Bags(NamedTuple):
 
     def nonnegative_weights(self) -> torch.Tensor:
         """(B,) bool: whether every weight of the query is >= 0 (True without weights)."""
-        ok = torch.ones(self.n_queries, dtype=torch.bool, device=self.codes.device)
-        if self.weights is not None and self.weights.numel():
-            negative = self.segment_sum(self.weights < 0)
-            ok = negative == 0
-        return ok
+        if self.weights is None:
+            return torch.ones(self.n_queries, dtype=torch.bool, device=self.codes.device)
+        return self.segment_sum(self.weights < 0) == 0
 
     @classmethod
     def dense(cls, codes: torch.Tensor, weights: torch.Tensor | None = None) -> Bags:

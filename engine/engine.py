@@ -107,8 +107,8 @@ class Engine:
         n_queries = bags.n_queries
         device = self.index.device
         excl = normalize_exclude(exclude, n_queries, self.index.n_items, device, self.index.item_ids)
-        scores = torch.full((n_queries, k), float("-inf"), dtype=torch.float32, device=device)
-        ids = torch.full((n_queries, k), -1, dtype=torch.int64, device=device)
+        scores = torch.empty((n_queries, k), dtype=torch.float32, device=device)
+        ids = torch.empty((n_queries, k), dtype=torch.int64, device=device)
         plan = self.backend.plan(self.index, bags, k)
         for start, stop in chunks(plan, self.workspace_bytes):
             sub = None if excl is None else _slice_csr(excl, start, stop)
@@ -128,6 +128,10 @@ class Engine:
         if offsets is None and not (isinstance(batch, torch.Tensor) and batch.is_nested):
             t, kind = to_torch(batch, "batch")
             if t.dtype.is_floating_point:
+                if kind == "numpy":
+                    t = t.to(index.device)
+                elif t.device != index.device:
+                    raise ValueError(f"batch: is on {t.device} but the index is on {index.device}; move one of them")
                 if t.dim() != 2:
                     raise ValueError(f"batch: expected (B, F) features, got shape {tuple(t.shape)}")
                 return to_bags(self._encode(t), None, weights, index.n_codes, index.device)[0], kind
@@ -140,8 +144,6 @@ class Engine:
             raise TypeError(f"batch: got {features.dtype} features but this engine has no encoder; pass integer codes (B, T)")
         if not bool(torch.isfinite(features).all()):
             raise ValueError("batch: features contain NaN or infinite values")
-        if features.device != self.index.device and features.device.type != "cpu":
-            raise ValueError(f"batch: is on {features.device} but the index is on {self.index.device}; move one of them")
         return self.encoder(features.to(self.index.device))
 
 

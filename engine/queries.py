@@ -113,8 +113,7 @@ class QueryFile:
         if flat.null_count:
             raise ValueError(f"{self.name}: {self.path}: column '{column}' holds a null value")
         flat = flat.to_numpy(zero_copy_only=False)
-        kind = "f" if column == "weights" else "iu"
-        if flat.dtype.kind not in kind and not (column == "weights" and flat.dtype.kind in "iu"):
+        if flat.dtype.kind not in ("fiu" if column == "weights" else "iu"):
             raise ValueError(f"{self.name}: {self.path}: column '{column}' must hold "
                              f"{'numbers' if column == 'weights' else 'integers'}, got {flat.dtype}")
         return flat, offsets

@@ -53,14 +53,15 @@ def score_floor(index: CodeIndex, bags: Bags, rank: torch.Tensor) -> torch.Tenso
     if index.nnz == 0 or bags.codes.numel() == 0 or not all_positive(index):
         return floor
     desc = index.derived("descending_scores", descending_scores)
-    rank = rank.to(torch.int64)[bags.query_of()]
+    owner = bags.query_of()
+    rank = rank.to(torch.int64)[owner]
     present = index.lengths[bags.codes] >= rank
     at = (index.indptr[bags.codes] + rank - 1).clamp(max=index.nnz - 1)
     bounds = desc[at].float()
     if bags.weights is not None:
         bounds = bags.weights * bounds
     bounds = torch.where(present, bounds, float("-inf"))
-    floor = floor.scatter_reduce(0, bags.query_of(), bounds, reduce="amax")
+    floor = floor.scatter_reduce(0, owner, bounds, reduce="amax")
     return torch.where(bags.nonnegative_weights(), floor, float("-inf"))
 
 

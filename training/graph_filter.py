@@ -21,11 +21,12 @@ import numpy as np
 import scipy.sparse
 import torch
 
-from sparcode.engine import CodeIndex
+from sparcode.engine import CodeIndex, Engine
 
 from . import defaults
 from .data import CSR, InteractionData
-from .item_codes import interaction_matrix, rows_index, rows_indexes
+from .evaluate import evaluate_engine
+from .item_codes import history_bags, interaction_matrix, item_scores, rows_index, rows_indexes
 
 
 def normalized(train: CSR, n_items: int) -> tuple[scipy.sparse.csr_matrix, np.ndarray]:
@@ -96,11 +97,6 @@ def fit_on_validation(data: InteractionData, cap: int, grid: Iterable[tuple[floa
     split is not read): (index, the chosen setting, every setting with its validation
     scores and fit seconds). EASE's weights (``item_codes.item_scores``, default l2) are
     fitted once if a setting uses them; the keep rules share one pass over the rows."""
-    from sparcode.engine import Engine
-
-    from .evaluate import evaluate_engine
-    from .item_codes import history_bags, item_scores
-
     grid = list(grid)
     bags = history_bags(data.train)
     ease, ease_seconds = None, 0.0
