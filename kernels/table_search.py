@@ -53,16 +53,16 @@ def _table_kernel(
     my_sums = slot_sums_ptr + pid.to(tl.int64) * TABLE
     for i in range(pid, n_queries, tl.num_programs(0)):
         query = tl.load(queries_ptr + i).to(tl.int64)
-        for c in range(0, TABLE, CHUNK):
-            tl.store(my_items + c + lanes, tl.full([CHUNK], -1, dtype=tl.int32))
-            tl.store(my_sums + c + lanes, tl.zeros([CHUNK], dtype=tl.float32))
+        for clear in range(0, TABLE, CHUNK):
+            tl.store(my_items + clear + lanes, tl.full([CHUNK], -1, dtype=tl.int32))
+            tl.store(my_sums + clear + lanes, tl.zeros([CHUNK], dtype=tl.float32))
         tl.debug_barrier()
         for t in range(tl.load(bag_offsets_ptr + query), tl.load(bag_offsets_ptr + query + 1)):
             code = tl.load(codes_ptr + t)
             lo = tl.load(indptr_ptr + code)
             hi = tl.load(indptr_ptr + code + 1)
-            for c in range(lo, hi, CHUNK):
-                at = c + lanes
+            for start in range(lo, hi, CHUNK):
+                at = start + lanes
                 valid = at < hi
                 item = tl.load(items_ptr + at, mask=valid, other=0)
                 value = tl.load(scores_ptr + at, mask=valid, other=0.0).to(tl.float32)
@@ -82,9 +82,9 @@ def _table_kernel(
         ex_hi = tl.zeros([CHUNK], dtype=tl.int64) + tl.load(ex_offsets_ptr + query + 1)
         floor = tl.load(floor_ptr + query)
         best = empty_keys(tl.arange(0, KPAD))
-        for c in range(0, TABLE, CHUNK):
-            item = tl.load(my_items + c + lanes)
-            total = tl.load(my_sums + c + lanes)
+        for chunk in range(0, TABLE, CHUNK):
+            item = tl.load(my_items + chunk + lanes)
+            total = tl.load(my_sums + chunk + lanes)
             occupied = item >= 0
             pos = lower_bound(ex_items_ptr, ex_lo, ex_hi, item.to(tl.int64), EX_STEPS)
             inside = occupied & (pos < ex_hi)
