@@ -29,33 +29,41 @@ L2_TABLE_BYTES = 32 * 2**20  # the tables in flight together: within an H100/H20
 TABLE_BYTES = 2**30  # at most this much for the tables of one launch (long queries' tables spill to HBM)
 SECTOR_BYTES = 32  # one L2 sector: what a scattered load costs in traffic
 SURVIVOR_BYTES = 32  # a dense-regime survivor: its key and owner, and their grouped copies
+# choose_regime's per-query time model, fitted to the H200 kernels side by side on R1-R4
+# (bench/results/nvidia-h200-gpu-bench-2026-12-04.json; docs/performance.md)
+CANDIDATE_STEP_NS = 0.0028  # one binary-search step or key write of the candidate kernel
+TILED_SECTOR_NS = 0.017  # one counted sector of the tiled kernel
+DENSE_BYTE_NS = 0.0032  # one byte of the dense score rows a query reads
+TABLE_STEP_NS = 0.12  # one table update or slot pass of the table kernel
+QUERY_NS = 1400.0  # a query's selection and its share of the launches
 
 
-def choose_regime(n_items: int, n_tokens: float, mean_postings: float, longest: int, tile_items: int = TILE_ITEMS,
-                  dense_fits: bool = False, score_bytes: int = 2, table_slots: int | None = None) -> str:
-    """Pick the cheapest regime from a count of memory operations (sectors) per query.
+def choose_regime(n_items: int, n_tokens: float, mean_postings: float, searches: float, longest: int,
+                  tile_items: int = TILE_ITEMS, dense_fits: bool = False, score_bytes: int = 2,
+                  table_slots: int | None = None) -> str:
+    """Pick the regime of least predicted time per query (nanoseconds), a model whose
+    constants are fitted to the H200's side-by-side kernel times on R1-R4.
 
-    candidate: every posting binary-searches its superblock segment of all T lists
-    (T x log2 of the longest segment, ``longest``) and, if it reaches the floor, is
-    written once as a key. tiled: every posting is a read-modify-write of the scratch
-    row, every item slot costs an init, a read-back and its share of the on-chip sort,
-    and every (code, item block) two binary searches of the code's whole list. dense
-    (only when the rows fit their budget): T coalesced rows of N scores. table (when
-    ``table_slots`` is given: k fits and the mean query fits a table of that size): per
-    posting a compare-and-swap and a read-modify-write of its slot, and per query one
-    clearing and one reading pass over the table. T is the batch's mean bag length
-    (``n_tokens``). The
-    constants are counted from the kernels' loops, not yet fitted to GPU measurements
-    (docs/performance.md).
+    candidate: every posting binary-searches its superblock segment in each list of its
+    query (``searches``: the batch's mean of postings x bag length; log2 of the longest
+    segment, ``longest``, steps each) and is written once as a key. tiled: every posting
+    is a read-modify-write of the scratch row, every item slot costs an init, a
+    read-back and its share of the on-chip sort, and every (code, item block) two
+    binary searches of the code's whole list. dense (only when the rows fit their
+    budget): T coalesced rows of N scores. table (when ``table_slots`` is given: k fits
+    and the mean query fits a table of that size): per posting a compare-and-swap and a
+    read-modify-write of its slot and per query a clearing and a selecting pass over its
+    table. T is the batch's mean bag length (``n_tokens``); every regime but table (which
+    selects inside its kernel) adds ``QUERY_NS`` of selection.
     """
     steps = max(1, longest.bit_length())
-    costs = {"candidate": mean_postings * (n_tokens * steps + 2),
-             "tiled": mean_postings * 3 + n_items * (3 + math.log2(tile_items) / 2)
-             + n_tokens * -(-n_items // tile_items) * 2 * steps}
+    costs = {"candidate": CANDIDATE_STEP_NS * (searches * steps + 2 * mean_postings) + QUERY_NS,
+             "tiled": TILED_SECTOR_NS * (mean_postings * 3 + n_items * (3 + math.log2(tile_items) / 2)
+                                         + n_tokens * -(-n_items // tile_items) * 2 * steps) + QUERY_NS}
     if dense_fits:
-        costs["dense"] = n_tokens * n_items * score_bytes / SECTOR_BYTES
+        costs["dense"] = DENSE_BYTE_NS * n_tokens * n_items * score_bytes + QUERY_NS
     if table_slots is not None and mean_postings <= table_slots * LOAD:
-        costs["table"] = mean_postings * 3 + table_slots * 2 * 8 / SECTOR_BYTES
+        costs["table"] = TABLE_STEP_NS * (mean_postings * 3 + table_slots / 2)
     return min(costs, key=costs.get)
 
 
@@ -108,15 +116,7 @@ class TritonBackend:
 
     def plan(self, index: CodeIndex, bags: Bags, k: int) -> Plan:
         postings = bags.postings(index.lengths).cpu().numpy()
-        regime = self.regime
-        if regime == "auto":
-            mean = float(postings.mean()) if postings.size else 0.0
-            tokens = float(bags.codes.numel()) / max(1, bags.n_queries)
-            dense_ok = fits(index, index.scores.dtype, self.dense_bytes)
-            searched = (1 << _skip(index).steps) - 1  # the longest segment a candidate search covers
-            table = (self.table_slots or table_size(torch.from_numpy(postings))) if k <= MAX_K else None
-            regime = choose_regime(index.n_items, tokens, mean, searched, self.tile_items,
-                                   dense_ok, index.scores.element_size(), table)
+        regime = self._auto(index, bags, k, postings, tables=True) if self.regime == "auto" else self.regime
         if regime == "table":  # the (B, k) keys; queries that do not fit go the candidate way
             fit = self._fits(torch.from_numpy(postings), k)[0].numpy()
             return Plan(np.where(fit, 16 * k, 40 * postings + 16 * k), regime=regime)
@@ -128,6 +128,17 @@ class TritonBackend:
             return Plan(40 * postings + 16 * k, regime=regime)
         blocks = -(-index.n_items // self.tile_items)
         return Plan(np.full(postings.shape, 16 * blocks * min(k, self.tile_items) + 16 * k), regime=regime)
+
+    def _auto(self, index: CodeIndex, bags: Bags, k: int, postings: np.ndarray, tables: bool) -> str:
+        """``choose_regime`` on the batch's statistics (the table regime only if ``tables``)."""
+        mean = float(postings.mean()) if postings.size else 0.0
+        tokens = float(bags.codes.numel()) / max(1, bags.n_queries)
+        dense_ok = fits(index, index.scores.dtype, self.dense_bytes)
+        searches = float((postings * np.diff(bags.offsets.cpu().numpy())).mean()) if postings.size else 0.0
+        searched = (1 << _skip(index).steps) - 1  # the longest segment a candidate search covers
+        table = (self.table_slots or table_size(torch.from_numpy(postings))) if tables and k <= MAX_K else None
+        return choose_regime(index.n_items, tokens, mean, searches, searched, self.tile_items, dense_ok,
+                             index.scores.element_size(), table)
 
     def search(
         self, index: CodeIndex, bags: Bags, k: int, exclude: Exclusion, regime: str
@@ -184,9 +195,8 @@ class TritonBackend:
         if rest.numel():
             sub = bags.take(rest)
             ex_sub, (ex_rest,) = take_rows(ex_offsets, [ex_items[: int(ex_offsets[-1])]], rest)
-            plan = TritonBackend(tile_items=self.tile_items, dense_bytes=self.dense_bytes,
-                                 workspace_bytes=self.workspace_bytes).plan(index, sub, k)
-            scores[rest], ids[rest] = self.search(index, sub, k, (ex_sub, ex_rest), plan.regime)
+            regime = self._auto(index, sub, k, sub.postings(index.lengths).cpu().numpy(), tables=False)
+            scores[rest], ids[rest] = self.search(index, sub, k, (ex_sub, ex_rest), regime)
         return scores, ids
 
     def _programs(self, table: int, queries: int, device: torch.device) -> int:

@@ -11,6 +11,7 @@ from sparcode.engine import Engine
 from sparcode.engine.bags import Bags
 from sparcode.engine.synthetic import random_codes
 from sparcode.engine.triton_backend import TritonBackend, choose_regime, query_tables, table_size
+from sparcode.kernels.table_search import MAX_K
 
 
 def engines(index, regime):
@@ -60,17 +61,17 @@ def test_triton_equals_the_dense_oracle(regime, case):
 
 
 def test_auto_regime_follows_the_cost_model():
-    # R1-like: few postings per query relative to N -> candidate; R2-like -> tiled, or dense when the rows fit
-    assert choose_regime(1_000_000, 4, 12_000, 50_000) == "candidate"
-    assert choose_regime(1_000_000, 8, 1_200_000, 200_000) == "tiled"
-    assert choose_regime(1_000_000, 8, 723_000, 600_000, dense_fits=True) == "dense"
-    assert choose_regime(10_000_000, 4, 60_000, 100_000) == "candidate"
-    assert choose_regime(10_000_000, 4, 1_000, 100_000, dense_fits=True) == "candidate"  # dense reads all N
-    # with a table: sparse queries and long bags (item codes) take it; catalogue-wide queries cannot
-    assert choose_regime(1_000_000, 4, 12_000, 50_000, table_slots=32_768) == "table"
-    assert choose_regime(1_000_000, 30, 15_000, 50_000, table_slots=32_768) == "table"
-    assert choose_regime(1_000_000, 8, 723_000, 600_000, dense_fits=True, table_slots=65_536) == "dense"
-    assert choose_regime(1_000_000, 4, 40_000, 50_000, table_slots=65_536) == "candidate"  # over the table's load
+    # the H200's measured winners, with each regime's batch statistics (mean postings,
+    # mean of postings x bag length, longest skip segment, the p99 query's table):
+    # R1 and R3 candidate, R2 dense where the rows fit (else tiled), R4 (item codes) table
+    assert choose_regime(1_000_000, 4, 11_662, 46_647, 2**11 - 1, table_slots=2**18) == "candidate"
+    assert choose_regime(10_000_000, 4, 58_826, 235_306, 2**11 - 1, table_slots=2**20) == "candidate"
+    assert choose_regime(1_000_000, 8, 726_460, 5_811_676, 2**14 - 1, dense_fits=True, table_slots=2**22) == "dense"
+    assert choose_regime(1_000_000, 8, 726_460, 5_811_676, 2**14 - 1, table_slots=2**22) == "tiled"
+    assert choose_regime(1_000_000, 31.8, 15_890, 4_273_367, 31, table_slots=2**18) == "table"
+    assert choose_regime(1_000_000, 31.8, 15_890, 4_273_367, 31) == "candidate"  # k over the table's reach
+    assert choose_regime(10_000_000, 4, 1_000, 4_000, 2**11 - 1, dense_fits=True) == "candidate"  # dense reads all N
+    assert choose_regime(1_000_000, 31.8, 40_000, 4_273_367, 31, table_slots=2**16) == "candidate"  # over the load
     assert table_size(torch.tensor([100] * 199 + [10**6])) == 1024  # the 99th percentile, within the range
     assert table_size(torch.tensor([12_000] * 10)) == 32_768 and table_size(torch.tensor([10**6] * 3)) == 2**21
     assert query_tables(torch.tensor([0, 300, 600, 10**9])).tolist() == [1024, 1024, 2048, 2**22]
@@ -79,10 +80,11 @@ def test_auto_regime_follows_the_cost_model():
 def test_dense_regime_respects_its_budget():
     index = quantized_index(8, 300, 200, seed=3)
     codes = random_codes(4, 6, 8, seed=4)
-    over = TritonBackend(dense_bytes=8 * 300 * 2 - 1).plan(index, Bags.dense(codes), 10).regime
-    within = TritonBackend(dense_bytes=8 * 300 * 2).plan(index, Bags.dense(codes), 10).regime
+    k = MAX_K + 1  # beyond the table's reach, which would win at this size
+    over = TritonBackend(dense_bytes=8 * 300 * 2 - 1).plan(index, Bags.dense(codes), k).regime
+    within = TritonBackend(dense_bytes=8 * 300 * 2).plan(index, Bags.dense(codes), k).regime
     assert over != "dense" and within == "dense"
-    assert TritonBackend(dense_bytes=0).plan(index, Bags.dense(codes), 10).regime != "dense"
+    assert TritonBackend(dense_bytes=0).plan(index, Bags.dense(codes), k).regime != "dense"
 
 
 @pytest.mark.parametrize("excluded", [False, True])
