@@ -12,7 +12,7 @@ import torch
 
 from sparcode.engine import Engine
 from sparcode.training.data import CSR
-from sparcode.training.item_codes import history_bags, item_code_index, item_scores, ridge
+from sparcode.training.item_codes import ease_rows, history_bags, item_code_index, item_scores, ridge
 
 
 def random_train(n_users: int, n_items: int, seed: int, per_user: tuple[int, int] = (1, 8)) -> CSR:
@@ -21,22 +21,44 @@ def random_train(n_users: int, n_items: int, seed: int, per_user: tuple[int, int
                            for _ in range(n_users)])
 
 
-def test_item_scores_solve_each_items_ridge_regression_on_the_others():
+@pytest.mark.parametrize("n_users, n_items, rows", [(40, 12, 5), (10, 30, 7), (10, 30, 2048)])
+def test_item_scores_solve_each_items_ridge_regression_on_the_others(n_users, n_items, rows):
     """Column j of B is the ridge regression of item j's column on every other item's,
-    solved here one column at a time in float64: the constraint diag(B) = 0 separates."""
-    n_items, scale = 12, 0.7
-    train = random_train(40, n_items, seed=0)
-    x = np.zeros((40, n_items))
-    for u in range(40):
+    solved here one column at a time in float64: the constraint diag(B) = 0 separates.
+    More users than items: the Gram's inverse; fewer: Woodbury's U x U inverse."""
+    scale = 0.7
+    train = random_train(n_users, n_items, seed=n_users)
+    x = np.zeros((n_users, n_items))
+    for u in range(n_users):
         x[u, train.row(u)] = 1
     lam = ridge(train, n_items, scale)
-    got = item_scores(train, n_items, l2_scale=scale).double().numpy()
+    got = torch.cat(list(ease_rows(train, n_items, l2_scale=scale, rows=rows))).double().numpy()
+    assert got.shape == (n_items, n_items)
     for j in range(n_items):
         others = np.delete(np.arange(n_items), j)
         xo = x[:, others]
         expected = np.linalg.solve(xo.T @ xo + lam * np.eye(n_items - 1), xo.T @ x[:, j])
         np.testing.assert_allclose(got[others, j], expected, rtol=1e-4, atol=1e-6)
         assert got[j, j] == 0
+
+
+@pytest.mark.parametrize("n_users, n_items", [(300, 120), (120, 300)])
+def test_float32_fit_is_within_bounds_of_float64(n_users, n_items):
+    train = random_train(n_users, n_items, seed=3, per_user=(2, 30))
+    low, high = (item_scores(train, n_items, dtype=dtype).double() for dtype in (torch.float32, torch.float64))
+    assert float((low - high).norm() / high.norm()) < 1e-5
+
+
+def test_the_device_sparse_product_equals_scipys():
+    """The CUDA path's torch CSR product, checked on CPU against scipy's."""
+    import scipy.sparse
+
+    from sparcode.training.item_codes import torch_csr
+
+    a = scipy.sparse.random(30, 50, density=0.2, format="csr", dtype=np.float32, random_state=0)
+    dense = torch.randn(50, 7)
+    np.testing.assert_allclose((torch_csr(a, torch.device("cpu"), torch.float32) @ dense).numpy(),
+                               a @ dense.numpy(), rtol=1e-5, atol=1e-5)
 
 
 def test_ridge_is_a_multiple_of_the_mean_items_interactions_and_rejects_bad_input():

@@ -249,7 +249,7 @@ def cmd_item_codes(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_engine
     from .export import ExportRule
     from .graph_filter import fit_on_validation, grid_point
-    from .item_codes import history_bags, item_code_index, item_scores, ridge
+    from .item_codes import ease_rows, history_bags, ridge, rows_index
 
     if args.cap is not None and args.cap < 1:
         raise ValueError(f"--cap: expected a positive number of items, got {args.cap}")
@@ -271,9 +271,8 @@ def cmd_item_codes(args: argparse.Namespace) -> int:
         settings = {"alpha": chosen["alpha"], "vectors": chosen["vectors"], "ease_weight": chosen["ease_weight"],
                     "keep": chosen["keep"], "grid": screened}
     else:
-        scores = item_scores(data.train, data.n_items, l2_scale=args.l2, device=device)
-        index = item_code_index(scores, cap, keep=args.keep)
-        del scores
+        rows = ease_rows(data.train, data.n_items, l2_scale=args.l2, device=device)
+        index = rows_index(rows, data.n_items, cap, keep=args.keep)
     fit_seconds = time.perf_counter() - started
     codes, offsets = history_bags(data.train)
     metrics = evaluate_engine(Engine(index), (codes, offsets), data)

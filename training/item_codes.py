@@ -8,13 +8,15 @@ score of an item is the sum over their history items h of B[h, item], which is
 SparCode's search exactly: V = N codes, no quantization, a user's bag of codes is their
 history (ragged: ``history_bags``). The all-to-all interaction is learned between items rather
 than between a quantized user and an item, so no user detail is lost to a codebook; on
-ID-only data it is more accurate than quantized user tokens (docs/accuracy.md). The fit holds two
-N x N float32 matrices (Gowalla's 40,981 items: 13.4 GB; 10-14 minutes on 2 CPU cores).
+ID-only data it is more accurate than quantized user tokens (docs/accuracy.md). The exact fit
+(``ease_rows``) inverts the smaller of the U x U and N x N Gram matrices and yields B a
+block of rows at a time (Gowalla, 29,858 users and 40,981 items: 190 s and 7.3 GB peak on
+2 CPU cores).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import scipy.sparse
@@ -44,20 +46,87 @@ def ridge(train: CSR, n_items: int, l2_scale: float = defaults.ITEM_CODES_L2) ->
 
 @torch.no_grad()
 def item_scores(train: CSR, n_items: int, *, l2_scale: float = defaults.ITEM_CODES_L2,
-                device: str | torch.device = "cpu") -> torch.Tensor:
-    """(N, N) float32 B on ``device``: B[h, i] is what history item h adds to item i's
-    score (see the module's docstring)."""
+                device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(N, N) B on ``device``: B[h, i] is what history item h adds to item i's score
+    (see the module's docstring); ``ease_rows`` gathered. float32 serves; float64 is the
+    reference it is checked against."""
+    return torch.cat(list(ease_rows(train, n_items, l2_scale=l2_scale, device=device, dtype=dtype)))
+
+
+@torch.no_grad()
+def ease_rows(train: CSR, n_items: int, *, l2_scale: float = defaults.ITEM_CODES_L2,
+              device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+              rows: int = 2048) -> Iterator[torch.Tensor]:
+    """EASE's B a block of ``rows`` rows at a time ((rows, N) on ``device``), for
+    ``rows_index``: B = -P / diag(P) with diag(B) = 0, where P = (X^T X + l2 I)^-1.
+    With fewer users than items P = (I - X^T K^-1 X) / l2, K = X X^T + l2 I (Woodbury),
+    so the one dense matrix is U x U and no N x N matrix exists; otherwise the N x N
+    inverse is the one dense matrix (``_inverse_of_gram`` holds a second while it
+    inverts)."""
     x = interaction_matrix(train, n_items)
-    gram = (x.T @ x).toarray().astype(np.float32, copy=False)  # float32 already: no second N x N copy
-    gram = torch.from_numpy(gram).to(device)
-    gram.diagonal().add_(ridge(train, n_items, l2_scale))
-    factor = torch.linalg.cholesky(gram)
-    del gram
-    scores = torch.cholesky_inverse(factor)
-    del factor
-    scores /= -scores.diagonal().clone()[None, :]
-    scores.diagonal().zero_()
-    return scores
+    l2 = ridge(train, n_items, l2_scale)
+    device = torch.device(device)
+    if x.shape[0] >= n_items:
+        p = _inverse_of_gram(x.T.tocsr(), l2, device, dtype, rows)
+        diag = p.diagonal().clone()
+        for lo in range(0, n_items, rows):
+            block = p[lo : lo + rows] / -diag[None, :]
+            yield _zero_diagonal(block, lo)
+        return
+    k_inv = _inverse_of_gram(x, l2, device, dtype, rows)
+    by_item = x.T.tocsr()  # (N, U): row i holds item i's users
+    def products(lo: int) -> torch.Tensor:  # (rows, U): X[:, block]^T K^-1
+        return _sparse_mm(by_item[lo : lo + rows], k_inv)
+    diag = torch.empty(n_items, dtype=dtype, device=device)
+    for lo in range(0, n_items, rows):  # diag(P)_i = (1 - x_i^T K^-1 x_i) / l2
+        part = by_item[lo : lo + rows].tocoo()
+        quad = products(lo)[torch.from_numpy(part.row).to(device), torch.from_numpy(part.col).to(device)]
+        own = torch.zeros(part.shape[0], dtype=dtype, device=device).index_add_(
+            0, torch.from_numpy(part.row).to(device), quad * torch.from_numpy(part.data).to(device, dtype))
+        diag[lo : lo + part.shape[0]] = (1 - own) / l2
+    for lo in range(0, n_items, rows):  # P[block] = (I[block] - X[:, block]^T K^-1 X) / l2
+        block = _sparse_mm(by_item, products(lo).T).T / -l2
+        block[torch.arange(block.shape[0], device=device), lo + torch.arange(block.shape[0], device=device)] += 1 / l2
+        yield _zero_diagonal(block / -diag[None, :], lo)
+
+
+def _zero_diagonal(block: torch.Tensor, lo: int) -> torch.Tensor:
+    """``block`` (rows lo.. of an N x N matrix) with its entries on the diagonal zeroed."""
+    at = torch.arange(block.shape[0], device=block.device)
+    block[at, lo + at] = 0
+    return block
+
+
+def _sparse_mm(a: scipy.sparse.csr_matrix, dense: torch.Tensor) -> torch.Tensor:
+    """a @ dense on ``dense``'s device and dtype (scipy on CPU, torch's sparse product on CUDA)."""
+    if dense.device.type == "cpu":
+        return torch.from_numpy(np.asarray(a.astype(dense.numpy().dtype) @ dense.numpy()))
+    return torch_csr(a, dense.device, dense.dtype) @ dense
+
+
+def torch_csr(a: scipy.sparse.csr_matrix, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``a`` as a torch sparse CSR tensor on ``device``."""
+    return torch.sparse_csr_tensor(torch.from_numpy(a.indptr).long(), torch.from_numpy(a.indices).long(),
+                                   torch.from_numpy(a.data), size=a.shape, dtype=dtype, device=device)
+
+
+def _inverse_of_gram(a: scipy.sparse.csr_matrix, l2: float, device: torch.device, dtype: torch.dtype,
+                     rows: int) -> torch.Tensor:
+    """(a a^T + l2 I)^-1, dense and symmetric (m, m) on ``device``: the product formed a
+    block of rows at a time into one matrix, then torch's Cholesky factor and inverse,
+    written over it (each holds one temporary copy: peak two m x m matrices)."""
+    m = a.shape[0]
+    out = np.empty((m, m), dtype=np.float64 if dtype == torch.float64 else np.float32)
+    a_t = a.T.tocsc()
+    for lo in range(0, m, rows):
+        out[lo : lo + rows] = (a[lo : lo + rows] @ a_t).toarray()
+    out[np.diag_indices(m)] += l2
+    gram = torch.from_numpy(out).to(device)
+    del out
+    _, info = torch.linalg.cholesky_ex(gram, out=(gram, torch.empty((), dtype=torch.int32, device=device)))
+    if int(info):
+        raise ValueError(f"train: the regularized Gram matrix is not positive definite (minor {int(info)})")
+    return torch.cholesky_inverse(gram, out=gram)
 
 
 @torch.no_grad()
