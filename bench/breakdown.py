@@ -19,7 +19,8 @@ from sparcode.kernels import candidate_search, dense_search, table_search, tiled
 from sparcode.kernels.keys import select_keys, select_survivors
 
 
-def _timed(fn: Callable[[], object], device: str) -> tuple[object, float]:
+def timed(fn: Callable[[], object], device: str) -> tuple[object, float]:
+    """fn()'s result and its seconds, the device synchronized around it."""
     if device == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -42,34 +43,34 @@ def breakdown(index: CodeIndex, codes: torch.Tensor | Bags, k: int, regime: str,
     survivors = None  # keys handed to selection per query (the candidate and dense regimes' floor survivors)
     for _ in range(repeats + 1):  # the first run compiles and builds derived layouts
         if regime == "candidate":
-            (offsets, floor), rest = _timed(lambda: (candidate_search.query_offsets(index.indptr, *flat[:2]), score_floor(
+            (offsets, floor), rest = timed(lambda: (candidate_search.query_offsets(index.indptr, *flat[:2]), score_floor(
                 index, bags, torch.full((bags.n_queries,), k, device=index.device))), device)
             skip = index.derived(("skip_table", candidate_search.SKIP_SHIFT),
                                  lambda ix: candidate_search.skip_table(ix.indptr, ix.items, ix.n_items))
-            found, kernel = _timed(lambda o=offsets, f=floor, s=skip: candidate_search.candidate_survivors(
+            found, kernel = timed(lambda o=offsets, f=floor, s=skip: candidate_search.candidate_survivors(
                 index.indptr, index.items, index.scores, *flat, ex_offsets, ex_items, o, f, skip=s), device)
-            _, selection = _timed(lambda o=found[0], kk=found[1]: select_survivors(o, kk, bags.n_queries, k), device)
+            _, selection = timed(lambda o=found[0], kk=found[1]: select_survivors(o, kk, bags.n_queries, k), device)
             survivors = found[1].numel()
         elif regime == "tiled":
             rest = 0.0
-            keys, kernel = _timed(lambda: tiled_search.tiled_keys(
+            keys, kernel = timed(lambda: tiled_search.tiled_keys(
                 index.indptr, index.items, index.scores, *flat, ex_offsets, ex_items, index.n_items, k,
                 block_n=tile_items), device)
-            _, selection = _timed(lambda kk=keys: select_keys(kk, k), device)
+            _, selection = timed(lambda kk=keys: select_keys(kk, k), device)
             survivors = keys.numel()
         elif regime == "table":  # selection runs inside the kernel
-            (floor, queries), rest = _timed(lambda: (score_floor(index, bags, torch.full(
+            (floor, queries), rest = timed(lambda: (score_floor(index, bags, torch.full(
                 (bags.n_queries,), k, device=index.device)), torch.arange(bags.n_queries, device=index.device)), device)
             table = table_size(bags.postings(index.lengths))
-            _, kernel = _timed(lambda f=floor, q=queries: table_search.table_keys(
+            _, kernel = timed(lambda f=floor, q=queries: table_search.table_keys(
                 index.indptr, index.items, index.scores, *flat, ex_offsets, ex_items, f, q, k, table=table), device)
             selection = 0.0
         elif regime == "dense":
             rows = dense_rows(index, index.scores.dtype)
-            floor, rest = _timed(lambda: score_floor(index, bags, torch.full((bags.n_queries,), k, device=index.device)),
+            floor, rest = timed(lambda: score_floor(index, bags, torch.full((bags.n_queries,), k, device=index.device)),
                                  device)
-            found, kernel = _timed(lambda f=floor: dense_search.dense_keys(rows, *flat, f, block_n=tile_items), device)
-            _, selection = _timed(lambda o=found[0], kk=found[1]: select_survivors(o, kk, bags.n_queries, k), device)
+            found, kernel = timed(lambda f=floor: dense_search.dense_keys(rows, *flat, f, block_n=tile_items), device)
+            _, selection = timed(lambda o=found[0], kk=found[1]: select_survivors(o, kk, bags.n_queries, k), device)
             survivors = found[1].numel()
         else:
             raise ValueError(f"regime: expected table, candidate, tiled or dense, got {regime!r}")

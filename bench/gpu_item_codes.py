@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from datetime import date
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from sparcode.training.evaluate import evaluate_engine
 from sparcode.training.export import ExportRule
 from sparcode.training.item_codes import history_bags, item_code_index, item_scores
 
+from .breakdown import timed
 from .harness import device_label
 
 
@@ -33,17 +33,6 @@ def pairs(index: CodeIndex) -> np.ndarray:
     """Every (code, item) pair of ``index`` as code * N + item."""
     codes = np.repeat(np.arange(len(index.indptr) - 1), np.diff(index.indptr.cpu().numpy()))
     return codes * index.n_items + index.items.cpu().numpy().astype(np.int64)
-
-
-def timed_fit(data, device: str, dtype: torch.dtype) -> tuple[torch.Tensor, float]:
-    """The scores and the seconds their fit took, the device synchronized."""
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    started = time.perf_counter()
-    scores = item_scores(data.train, data.n_items, device=device, dtype=dtype)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return scores, time.perf_counter() - started
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
                     "keep": args.keep}
     indexes = {}
     for name, dtype in (("float32", torch.float32), ("float64", torch.float64)):
-        scores, seconds = timed_fit(data, args.device, dtype)
+        scores, seconds = timed(lambda d=dtype: item_scores(data.train, data.n_items, device=args.device, dtype=d),
+                                "cuda" if args.device.startswith("cuda") else "cpu")
         if name == "float32":
             reference32 = scores
         else:

@@ -110,7 +110,7 @@ def bench_regime(regime: Regime, device: str, *, repeats: int, all_to_all_querie
     k = regime.k
     methods: list[Method] = []
     backends = ["triton", "torch"] if device == "cuda" else ["numba", "torch"]
-    if device == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+    if device == "cpu" and triton_side_by_side and os.environ.get("TRITON_INTERPRET") == "1":
         backends.append("triton")  # the GPU check's dry run exercises the Triton path too
     for backend in backends:
         try:
@@ -196,7 +196,7 @@ def bench_item_codes(regime: ItemCodesRegime, device: str, *, repeats: int, seed
     postings = float(np.mean([int(index.lengths[c].sum()) for c, _ in batches])) / regime.batch
     methods: list[Method] = []
     backends = ["triton"] if device == "cuda" else ["numba", "torch"]
-    if device == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+    if device == "cpu" and triton_side_by_side and os.environ.get("TRITON_INTERPRET") == "1":
         backends.append("triton")  # the GPU check's dry run exercises the Triton path too
     for backend in backends:
         engine = Engine(index, backend=backend, workspace_bytes=8 * 2**30 if device == "cuda" else None)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 import json
 import sys
+from pathlib import Path
 
 TENSOR_TYPES = {"torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16", "torch.float64": "fp64",
                 "torch.int64": "i64", "torch.int32": "i32", "torch.int16": "i16", "torch.int8": "i8",
@@ -48,10 +49,10 @@ def describe(fn, args: tuple, kwargs: dict) -> dict:
 
 def lower(spec: dict) -> None:
     """Run the compiler's front end on one spec for sm_90; raises on a compile error."""
+    from triton._C.libtriton import ir
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from triton.compiler.compiler import make_backend
-    from triton._C.libtriton import ir
 
     fn = getattr(importlib.import_module(spec["module"]), spec["kernel"])
     signature, constexprs = {}, {}
@@ -80,7 +81,7 @@ def lower(spec: dict) -> None:
 
 def main(path: str) -> int:
     failures = []
-    for spec in json.loads(open(path).read()):
+    for spec in json.loads(Path(path).read_text()):
         try:
             lower(spec)
         except Exception as exc:  # every failing launch is reported, not only the first

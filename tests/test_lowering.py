@@ -24,9 +24,8 @@ LOWERING = Path(__file__).with_name("lowering.py")
 
 def recorded_launches(monkeypatch) -> list[dict]:
     """The specs of the kernel launches of small searches in every regime."""
-    from triton.runtime.interpreter import InterpretedFunction
-
     from lowering import describe
+    from triton.runtime.interpreter import InterpretedFunction
 
     specs = {}
     run = InterpretedFunction.run

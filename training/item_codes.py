@@ -80,14 +80,13 @@ def ease_rows(train: CSR, n_items: int, *, l2_scale: float = defaults.ITEM_CODES
     diag = torch.empty(n_items, dtype=dtype, device=device)
     for lo in range(0, n_items, rows):  # diag(P)_i = (1 - x_i^T K^-1 x_i) / l2
         part = by_item[lo : lo + rows].tocoo()
-        quad = products(lo)[torch.from_numpy(part.row).to(device), torch.from_numpy(part.col).to(device)]
-        own = torch.zeros(part.shape[0], dtype=dtype, device=device).index_add_(
-            0, torch.from_numpy(part.row).to(device), quad * torch.from_numpy(part.data).to(device, dtype))
+        row, col = (torch.from_numpy(a).to(device) for a in (part.row, part.col))
+        quad = products(lo)[row, col] * torch.from_numpy(part.data).to(device, dtype)
+        own = torch.zeros(part.shape[0], dtype=dtype, device=device).index_add_(0, row, quad)
         diag[lo : lo + part.shape[0]] = (1 - own) / l2
-    for lo in range(0, n_items, rows):  # P[block] = (I[block] - X[:, block]^T K^-1 X) / l2
-        block = _sparse_mm(by_item, products(lo).T).T / -l2
-        block[torch.arange(block.shape[0], device=device), lo + torch.arange(block.shape[0], device=device)] += 1 / l2
-        yield _zero_diagonal(block / -diag[None, :], lo)
+    for lo in range(0, n_items, rows):  # P[block] off its diagonal: -X[:, block]^T K^-1 X / l2
+        block = _sparse_mm(by_item, products(lo).T).T
+        yield _zero_diagonal(block / (l2 * diag[None, :]), lo)
 
 
 def _zero_diagonal(block: torch.Tensor, lo: int) -> torch.Tensor:
