@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help=".npy of integer codes (B, T), or Parquet with a 'codes' list column (bags of any length) and "
                              "optionally 'weights' (a list of one float per code) and 'user_id'")
     search.add_argument("--k", type=int, default=100)
+    search.add_argument("--item-ids", type=Path, default=None,
+                        help="Parquet 'item_id' column naming item i in row i: results in those ids")
     search.add_argument("--out", type=Path, required=True, help="Parquet file to write (user_id, item_ids, scores)")
     search.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     search.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "numba"])
@@ -49,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--k", type=int, required=True)
     rec.add_argument("--out", type=Path, required=True, help="output directory (parts, journals, manifest.json)")
     rec.add_argument("--exclude", type=Path, default=None, help="Parquet user_id, item_ids: items to leave out per user")
+    rec.add_argument("--item-ids", type=Path, default=None,
+                     help="Parquet 'item_id' column naming item i in row i (text ids, as sparcode item-codes writes "
+                          "them), for an index without ids of its own: results and --exclude in those ids")
     rec.add_argument("--batch-size", type=int, default=8192, help="queries per part")
     rec.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     rec.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "numba"])
@@ -87,7 +92,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     try:
         summary = run_job(args.index, args.queries, args.out, k=args.k, exclude_path=args.exclude,
                           batch_size=args.batch_size, device=args.device, backend=args.backend, shard=shard,
-                          progress=not args.no_progress, compression=args.compression)
+                          progress=not args.no_progress, compression=args.compression, item_ids_path=args.item_ids)
     finally:
         if shard is not None:
             import torch.distributed as dist
@@ -157,7 +162,7 @@ def cmd_search(args: argparse.Namespace) -> None:
 
     from sparcode.engine import Engine
     from sparcode.engine.atomic import atomic_write
-    from sparcode.engine.queries import QueryFile
+    from sparcode.engine.queries import ItemIds, QueryFile, id_array, read_item_ids
 
     if args.k < 1:
         raise UsageError(f"--k: expected an integer >= 1, got {args.k}")
@@ -168,22 +173,31 @@ def cmd_search(args: argparse.Namespace) -> None:
         raise UsageError(str(exc)) from None
     user_ids = rows.users
     engine = Engine.load(args.path, device=args.device, backend=args.backend)
-    scores, ids = engine.search(k=args.k, **rows.batch())
+    names = None
+    if args.item_ids is not None:
+        if engine.index.item_ids is not None:
+            raise UsageError(f"--item-ids: the index {args.path} has item ids of its own")
+        names = ItemIds(read_item_ids(args.item_ids, engine.index.n_items))
+    scores, ids = (np.asarray(t) for t in engine.search(k=args.k, **rows.batch()))  # numpy in, numpy out
     table = pa.table({
-        "user_id": pa.array(user_ids, type=pa.int64()),
-        "item_ids": _list_column(ids, pa.int64()),
-        "scores": _list_column(scores, pa.float32()),
+        "user_id": id_array(user_ids),
+        "item_ids": _list_column(ids if names is None else names.names(ids)),
+        "scores": _list_column(scores),
     })
     atomic_write(args.out, lambda tmp: pq.write_table(table, tmp))
     print(f"wrote {len(user_ids)} queries x k={args.k} to {args.out}")
 
 
-def _list_column(values: np.ndarray, value_type):
+def _list_column(values: np.ndarray):
+    """(rows, k) values as an arrow list column: float32 scores, int64 or text ids."""
     import pyarrow as pa
+
+    from sparcode.engine.queries import id_array
 
     rows, k = values.shape
     offsets = pa.array(np.arange(0, (rows + 1) * k, k, dtype=np.int32) if rows else np.zeros(1, np.int32))
-    return pa.ListArray.from_arrays(offsets, pa.array(values.reshape(-1), type=value_type))
+    flat = values.reshape(-1)
+    return pa.ListArray.from_arrays(offsets, pa.array(flat, type=pa.float32()) if flat.dtype.kind == "f" else id_array(flat))
 
 
 def main(argv: list[str] | None = None) -> int:

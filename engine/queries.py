@@ -2,9 +2,10 @@
 
 ``.npy``: a (rows, T) integer array, memory-mapped; the user id is the row number.
 Parquet: a ``codes`` list column (bags of any length, empty ones too), an optional
-``weights`` list column (one float per code) and an optional ``user_id`` column (else
-the row number); rows are read by range through the row-group index, so a resumed or
-sharded run reads only its own parts.
+``weights`` list column (one float per code) and an optional ``user_id`` column of
+integer or text ids (else the row number); rows are read by range through the row-group
+index, so a resumed or sharded run reads only its own parts. Text item ids live in an
+item-ids file (``write_item_ids``): row i names item i of an index without ids of its own.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from .atomic import atomic_write
 class QueryRows(NamedTuple):
     """Rows of a query file as bags: row r's codes are ``codes[offsets[r]:offsets[r+1]]``."""
 
-    users: np.ndarray  # (rows,) int64
+    users: np.ndarray  # (rows,) int64, or object (str) for text user ids
     codes: np.ndarray  # (codes,) int64
     offsets: np.ndarray  # (rows + 1,) int64
     weights: np.ndarray | None  # (codes,) float32
@@ -91,7 +92,7 @@ class QueryFile:
                 row = start + int(np.nonzero(np.diff(w_offsets) != np.diff(offsets))[0][0])
                 raise ValueError(f"{self.name}: {self.path}: row {row}: 'weights' must hold one weight per code")
             weights = weights.astype(np.float32)
-        users = (table.column("user_id").to_numpy().astype(np.int64) if "user_id" in self._columns
+        users = (ids_of(table.column("user_id"), f"{self.name}: {self.path}: 'user_id'") if "user_id" in self._columns
                  else np.arange(start, stop, dtype=np.int64))
         return QueryRows(users, codes.astype(np.int64), offsets, weights)
 
@@ -128,7 +129,7 @@ def write_bags(path: Path, users: np.ndarray, codes: np.ndarray, offsets: np.nda
     import pyarrow.parquet as pq
 
     offsets = np.asarray(offsets, dtype=np.int64)
-    columns = {"user_id": pa.array(np.asarray(users, dtype=np.int64)),
+    columns = {"user_id": id_array(users),
                "codes": pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(np.asarray(codes, dtype=np.int64)))}
     if weights is not None:
         columns["weights"] = pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(np.asarray(weights, np.float32)))
@@ -136,9 +137,80 @@ def write_bags(path: Path, users: np.ndarray, codes: np.ndarray, offsets: np.nda
     atomic_write(Path(path), lambda tmp: pq.write_table(table, tmp, row_group_size=row_group))
 
 
+def ids_of(column, where: str) -> np.ndarray:
+    """An arrow id column as numpy: int64 for integer ids, object (str) for text ones."""
+    import pyarrow as pa
+
+    if column.null_count:
+        raise ValueError(f"{where}: holds a null id")
+    if pa.types.is_integer(column.type):
+        return column.to_numpy().astype(np.int64)
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        return column.to_numpy(zero_copy_only=False).astype(object)
+    raise ValueError(f"{where}: ids must be integers or text, got {column.type}")
+
+
+def id_array(ids: np.ndarray):
+    """Ids (integer, or text as str) as an arrow array: int64 or string; None is null."""
+    import pyarrow as pa
+
+    ids = np.asarray(ids)
+    return pa.array(ids, type=pa.int64()) if ids.dtype.kind in "iu" else pa.array(ids.astype(object), type=pa.string())
+
+
+def write_item_ids(path: Path, item_ids: np.ndarray) -> None:
+    """An item-ids file: one ``item_id`` column, row i the id of item i; atomically."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"item_id": id_array(item_ids)})
+    atomic_write(Path(path), lambda tmp: pq.write_table(table, tmp))
+
+
+def read_item_ids(path: Path, n_items: int, name: str = "--item-ids") -> np.ndarray:
+    """The ids of an item-ids file (``write_item_ids``), checked: ``n_items`` rows, unique."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path, columns=["item_id"])
+    except (pa.ArrowInvalid, OSError, KeyError) as exc:
+        raise ValueError(f"{name}: {path}: needs an 'item_id' column ({exc})") from None
+    ids = ids_of(table.column("item_id").combine_chunks(), f"{name}: {path}: 'item_id'")
+    if ids.size != n_items:
+        raise ValueError(f"{name}: {path}: {ids.size} ids, but the index has {n_items} items")
+    if np.unique(ids).size != ids.size:
+        raise ValueError(f"{name}: {path}: item ids must be unique")
+    return ids
+
+
+class ItemIds:
+    """Item ids of an item-ids file at the edges of a search: positions out, ids in."""
+
+    def __init__(self, ids: np.ndarray) -> None:
+        self.ids = ids
+        self._order = np.argsort(ids, kind="stable")
+        self._sorted = ids[self._order]
+
+    def names(self, items: np.ndarray) -> np.ndarray:
+        """Item positions (-1 for padding) -> ids (None for padding), the same shape."""
+        out = self.ids[np.maximum(items, 0)].astype(object)
+        out[items < 0] = None
+        return out
+
+    def positions(self, lists: list[np.ndarray]) -> list[np.ndarray]:
+        """Per-user lists of ids -> item positions, dropping unknown ids."""
+        out = []
+        for items in lists:
+            items = np.asarray(items, dtype=self.ids.dtype)
+            pos = np.searchsorted(self._sorted, items).clip(max=self._sorted.size - 1)
+            out.append(self._order[pos[self._sorted[pos] == items]].astype(np.int64))
+        return out
+
+
 class ExcludeTable:
-    """Per-user item lists to leave out (Parquet ``user_id``, ``item_ids`` list), held as
-    CSR sorted by user id for lookups by batch."""
+    """Per-user item lists to leave out (Parquet ``user_id``, ``item_ids`` list; integer
+    or text ids), held as CSR sorted by user id for lookups by batch."""
 
     def __init__(self, path: Path) -> None:
         import pyarrow as pa
@@ -148,15 +220,16 @@ class ExcludeTable:
             table = pq.read_table(path, columns=["user_id", "item_ids"])
         except (pa.ArrowInvalid, OSError, KeyError) as exc:
             raise ValueError(f"--exclude: {path}: needs columns user_id and item_ids ({exc})") from None
-        users = table.column("user_id").to_numpy().astype(np.int64)
+        users = ids_of(table.column("user_id").combine_chunks(), f"--exclude: {path}: 'user_id'")
         lists = table.column("item_ids").combine_chunks()
         lengths = lists.value_lengths().fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
-        flat = lists.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
+        flat = ids_of(lists.flatten(), f"--exclude: {path}: 'item_ids'")
         offsets = np.concatenate([[0], np.cumsum(lengths)])
         order = np.argsort(users, kind="stable")
-        if len(users) > 1 and (np.diff(users[order]) == 0).any():
+        if len(users) > 1 and (users[order][1:] == users[order][:-1]).any():
             raise ValueError(f"--exclude: {path}: user ids must be unique")
         self.users = users[order]
+        self.text_items = flat.dtype == object  # text ids, which need an item-ids file to match items
         self._starts, self._stops = offsets[:-1][order], offsets[1:][order]
         self._items = flat
 
@@ -164,6 +237,8 @@ class ExcludeTable:
         """The excluded items of each user (empty for users not in the table)."""
         if len(self.users) == 0:
             return [np.zeros(0, np.int64) for _ in users]
+        if (users.dtype == object) != (self.users.dtype == object):
+            raise ValueError("--exclude: its user ids and the queries' are of different types (text and integers)")
         pos = np.searchsorted(self.users, users)
         found = (pos < len(self.users)) & (self.users[np.minimum(pos, len(self.users) - 1)] == users)
         return [self._items[self._starts[p] : self._stops[p]] if ok else np.zeros(0, np.int64) for p, ok in zip(pos, found)]

@@ -29,7 +29,7 @@ import torch
 from .atomic import atomic_write, atomic_write_text
 from .engine import Engine
 from .index import CodeIndex
-from .queries import ExcludeTable, QueryFile, QueryRows
+from .queries import ExcludeTable, ItemIds, QueryFile, QueryRows, id_array, read_item_ids
 from .sharding import item_range, merge_topk, slice_items, to_internal
 from .storage import MANIFEST, read_manifest
 
@@ -78,10 +78,12 @@ class Stop:
 def run_job(
     index_path: Path, queries_path: Path, out: Path, *, k: int, exclude_path: Path | None = None,
     batch_size: int = 8192, device: str | None = None, backend: str = "auto",
-    shard: str | None = None, progress: bool = True, compression: str = "none",
+    shard: str | None = None, progress: bool = True, compression: str = "none", item_ids_path: Path | None = None,
 ) -> Summary:
     """Run (or resume) the job; see the module docstring. ``shard``: None, "queries" or
-    "items" (needs ``torch.distributed`` initialised, e.g. by torchrun). ``compression``:
+    "items" (needs ``torch.distributed`` initialised, e.g. by torchrun). ``item_ids_path``:
+    an item-ids file (text ids, row i naming item i) for an index without ids of its
+    own; the parts and the exclusions then speak those ids. ``compression``:
     Parquet codec of the parts; none by default, which keeps the job search-bound on CPU
     (encoding a part of 8,192 x 100 costs 20 ms uncompressed, 36 ms with snappy)."""
     if k < 1:
@@ -98,6 +100,11 @@ def run_job(
     if device.startswith("cuda") and world > 1:
         device = f"cuda:{rank % torch.cuda.device_count()}"
     index = CodeIndex.load(index_path, device="cpu")
+    names = None
+    if item_ids_path is not None:
+        if index.item_ids is not None:
+            raise ValueError(f"--item-ids: the index {index_path} has item ids of its own")
+        names = ItemIds(read_item_ids(item_ids_path, index.n_items))
     external = None  # with item shards: the external ids, applied after the merge
     if shard == "items":
         external = index.item_ids
@@ -109,6 +116,7 @@ def run_job(
         "index": read_manifest(index_path)["files"],
         "queries": _file_fingerprint(queries_path),
         "exclude": _file_fingerprint(exclude_path) if exclude_path else None,
+        **({"item_ids": _file_fingerprint(item_ids_path)} if item_ids_path else {}),
         "k": k, "batch_size": batch_size,
     }
     out.mkdir(parents=True, exist_ok=True)
@@ -137,6 +145,10 @@ def run_job(
             rows = queries.read(lo, hi)
             users = rows.users
             lists = exclude.lists_for(users) if exclude is not None else None
+            if lists is not None and names is not None:
+                lists = names.positions(lists)
+            elif lists is not None and exclude.text_items:
+                raise ValueError("--exclude: holds text item ids; they need the item-ids file (--item-ids)")
             if lists is not None and external is not None:
                 lists = to_internal(lists, external)
             scores, ids = _search(engine, rows, k, lists, device)
@@ -147,7 +159,8 @@ def run_job(
             if writer:
                 if _PART_DELAY:
                     time.sleep(_PART_DELAY)
-                parts.submit(part, users, ids.cpu().numpy(), scores.cpu().numpy())
+                ids = ids.cpu().numpy()
+                parts.submit(part, users, ids if names is None else names.names(ids), scores.cpu().numpy())
                 written += 1
                 n_queries += hi - lo
                 if bar is not None:
@@ -219,15 +232,16 @@ def _write_part(
     rows, k = ids.shape
     offsets = pa.array(np.arange(0, (rows + 1) * k, k, dtype=np.int32))
     table = pa.table({
-        "user_id": pa.array(users, type=pa.int64()),
-        "item_ids": pa.ListArray.from_arrays(offsets, pa.array(ids.reshape(-1), type=pa.int64())),
+        "user_id": id_array(users),
+        "item_ids": pa.ListArray.from_arrays(offsets, id_array(ids.reshape(-1))),
         "scores": pa.ListArray.from_arrays(offsets, pa.array(scores.reshape(-1), type=pa.float32())),
     })
     name = f"part-{part:06d}.parquet"
     # no dictionary encoding: item ids barely repeat within a part, and trying costs 5x
     atomic_write(out / name, lambda tmp: pq.write_table(table, tmp, compression=compression, use_dictionary=False,
                                                         write_statistics=False))
-    line = json.dumps({"part": part, "file": name, "rows": rows, "first_user": int(users[0]) if rows else None})
+    line = json.dumps({"part": part, "file": name, "rows": rows, "first_user": users[0].item() if rows and users.dtype != object
+                       else users[0] if rows else None})
     with open(out / f"journal.rank{rank}.jsonl", "ab+") as fh:
         end = fh.seek(0, os.SEEK_END)
         torn = end > 0 and fh.seek(end - 1) >= 0 and fh.read(1) != b"\n"  # a crash cut the last line

@@ -15,19 +15,24 @@ from safetensors.torch import load_file, save_file
 from sparcode.engine.replace import replace_dir
 
 from . import data as datasets
+from .interactions import Columns, Split, load_interactions
 from .train import TrainConfig, make_model
 
 LOADERS = {"ml-100k": datasets.load_ml100k, "ml-1m": datasets.load_ml1m, "bars": datasets.load_bars}
 
 
-def load_data(name: str, path: Path | None, seed: int, size: tuple[int, int] = (2000, 800)) -> datasets.InteractionData:
-    """A dataset by name: ``synthetic`` (users, items = ``size``) or a loader with ``path``."""
+def load_data(name: str, path: Path | None, seed: int, size: tuple[int, int] = (2000, 800),
+              columns: Columns | None = None, split: Split | None = None) -> datasets.InteractionData:
+    """A dataset by name: ``synthetic`` (users, items = ``size``), ``interactions`` (the
+    file ``path`` read by ``columns``, split by ``split``) or a loader with ``path``."""
     if name == "synthetic":
         return datasets.synthetic(*size, seed=seed)
-    if name not in LOADERS:
-        raise ValueError(f"--data: expected synthetic, {', '.join(LOADERS)}; got {name!r}")
+    if name != "interactions" and name not in LOADERS:
+        raise ValueError(f"--data: expected synthetic, interactions, {', '.join(LOADERS)}; got {name!r}")
     if path is None:
-        raise ValueError(f"--path: the {name} loader needs the dataset directory")
+        raise ValueError(f"--path: the {name} loader needs the dataset {'file' if name == 'interactions' else 'directory'}")
+    if name == "interactions":
+        return load_interactions(Path(path), columns=columns or Columns(), split=split or Split(), seed=seed)
     return LOADERS[name](Path(path), seed=seed)
 
 
@@ -48,7 +53,9 @@ def load_checkpoint(path: Path, device: str = "cpu") -> tuple[torch.nn.Module, d
         config = json.loads((path / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ValueError(f"{path / 'config.json'}: cannot read a checkpoint config ({exc})") from None
-    data = load_data(config["data"]["name"], config["data"]["path"], config["data"]["seed"], tuple(config["data"]["size"]))
+    source = config["data"]
+    data = load_data(source["name"], source["path"], source["seed"], tuple(source["size"]),
+                     Columns(**source.get("columns", {})), Split(**source.get("split", {})))
     model = make_model(config["model"]["kind"], data, **config["model"]["kwargs"])
     try:
         state = load_file(str(path / "model.safetensors"))
@@ -63,8 +70,10 @@ def load_checkpoint(path: Path, device: str = "cpu") -> tuple[torch.nn.Module, d
 
 
 def checkpoint_config(kind: str, kwargs: dict, data_name: str, data_path: Path | None, seed: int,
-                      size: tuple[int, int], cfg: TrainConfig, info: dict) -> dict:
+                      size: tuple[int, int], cfg: TrainConfig, info: dict, columns: Columns | None = None,
+                      split: Split | None = None) -> dict:
     path = str(Path(data_path).resolve()) if data_path else None  # absolute: the checkpoint loads from any directory
     return {"model": {"kind": kind, "kwargs": kwargs},
-            "data": {"name": data_name, "path": path, "seed": seed, "size": list(size)},
+            "data": {"name": data_name, "path": path, "seed": seed, "size": list(size), "columns": asdict(columns or Columns()),
+                     "split": asdict(split or Split())},
             "train": asdict(cfg), "result": info}

@@ -15,9 +15,28 @@ from . import defaults
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    """--data and --path, as every command that reads a dataset takes them."""
-    parser.add_argument("--data", default="synthetic", choices=["synthetic", "ml-100k", "ml-1m", "bars"])
-    parser.add_argument("--path", type=Path, default=None, help="dataset directory for a real dataset")
+    """--data and --path (and an interactions file's columns and split), as every
+    command that reads a dataset takes them."""
+    parser.add_argument("--data", default="synthetic", choices=["synthetic", "interactions", "ml-100k", "ml-1m", "bars"],
+                        help="interactions: your own Parquet or CSV file of (user, item[, timestamp]) rows")
+    parser.add_argument("--path", type=Path, default=None,
+                        help="dataset directory for a real dataset; the file for --data interactions")
+    parser.add_argument("--user-column", default="user_id", help="interactions: the user id column (any id type)")
+    parser.add_argument("--item-column", default="item_id", help="interactions: the item id column (any id type)")
+    parser.add_argument("--time-column", default=None,
+                        help="interactions: a timestamp column (numbers, dates or ISO 8601 text), for --holdout-by latest")
+    parser.add_argument("--holdout", type=float, default=0.0,
+                        help="interactions: the fraction of each user's items held out to test (default 0: train on "
+                             "everything, report no test metrics)")
+    parser.add_argument("--holdout-by", default="random", choices=defaults.HOLDOUTS,
+                        help="interactions: hold out random items or each user's latest")
+
+
+def data_source(args: argparse.Namespace):
+    """(Columns, Split) of the interactions file from ``add_data_arguments``' options."""
+    from .interactions import Columns, Split
+
+    return Columns(args.user_column, args.item_column, args.time_column), Split(args.holdout, args.holdout_by)
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -165,7 +184,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if chosen:
         print(f"train: {', '.join(chosen)} (the defaults for {args.model} on {device}; --sampling, --hidden, "
               "--codewords and --time-budget override them)", file=sys.stderr)
-    data = load_data(args.data, args.path, args.seed)
+    columns, split = data_source(args)
+    data = load_data(args.data, args.path, args.seed, columns=columns, split=split)
     kwargs = ({"dim": dim, "n_tokens": args.tokens, "temperature": args.temperature,
                "embedding_std": args.embedding_std} if args.model == "two_tower"
               else {"dim": dim, "n_tokens": args.tokens, "n_words": codewords, "hidden": hidden,
@@ -188,7 +208,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.init_from is not None:
         info["init_from"] = str(args.init_from.resolve())
     save_checkpoint(args.out, model, checkpoint_config(args.model, kwargs, args.data, args.path, args.seed,
-                                                       (2000, 800), cfg, info))
+                                                       (2000, 800), cfg, info, columns, split))
     print(f"train: {args.model} on {data.name}: {info['epochs']} epochs, best validation Recall@20 "
           f"{info['best_valid_recall@20']:.4f}, {info['train_seconds']:.0f} s; checkpoint in {args.out}")
     return 0
@@ -239,14 +259,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_item_codes(args: argparse.Namespace) -> int:
     import time
 
-    import numpy as np
-
     from sparcode.engine import Engine
     from sparcode.engine.atomic import atomic_write_text
-    from sparcode.engine.queries import write_bags
 
     from .checkpoint import load_data
-    from .evaluate import evaluate_engine
+    from .data import CSR
+    from .evaluate import evaluate_engine, seen_items
     from .export import ExportRule
     from .graph_filter import fit_on_validation, grid_point
     from .item_codes import ease_rows, history_bags, ridge, rows_index
@@ -262,33 +280,73 @@ def cmd_item_codes(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise ValueError(f"--graph-filter-grid: {exc}") from None
     device = _device(args.device)
-    data = load_data(args.data, args.path, args.seed)
+    columns, split = data_source(args)
+    data = load_data(args.data, args.path, args.seed, columns=columns, split=split)
     cap = args.cap if args.cap is not None else ExportRule.top(args.cap_density, data.n_items).cap
+    tested = data.test.items.size > 0
+    known = CSR.from_lists(seen_items(data))  # every user's train and validation items: their served bag
     started = time.perf_counter()
     settings: dict = {"l2": ridge(data.train, data.n_items, args.l2), "keep": args.keep}
     if args.scores == "graph-filter":
         index, chosen, screened = fit_on_validation(data, cap, grid, keeps=defaults.ITEM_CODES_KEEPS, seed=args.seed)
         settings = {"alpha": chosen["alpha"], "vectors": chosen["vectors"], "ease_weight": chosen["ease_weight"],
                     "keep": chosen["keep"], "grid": screened}
-    else:
-        rows = ease_rows(data.train, data.n_items, l2_scale=args.l2, device=device)
+    else:  # without a test split nothing is measured, so the validation slice trains too
+        rows = ease_rows(data.train if tested else known, data.n_items, l2_scale=args.l2, device=device)
         index = rows_index(rows, data.n_items, cap, keep=args.keep)
     fit_seconds = time.perf_counter() - started
     codes, offsets = history_bags(data.train)
-    metrics = evaluate_engine(Engine(index), (codes, offsets), data)
+    metrics = evaluate_engine(Engine(index), (codes, offsets), data) if tested else None
     args.out.mkdir(parents=True, exist_ok=True)
-    index.save(args.out / "index", overwrite=True)
-    write_bags(args.out / "queries.parquet", np.arange(data.n_users), codes, offsets)
-    lengths = np.diff(offsets)
+    outputs = save_item_codes(args.out, index, data, known)
+    lengths = known.lengths
     report = {"dataset": data.name, "model": "item_codes", "scores": args.scores, "device": device,
               "fit_seconds": fit_seconds, "cap": cap, **settings,
               "bag_length": {"mean": float(lengths.mean()), "max": int(lengths.max(initial=0))}, "metrics": metrics}
     atomic_write_text(args.out / "metrics.json", json.dumps(report, indent=2) + "\n")
+    result = (f"test Recall@20 {metrics['recall@20']:.4f}, NDCG@20 {metrics['ndcg@20']:.4f}, Recall@50 "
+              f"{metrics['recall@50']:.4f}" if tested else "no test split (--holdout holds some items out to measure)")
     print(f"item-codes: {index.n_codes:,} codes x {index.n_items:,} items, fit {fit_seconds:.1f} s, density "
-          f"{metrics['density']:.4%}, {metrics['index_bytes'] / 2**20:.1f} MB; test Recall@20 {metrics['recall@20']:.4f}, "
-          f"NDCG@20 {metrics['ndcg@20']:.4f}, Recall@50 {metrics['recall@50']:.4f}; index, queries.parquet and "
-          f"metrics.json in {args.out}")
+          f"{index.nnz / (index.n_codes * index.n_items):.4%}, {index.nbytes / 2**20:.1f} MB; {result}; "
+          f"{', '.join(outputs)} and metrics.json in {args.out}")
+    text_ids = f" --item-ids {args.out / 'item_ids.parquet'}" if "item_ids.parquet" in outputs else ""
+    print(f"item-codes: recommendations: sparcode recommend {args.out / 'index'} --queries {args.out / 'queries.parquet'} "
+          f"--exclude {args.out / 'seen.parquet'}{text_ids} --k 100 --out RESULTS", file=sys.stderr)
     return 0
+
+
+def save_item_codes(out: Path, index, data, known) -> list[str]:
+    """Write OUT/index, every user's bag of codes (OUT/queries.parquet: their ``known``
+    items, train and validation) and those items to leave out of their recommendations
+    (OUT/seen.parquet, ``user_id``, ``item_ids``), in the data's own ids: integer item
+    ids go into the index, text ones into OUT/item_ids.parquet (row i names item i, for
+    ``sparcode recommend --item-ids``). Returns the names written."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from sparcode.engine import CodeIndex
+    from sparcode.engine.atomic import atomic_write
+    from sparcode.engine.queries import id_array, write_bags, write_item_ids
+
+    from .item_codes import history_bags
+
+    written = ["index", "queries.parquet", "seen.parquet"]
+    ids = data.item_ids
+    if ids is not None and ids.dtype.kind in "iu":
+        index = CodeIndex.from_postings(index.indptr, index.items, index.scores, index.n_items,
+                                        item_ids=np.asarray(ids, dtype=np.int64))
+    elif ids is not None:
+        write_item_ids(out / "item_ids.parquet", ids)
+        written.append("item_ids.parquet")
+    index.save(out / "index", overwrite=True)
+    users = data.user_ids if data.user_ids is not None else np.arange(data.n_users)
+    codes, offsets = history_bags(known)
+    write_bags(out / "queries.parquet", users, codes, offsets)
+    seen = pa.table({"user_id": id_array(users), "item_ids": pa.LargeListArray.from_arrays(
+        pa.array(offsets), id_array(codes if ids is None else ids[codes]))})
+    atomic_write(out / "seen.parquet", lambda tmp: pq.write_table(seen, tmp))
+    return written
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

@@ -76,7 +76,8 @@ def split_validation(train: list[np.ndarray], fraction: float, seed: int,
     return kept, valid
 
 
-def _finish(name, n_users, n_items, train, test, seed, **extra) -> InteractionData:
+def assemble(name, n_users, n_items, train, test, seed, **extra) -> InteractionData:
+    """The loaders' common end: per-user train and test lists, the validation slice of train."""
     train, valid = split_validation(train, 0.1, seed)
     return InteractionData(name, n_users, n_items, CSR.from_lists(train), CSR.from_lists(valid), CSR.from_lists(test), **extra)
 
@@ -116,7 +117,7 @@ def load_bars(path: Path | str, *, seed: int = 0) -> InteractionData:
     empty = np.zeros(0, np.int64)
     train = [lists["train"].get(u, empty) for u in range(n_users)]
     test = [lists["test"].get(u, empty) for u in range(n_users)]
-    return _finish(Path(path).name, n_users, n_items, train, test, seed)
+    return assemble(Path(path).name, n_users, n_items, train, test, seed)
 
 
 def _dense(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -146,7 +147,7 @@ def load_ml100k(path: Path | str, *, seed: int = 0) -> InteractionData:
         test.append(u_items[cut:])
     ufeat, ucard = _ml100k_users(_file(path, "u.user"), user_ids)
     ifeat, icard = _ml100k_items(_file(path, "u.item"), item_ids)
-    return _finish("ml-100k", len(user_ids), len(item_ids), train, test, seed, user_features=ufeat,
+    return assemble("ml-100k", len(user_ids), len(item_ids), train, test, seed, user_features=ufeat,
                    user_cardinalities=ucard, item_features=ifeat, item_cardinalities=icard,
                    user_ids=user_ids, item_ids=item_ids)
 
@@ -221,7 +222,7 @@ def load_ml1m(path: Path | str, *, seed: int = 0) -> InteractionData:
         movies[_ints([f[0]], mfile, n)[0]] = (f[2].split("|")[0], year[:3])
     ufeat, ucard = _categorical([[users_table[u][j] for u in user_ids] for j in range(3)])
     ifeat, icard = _categorical([[movies.get(i, ("none", "none"))[j] for i in item_ids] for j in range(2)])
-    return _finish("ml-1m", len(user_ids), len(item_ids), train, test, seed, user_features=ufeat,
+    return assemble("ml-1m", len(user_ids), len(item_ids), train, test, seed, user_features=ufeat,
                    user_cardinalities=ucard, item_features=ifeat, item_cardinalities=icard,
                    user_ids=user_ids, item_ids=item_ids)
 
@@ -269,5 +270,5 @@ def synthetic(n_users: int = 3000, n_items: int = 1000, *, per_user: int = SYNTH
         train.append(np.sort(items[:cut]))
         test.append(np.sort(items[cut:]))
     cards = (SEGMENT_VALUES, SEGMENT_VALUES)
-    return _finish("synthetic", n_users, n_items, train, test, seed, user_features=ufeat.astype(np.int64),
+    return assemble("synthetic", n_users, n_items, train, test, seed, user_features=ufeat.astype(np.int64),
                    user_cardinalities=cards, item_features=ifeat.astype(np.int64), item_cardinalities=cards)

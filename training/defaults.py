@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 SAMPLINGS = ("uniform", "popularity", "in-batch")  # how negatives are drawn
+HOLDOUTS = ("random", "latest")  # which of a user's items an interactions file holds out to test
 
 # optimisation
 EPOCHS = 20
