@@ -17,10 +17,12 @@ import platform
 import subprocess
 import sys
 from datetime import date
+from pathlib import Path
 
 import torch
 
 from sparcode.engine import Engine
+from sparcode.engine.atomic import atomic_write_text
 from sparcode.engine.synthetic import random_codes, random_index
 
 from .timing import cpu_name, current_rss_bytes, median_seconds, peak_rss_bytes, reset_peak_rss
@@ -127,8 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     text = json.dumps(report, indent=2)
     if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(text + "\n")
+        atomic_write_text(Path(args.out), text + "\n")
     print(text)
     print(f"\n{report['device']}, R1 at CPU scale, B = {cfg['batch']}:")
     print(f"{'method':<24}{'queries/s':>12}{'vs dense':>10}{'peak RSS at B=' + format(args.memory_queries, ','):>26}")

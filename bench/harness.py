@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from sparcode.engine import CodeIndex, Engine
-from sparcode.engine.atomic import atomic_write_text
+from sparcode.engine.atomic import atomic_write, atomic_write_text
 from sparcode.engine.bags import Bags
 from sparcode.engine.dense import available_bytes
 from sparcode.engine.dense import fits as fits_rows
@@ -326,7 +326,7 @@ def plot(reports: list[dict], device_name: str, path: Path) -> None:
     ax.set_title(f"sparcode bench on {device_name}, {date.today().isoformat()}")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
 
 
@@ -350,7 +350,7 @@ def plot_scaling(curves: dict, device_name: str, path: Path) -> None:
         ax.legend(fontsize=7)
     fig.suptitle(f"R1 shape, scaling on {device_name}, {date.today().isoformat()}")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
 
 

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from sparcode.engine.atomic import atomic_write_text
+from sparcode.engine.atomic import atomic_write, atomic_write_text
 from sparcode.engine.queries import write_bags
 from sparcode.engine.recommend import run_job
 
@@ -58,7 +58,8 @@ def run_demo(out: Path, *, data_name: str = "synthetic", path: Path | None = Non
     index.save(out / "index", overwrite=True)
     codes, offsets = history_bags(data.train)
     write_bags(out / "queries.parquet", np.arange(data.n_users), codes, offsets)
-    pq.write_table(pa.table({"user_id": np.arange(data.n_users), "item_ids": seen_items(data)}), out / "seen.parquet")
+    seen = pa.table({"user_id": np.arange(data.n_users), "item_ids": seen_items(data)})
+    atomic_write(out / "seen.parquet", lambda tmp: pq.write_table(seen, tmp))
     shutil.rmtree(out / "recommendations", ignore_errors=True)  # a rerun of the demo replaces its own results
     summary = run_job(out / "index", out / "queries.parquet", out / "recommendations", k=50,
                       exclude_path=out / "seen.parquet", batch_size=1024, device=device, progress=progress)
