@@ -4,6 +4,7 @@ history codes, search through Engine against a dense sum, and the accuracy bench
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -12,7 +13,7 @@ import torch
 
 from sparcode.engine import Engine
 from sparcode.training.data import CSR
-from sparcode.training.item_codes import ease_rows, history_bags, item_code_index, item_scores, ridge
+from sparcode.training.item_codes import _inverse_of_gram, ease_rows, history_bags, item_code_index, item_scores, ridge
 
 
 def random_train(n_users: int, n_items: int, seed: int, per_user: tuple[int, int] = (1, 8)) -> CSR:
@@ -59,6 +60,29 @@ def test_the_device_sparse_product_equals_scipys():
     dense = torch.randn(50, 7)
     np.testing.assert_allclose((torch_csr(a, torch.device("cpu"), torch.float32) @ dense).numpy(),
                                a @ dense.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def _peak_kib() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's peak reset")
+def test_the_gram_inverse_holds_one_matrix_and_inverts_it():
+    import scipy.sparse
+
+    m = 4000
+    a = scipy.sparse.random(m, 300, density=0.05, format="csr", dtype=np.float32, random_state=0)
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")  # resets the peak to the current resident size
+    before = _peak_kib()
+    inverse = _inverse_of_gram(a, 2.0, torch.device("cpu"), torch.float32, rows=512)
+    grown = (_peak_kib() - before) * 1024
+    assert grown < 1.5 * m * m * 4  # the matrix itself (64 MB), not a second copy while LAPACK runs
+    gram = torch.from_numpy((a @ a.T).toarray()).double() + 2.0 * torch.eye(m, dtype=torch.float64)
+    assert torch.allclose(inverse.double() @ gram, torch.eye(m, dtype=torch.float64), atol=1e-3)
 
 
 def test_ridge_is_a_multiple_of_the_mean_items_interactions_and_rejects_bad_input():
