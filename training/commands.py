@@ -127,12 +127,19 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                             "keep rule) are chosen on the validation split from --graph-filter-grid")
     items.add_argument("--graph-filter-grid", nargs="+", default=list(defaults.GRAPH_FILTER_GRID),
                        metavar="ALPHA:VECTORS[:EASE]", help="graph-filter: the settings screened on validation")
+    items.add_argument("--fit", choices=("auto", "exact", "neighbours"), default="auto",
+                       help="ease: the exact closed form (one dense matrix of the smaller of users and items), each "
+                            "item's regression over its --neighbours nearest items (any catalogue: no N x N matrix), "
+                            f"or exact when the smaller side is at most {defaults.ITEM_CODES_EXACT_SIDE:,}")
+    items.add_argument("--neighbours", type=int, default=defaults.ITEM_CODES_NEIGHBOURS,
+                       help="ease --fit neighbours: regressors per item")
     items.add_argument("--l2", type=float, default=defaults.ITEM_CODES_L2,
                        help="ease: l2 weight as a multiple of the mean item's training interactions")
     items.add_argument("--keep", choices=defaults.ITEM_CODES_KEEPS, default=defaults.ITEM_CODES_KEEP,
                        help="each code's largest scores by magnitude (negative ones demote their items) or its "
                             "highest positive ones")
     items.add_argument("--device", default=None)
+    items.add_argument("--no-progress", action="store_true")
     items.add_argument("--seed", type=int, default=0)
     items.set_defaults(run=cmd_item_codes)
 
@@ -275,6 +282,8 @@ def cmd_item_codes(args: argparse.Namespace) -> int:
         raise ValueError(f"--cap-density: expected a fraction in (0, 1], got {args.cap_density}")
     if not args.l2 > 0:
         raise ValueError(f"--l2: expected a positive number, got {args.l2}")
+    if args.neighbours < 1:
+        raise ValueError(f"--neighbours: expected a positive number of items, got {args.neighbours}")
     try:
         grid = [grid_point(text) for text in args.graph_filter_grid]
     except ValueError as exc:
@@ -292,8 +301,17 @@ def cmd_item_codes(args: argparse.Namespace) -> int:
         settings = {"alpha": chosen["alpha"], "vectors": chosen["vectors"], "ease_weight": chosen["ease_weight"],
                     "keep": chosen["keep"], "grid": screened}
     else:  # without a test split nothing is measured, so the validation slice trains too
-        rows = ease_rows(data.train if tested else known, data.n_items, l2_scale=args.l2, device=device)
-        index = rows_index(rows, data.n_items, cap, keep=args.keep)
+        fitted = data.train if tested else known
+        fit = args.fit
+        if fit == "auto":
+            fit = "exact" if min(data.n_users, data.n_items) <= defaults.ITEM_CODES_EXACT_SIDE else "neighbours"
+        settings["fit"] = fit
+        if fit == "exact":
+            index = rows_index(ease_rows(fitted, data.n_items, l2_scale=args.l2, device=device), data.n_items, cap,
+                               keep=args.keep)
+        else:
+            settings["neighbours"] = args.neighbours
+            index = neighbour_index(fitted, data.n_items, cap, args, device)
     fit_seconds = time.perf_counter() - started
     codes, offsets = history_bags(data.train)
     metrics = evaluate_engine(Engine(index), (codes, offsets), data) if tested else None
@@ -313,6 +331,29 @@ def cmd_item_codes(args: argparse.Namespace) -> int:
     print(f"item-codes: recommendations: sparcode recommend {args.out / 'index'} --queries {args.out / 'queries.parquet'} "
           f"--exclude {args.out / 'seen.parquet'}{text_ids} --k 100 --out RESULTS", file=sys.stderr)
     return 0
+
+
+def neighbour_index(train, n_items: int, cap: int, args: argparse.Namespace, device: str):
+    """Item codes by the neighbour fit, with a progress bar per stage on stderr."""
+    from tqdm import tqdm
+
+    from .neighbour_fit import columns_index, neighbour_columns
+
+    bars: dict = {}
+
+    def progress(stage: str, done: int) -> None:
+        if stage not in bars:
+            for bar in bars.values():
+                bar.close()
+            bars[stage] = tqdm(total=n_items, unit="item", unit_scale=True, desc=f"item-codes {stage}",
+                               disable=args.no_progress)
+        bars[stage].update(done)
+
+    ids, weights = neighbour_columns(train, n_items, neighbours=args.neighbours, l2_scale=args.l2, device=device,
+                                     progress=progress)
+    for bar in bars.values():
+        bar.close()
+    return columns_index(ids, weights, n_items, cap, keep=args.keep)
 
 
 def save_item_codes(out: Path, index, data, known) -> list[str]:
