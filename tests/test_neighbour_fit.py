@@ -71,12 +71,13 @@ def test_the_lists_hold_each_items_top_regressors_and_co_occurrences():
         np.testing.assert_array_equal(lists.item_counts[row], g[i, np.sort(by_count)])
 
 
-@pytest.mark.parametrize("batch", [None, 7])
-def test_each_column_solves_its_items_regression_on_its_neighbours(batch):
+@pytest.mark.parametrize("m, batch", [(4, None), (4, 7), (40, 5)])
+def test_each_column_solves_its_items_regression_on_its_neighbours(m, batch):
     """The reference builds G[S_i, S_i] from the brute-force Gram, keeping an entry when
-    either item's list (top LOOKUP_FACTOR x M by count) holds the other."""
-    n, m = 70, 4
-    train = random_train(150, n, seed=2, per_user=(1, 12))
+    either item's list (top LOOKUP_FACTOR x M by count) holds the other. At M = 40 items
+    have from a few to 40 regressors: systems of 16, 32 and 40 are solved."""
+    n = 70
+    train = random_train(150 if m == 4 else 40, n, seed=2, per_user=(1, 12))
     g = gram(train, n)
     lam = ridge(train, n, 2.0)
     ids, weights = neighbour_columns(train, n, neighbours=m, l2_scale=2.0, dtype=torch.float64, batch=batch)
@@ -93,7 +94,11 @@ def test_each_column_solves_its_items_regression_on_its_neighbours(batch):
         np.fill_diagonal(sub, np.diag(g)[s] + lam)
         np.testing.assert_allclose(weights[i, : s.size], np.linalg.solve(sub, g[s, i]), rtol=1e-4, atol=1e-6)
         assert (weights[i, s.size :] == 0).all()
-    assert truncated > 0  # the case where the lists do not hold every entry is exercised
+    if m == 4:
+        assert truncated > 0  # the case where the lists do not hold every entry is exercised
+    else:
+        sizes = (ids >= 0).sum(1)
+        assert sizes.min() < 16 and ((sizes > 16) & (sizes <= 32)).any() and sizes.max() > 32
 
 
 @pytest.mark.parametrize("keep", ["magnitude", "positive"])
@@ -143,3 +148,26 @@ def test_item_codes_command_fits_by_neighbours(tmp_path, capsys):
     assert main(["item-codes", "--data", "synthetic", "--out", str(tmp_path / "x"), "--fit", "neighbours",
                  "--neighbours", "0"]) == 2
     assert "--neighbours: expected a positive number of items" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_write_the_index_of_one(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from sparcode.cli import main
+
+    flags = ["item-codes", "--data", "synthetic", "--cap", "8", "--fit", "neighbours", "--neighbours", "24", "--no-progress"]
+    assert main([*flags, "--out", str(tmp_path / "one")]) == 0
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", "29521",
+                "-m", "sparcode.cli", *flags, "--out", str(tmp_path / "two"), "--shard-items"]
+    proc = subprocess.run(launcher, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    one, two = (Engine.load(tmp_path / name / "index").index for name in ("one", "two"))
+    for name in ("indptr", "items", "scores"):
+        assert torch.equal(getattr(one, name), getattr(two, name))
+    capsys.readouterr()
+    assert main([*flags, "--out", str(tmp_path / "x"), "--shard-items"]) == 2
+    assert "--shard-items: needs torchrun" in capsys.readouterr().err
+    assert main([*flags[:5], "--out", str(tmp_path / "x"), "--shard-items"]) == 2
+    assert "--shard-items: shards the neighbour fit; add --fit neighbours" in capsys.readouterr().err

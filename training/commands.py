@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -140,6 +141,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                             "highest positive ones")
     items.add_argument("--device", default=None)
     items.add_argument("--no-progress", action="store_true")
+    items.add_argument("--shard-items", action="store_true",
+                       help="--fit neighbours under torchrun: each rank solves a share of the items, rank 0 writes")
     items.add_argument("--seed", type=int, default=0)
     items.set_defaults(run=cmd_item_codes)
 
@@ -264,17 +267,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_item_codes(args: argparse.Namespace) -> int:
-    import time
-
-    from sparcode.engine import Engine
-    from sparcode.engine.atomic import atomic_write_text
-
-    from .checkpoint import load_data
-    from .data import CSR
-    from .evaluate import evaluate_engine, seen_items
-    from .export import ExportRule
-    from .graph_filter import fit_on_validation, grid_point
-    from .item_codes import ease_rows, history_bags, ridge, rows_index
+    from .graph_filter import grid_point
 
     if args.cap is not None and args.cap < 1:
         raise ValueError(f"--cap: expected a positive number of items, got {args.cap}")
@@ -289,6 +282,36 @@ def cmd_item_codes(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise ValueError(f"--graph-filter-grid: {exc}") from None
     device = _device(args.device)
+    if args.shard_items:
+        if args.fit != "neighbours" or args.scores != "ease":
+            raise ValueError("--shard-items: shards the neighbour fit; add --fit neighbours")
+        if "WORLD_SIZE" not in os.environ:
+            raise ValueError("--shard-items: needs torchrun (WORLD_SIZE is not set)")
+        import torch.distributed as dist
+
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+        try:
+            return _item_codes(args, grid, device, write=dist.get_rank() == 0)
+        finally:
+            dist.destroy_process_group()
+    return _item_codes(args, grid, device)
+
+
+def _item_codes(args: argparse.Namespace, grid: list, device: str, write: bool = True) -> int:
+    """Fit, evaluate and write item codes (``cmd_item_codes``); ``write=False`` (a rank
+    other than 0) only fits its share."""
+    import time
+
+    from sparcode.engine import Engine
+    from sparcode.engine.atomic import atomic_write_text
+
+    from .checkpoint import load_data
+    from .data import CSR
+    from .evaluate import evaluate_engine, seen_items
+    from .export import ExportRule
+    from .graph_filter import fit_on_validation
+    from .item_codes import ease_rows, history_bags, ridge, rows_index
+
     columns, split = data_source(args)
     data = load_data(args.data, args.path, args.seed, columns=columns, split=split)
     cap = args.cap if args.cap is not None else ExportRule.top(args.cap_density, data.n_items).cap
@@ -313,6 +336,8 @@ def cmd_item_codes(args: argparse.Namespace) -> int:
             settings["neighbours"] = args.neighbours
             index = neighbour_index(fitted, data.n_items, cap, args, device)
     fit_seconds = time.perf_counter() - started
+    if not write:
+        return 0
     codes, offsets = history_bags(data.train)
     metrics = evaluate_engine(Engine(index), (codes, offsets), data) if tested else None
     args.out.mkdir(parents=True, exist_ok=True)
@@ -337,7 +362,7 @@ def neighbour_index(train, n_items: int, cap: int, args: argparse.Namespace, dev
     """Item codes by the neighbour fit, with a progress bar per stage on stderr."""
     from tqdm import tqdm
 
-    from .neighbour_fit import columns_index, neighbour_columns
+    from .neighbour_fit import columns_index, gather_columns, neighbour_columns
 
     bars: dict = {}
 
@@ -349,10 +374,17 @@ def neighbour_index(train, n_items: int, cap: int, args: argparse.Namespace, dev
                                disable=args.no_progress)
         bars[stage].update(done)
 
+    shard = (0, 1)
+    if args.shard_items:
+        import torch.distributed as dist
+
+        shard = dist.get_rank(), dist.get_world_size()
     ids, weights = neighbour_columns(train, n_items, neighbours=args.neighbours, l2_scale=args.l2, device=device,
-                                     progress=progress)
+                                     shard=shard, progress=progress)
     for bar in bars.values():
         bar.close()
+    if args.shard_items:
+        weights = gather_columns(weights)
     return columns_index(ids, weights, n_items, cap, keep=args.keep)
 
 

@@ -39,6 +39,7 @@ DEGREE_POWER = 0.5  # regressors ranked by count / degree**this: on MovieLens-1M
 LOOKUP_FACTOR = 4  # each item's co-occurrence list for G[S_i, S_i] holds this x M items (2x lost 16% on MovieLens-1M)
 SOLVE_BYTES = 2**28  # the sub-Gram matrices solved at once: enough to batch, little enough to stay in cache and memory
 CHUNK = 1 << 16  # items counted at once: bounds the padded lists before they are packed
+MIN_WIDTH = 16  # the smallest system solved: an item with fewer regressors pads to it
 
 
 class Neighbours:
@@ -158,16 +159,16 @@ def _count_neighbours(user_ptr, user_items, item_ptr, item_users, lo, hi, worker
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def _sub_grams(ids, counts, indptr, items, item_counts, degree, lo, hi, l2, workers, grams, rhs):  # pragma: no cover - numba
-    """grams[i - lo] = G[S_i, S_i] + l2 I and rhs[i - lo] = G[S_i, i] for the items in
-    [lo, hi): G[a, c] is known when c is in a's list or a in c's, else 0. Each
+def _sub_grams(ids, counts, indptr, items, item_counts, degree, members, m, l2, workers, grams, rhs):  # pragma: no cover - numba
+    """grams[b] = G[S_i, S_i] + l2 I and rhs[b] = G[S_i, i] over the first ``m``
+    regressors of item i = members[b]: G[a, c] is known when c is in a's list or a in c's, else 0. Each
     regressor's list (at most ``LOOKUP_FACTOR`` x M long) is scanned against a map from
     item to position in S_i."""
-    n, m = ids.shape
+    n = ids.shape[0]
     for w in numba.prange(workers):
         pos = np.full(n, -1, dtype=np.int32)
-        for i in range(lo + w, hi, workers):
-            b = i - lo
+        for b in range(w, members.size, workers):
+            i = members[b]
             for j in range(m):
                 a = ids[i, j]
                 for p in range(m):
@@ -197,38 +198,59 @@ def _sub_grams(ids, counts, indptr, items, item_counts, degree, lo, hi, l2, work
 def neighbour_columns(train: CSR, n_items: int, *, neighbours: int = defaults.ITEM_CODES_NEIGHBOURS,
                       l2_scale: float = defaults.ITEM_CODES_L2, device: str | torch.device = "cpu",
                       dtype: torch.dtype = torch.float32, batch: int | None = None,
+                      shard: tuple[int, int] = (0, 1),
                       progress: Callable[[str, int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """B's columns over each item's neighbours: (ids (N, M) int32, weights (N, M)
     float32), B[ids[i, j], i] = weights[i, j] (ids -1 and weights 0 where an item has
-    fewer than M co-occurring items). ``batch`` items are solved at once (default: their
-    sub-Gram matrices in ``SOLVE_BYTES``); ``progress(stage, items)`` is called after
-    each chunk counted (``"count"``) and each batch solved (``"solve"``)."""
+    fewer than M co-occurring items). Items are solved in groups by their number of
+    regressors rounded up to a power of two (at least ``MIN_WIDTH``), ``batch`` at once
+    (default: their sub-Gram matrices in ``SOLVE_BYTES``). ``shard`` (rank, world) solves
+    only the rank's share of each group, the other items' weights left 0, so that the
+    ranks' weights add up to one rank's (``gather_columns``). ``progress(stage, items)``
+    is called after each chunk counted (``"count"``) and each batch solved (``"solve"``)."""
     if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
         raise ValueError(f"batch: expected a positive int, got {batch!r}")
+    rank, world = shard
+    if not 0 <= rank < world:
+        raise ValueError(f"shard: expected (rank, world) with 0 <= rank < world, got {shard}")
     l2 = ridge(train, n_items, l2_scale)
     lists = neighbour_lists(train, n_items, neighbours, None if progress is None else lambda k: progress("count", k))
-    m = lists.width
-    batch = batch or max(1, SOLVE_BYTES // (m * m * 4))
     device = torch.device(device)
-    weights = np.zeros((n_items, m), dtype=np.float32)
-    grams = np.empty((min(batch, n_items), m, m), dtype=np.float32)
-    rhs = np.empty((min(batch, n_items), m), dtype=np.float32)
-    for start in range(0, n_items, batch):
-        stop = min(start + batch, n_items)
-        size = stop - start
-        _sub_grams(lists.ids, lists.counts, lists.indptr, lists.items, lists.item_counts, lists.degree, start, stop, l2,
-                   numba.get_num_threads(), grams, rhs)
-        a = torch.from_numpy(grams[:size]).to(device, dtype)
-        factor, info = torch.linalg.cholesky_ex(a)
-        bad = torch.nonzero(info).flatten()
-        if bad.numel():  # a sub-Gram with unknown entries taken as 0 may lose definiteness: more ridge
-            factor[bad] = _cholesky_with_more_ridge(a[bad], l2)
-        solved = torch.cholesky_solve(torch.from_numpy(rhs[:size]).to(device, dtype)[..., None], factor)
-        weights[start:stop] = solved[..., 0].float().cpu().numpy()
-        if progress is not None:
-            progress("solve", size)
+    weights = np.zeros(lists.ids.shape, dtype=np.float32)
+    sizes = (lists.ids >= 0).sum(1)
+    if progress is not None and (sizes == 0).any() and rank == 0:
+        progress("solve", int((sizes == 0).sum()))  # nothing co-occurs with these: their columns are 0
+    widths = np.minimum(np.maximum(MIN_WIDTH, 2 ** np.ceil(np.log2(np.maximum(sizes, 1)))), lists.width).astype(np.int64)
+    for m in np.unique(widths[sizes > 0]):  # items with few neighbours solve a smaller system
+        members = np.array_split(np.nonzero((widths == m) & (sizes > 0))[0], world)[rank]
+        step = batch or max(1, SOLVE_BYTES // (int(m) ** 2 * 4))
+        grams = np.empty((min(step, members.size), m, m), dtype=np.float32)
+        rhs = np.empty((min(step, members.size), m), dtype=np.float32)
+        for start in range(0, members.size, step):
+            part = members[start : start + step]
+            _sub_grams(lists.ids, lists.counts, lists.indptr, lists.items, lists.item_counts, lists.degree, part, m, l2,
+                       numba.get_num_threads(), grams, rhs)
+            a = torch.from_numpy(grams[: part.size]).to(device, dtype)
+            factor, info = torch.linalg.cholesky_ex(a)
+            bad = torch.nonzero(info).flatten()
+            if bad.numel():  # a sub-Gram with unknown entries taken as 0 may lose definiteness: more ridge
+                factor[bad] = _cholesky_with_more_ridge(a[bad], l2)
+            solved = torch.cholesky_solve(torch.from_numpy(rhs[: part.size]).to(device, dtype)[..., None], factor)
+            weights[part, :m] = solved[..., 0].float().cpu().numpy()
+            if progress is not None:
+                progress("solve", part.size)
     weights[lists.ids < 0] = 0
     return lists.ids, weights
+
+
+def gather_columns(weights: np.ndarray) -> np.ndarray:
+    """Every rank's ``neighbour_columns`` weights summed into one (each item is solved on
+    one rank and 0 on the others, so the sum is exact): under ``torch.distributed``."""
+    import torch.distributed as dist
+
+    total = torch.from_numpy(weights)
+    dist.all_reduce(total)
+    return total.numpy()
 
 
 def _cholesky_with_more_ridge(a: torch.Tensor, l2: float) -> torch.Tensor:
