@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k", type=int, default=100)
     p.add_argument("--kill-after", type=float, default=None, help="SIGKILL the first recommend run after this many seconds")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="where item-codes solves and recommend searches (cpu or cuda)")
     args = p.parse_args(argv)
 
     args.dir.mkdir(parents=True, exist_ok=True)
@@ -103,18 +104,19 @@ def main(argv: list[str] | None = None) -> int:
     codes = args.dir / "codes"
     results = args.dir / "recommendations"
     fit = run(["sparcode", "item-codes", "--data", "interactions", "--path", str(source), "--fit", "neighbours",
-               "--cap", str(args.cap), "--out", str(codes)], args.dir)
+               "--cap", str(args.cap), "--device", args.device, "--out", str(codes)], args.dir)
     steps = {"fit": fit}
     if fit["exit"] == 0:
         recommend = ["sparcode", "recommend", str(codes / "index"), "--queries", str(codes / "queries.parquet"),
-                     "--exclude", str(codes / "seen.parquet"), "--k", str(args.k), "--out", str(results)]
+                     "--exclude", str(codes / "seen.parquet"), "--k", str(args.k), "--device", args.device,
+                     "--out", str(results)]
         if args.kill_after is not None:
             steps["recommend_killed"] = run(recommend, args.dir, args.kill_after)
         steps["recommend"] = run(recommend, args.dir)
     report = {"command": f"python -m sparcode.bench.catalogue --items {args.items} --users {args.users} --dir WORK "
-                         f"--out OUT --cap {args.cap} --k {args.k}"
+                         f"--out OUT --cap {args.cap} --k {args.k} --device {args.device}"
                          + (f" --kill-after {args.kill_after:g}" if args.kill_after is not None else ""),
-              "date": date.today().isoformat(), "device": device_label("cpu"), "generated": generated, "steps": steps}
+              "date": date.today().isoformat(), "device": device_label(args.device), "generated": generated, "steps": steps}
     if steps.get("recommend", {}).get("exit") == 0:
         metrics = json.loads((codes / "metrics.json").read_text())
         index_bytes = sum(f.stat().st_size for f in (codes / "index").iterdir())

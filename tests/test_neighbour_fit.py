@@ -171,3 +171,12 @@ def test_two_gloo_ranks_write_the_index_of_one(tmp_path, capsys):
     assert "--shard-items: needs torchrun" in capsys.readouterr().err
     assert main([*flags[:5], "--out", str(tmp_path / "x"), "--shard-items"]) == 2
     assert "--shard-items: shards the neighbour fit; add --fit neighbours" in capsys.readouterr().err
+
+
+def test_the_default_cap_is_one_percent_up_to_the_item_count_cap():
+    from sparcode.training import defaults
+    from sparcode.training.commands import code_cap
+
+    assert code_cap(800) == 8 and code_cap(40_981) == 410  # 1% of the catalogue
+    assert code_cap(1_000_000) == defaults.ITEM_CODES_CAP == 500  # not 10,000
+    assert code_cap(1_000_000, density=0.01) == 10_000 and code_cap(1_000_000, cap=7) == 7

@@ -119,8 +119,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                             "OUT/queries.parquet (user_id, codes; for sparcode recommend) and the test metrics in "
                             "OUT/metrics.json")
     cap = items.add_mutually_exclusive_group()
-    cap.add_argument("--cap-density", type=float, default=defaults.INDEX_DENSITY,
-                     help="each code keeps its top FRACTION x N items")
+    cap.add_argument("--cap-density", type=float, default=None,
+                     help=f"each code keeps its top FRACTION x N items (default: {defaults.INDEX_DENSITY:g} x N, at most "
+                          f"{defaults.ITEM_CODES_CAP} items)")
     cap.add_argument("--cap", type=int, default=None,
                      help="each code keeps its top N items (an index of at most N x cap pairs at any catalogue size)")
     items.add_argument("--scores", choices=("ease", "graph-filter"), default="ease",
@@ -271,7 +272,7 @@ def cmd_item_codes(args: argparse.Namespace) -> int:
 
     if args.cap is not None and args.cap < 1:
         raise ValueError(f"--cap: expected a positive number of items, got {args.cap}")
-    if not 0 < args.cap_density <= 1:
+    if args.cap_density is not None and not 0 < args.cap_density <= 1:
         raise ValueError(f"--cap-density: expected a fraction in (0, 1], got {args.cap_density}")
     if not args.l2 > 0:
         raise ValueError(f"--l2: expected a positive number, got {args.l2}")
@@ -308,13 +309,12 @@ def _item_codes(args: argparse.Namespace, grid: list, device: str, write: bool =
     from .checkpoint import load_data
     from .data import CSR
     from .evaluate import evaluate_engine, seen_items
-    from .export import ExportRule
     from .graph_filter import fit_on_validation
     from .item_codes import ease_rows, history_bags, ridge, rows_index
 
     columns, split = data_source(args)
     data = load_data(args.data, args.path, args.seed, columns=columns, split=split)
-    cap = args.cap if args.cap is not None else ExportRule.top(args.cap_density, data.n_items).cap
+    cap = code_cap(data.n_items, args.cap, args.cap_density)
     tested = data.test.items.size > 0
     known = CSR.from_lists(seen_items(data))  # every user's train and validation items: their served bag
     started = time.perf_counter()
@@ -358,11 +358,27 @@ def _item_codes(args: argparse.Namespace, grid: list, device: str, write: bool =
     return 0
 
 
+def code_cap(n_items: int, cap: int | None = None, density: float | None = None) -> int:
+    """Items per code for item-codes: ``cap``, or ``density`` x N, or by default
+    ``defaults.INDEX_DENSITY`` x N up to ``defaults.ITEM_CODES_CAP`` (so that the index
+    grows as N, not N^2)."""
+    from .export import ExportRule
+
+    if cap is not None:
+        return cap
+    if density is not None:
+        return ExportRule.top(density, n_items).cap
+    return min(ExportRule.top(defaults.INDEX_DENSITY, n_items).cap, defaults.ITEM_CODES_CAP)
+
+
 def neighbour_index(train, n_items: int, cap: int, args: argparse.Namespace, device: str):
     """Item codes by the neighbour fit, with a progress bar per stage on stderr."""
     from tqdm import tqdm
 
-    from .neighbour_fit import columns_index, gather_columns, neighbour_columns
+    try:
+        from .neighbour_fit import columns_index, gather_columns, neighbour_columns
+    except ModuleNotFoundError as exc:
+        raise ValueError(f"--fit neighbours: needs {exc.name} (pip install 'sparcode[cpu]')") from None
 
     bars: dict = {}
 

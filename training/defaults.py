@@ -32,6 +32,7 @@ ITEM_CODES_L2 = 10.0  # item codes: l2 = this x the mean item's training interac
 ITEM_CODES_KEEP = "magnitude"  # item codes: each code keeps its largest scores by magnitude, or "positive" ones
 ITEM_CODES_KEEPS = ("magnitude", "positive")  # the choices of ITEM_CODES_KEEP
 ITEM_CODES_NEIGHBOURS = 256  # the neighbour fit: regressors per item (docs/accuracy.md)
+ITEM_CODES_CAP = 500  # item-codes: items per code at most, by default (INDEX_DENSITY x N up to it; docs/accuracy.md)
 ITEM_CODES_EXACT_SIDE = 40_000  # item-codes --fit auto: exact up to this many users or items (a 6.4 GB matrix)
 GRAPH_FILTER_ALPHA = 0.3  # graph-filter codes: weight of the ideal low-pass term (GF-CF's published value)
 GRAPH_FILTER_VECTORS = 256  # graph-filter codes: singular vectors of the ideal low-pass term (GF-CF's)

@@ -35,8 +35,8 @@ from . import defaults
 from .data import CSR
 from .item_codes import interaction_matrix, ridge
 
-DEGREE_POWER = 0.5  # regressors ranked by count / degree**this: on MovieLens-1M level with |G - E[G]| / sqrt(E[G])
-LOOKUP_FACTOR = 4  # each item's co-occurrence list for G[S_i, S_i] holds this x M items (2x lost 16% on MovieLens-1M)
+DEGREE_POWER = 0.5  # regressors ranked by count / degree**this (docs/accuracy.md: the ranking screen)
+LOOKUP_FACTOR = 4  # each item's co-occurrence list for G[S_i, S_i] holds this x M items (1x lost 16% on MovieLens-1M)
 SOLVE_BYTES = 2**28  # the sub-Gram matrices solved at once: enough to batch, little enough to stay in cache and memory
 CHUNK = 1 << 16  # items counted at once: bounds the padded lists before they are packed
 MIN_WIDTH = 16  # the smallest system solved: an item with fewer regressors pads to it
