@@ -20,27 +20,15 @@ from sparcode.engine import Engine
 from sparcode.engine.atomic import atomic_write_text
 from sparcode.training import defaults
 from sparcode.training.checkpoint import load_data
+from sparcode.training.commands import code_cap
 from sparcode.training.evaluate import evaluate_engine
-from sparcode.training.export import ExportRule
 from sparcode.training.item_codes import ease_rows, history_bags, rows_index
 from sparcode.training.neighbour_fit import columns_index, neighbour_columns
 
 from .harness import device_label
+from .timing import peak_rss_bytes, reset_peak_rss
 
 METRICS = ("recall@20", "ndcg@20", "recall@50")
-
-
-def peak_reset() -> None:
-    """Reset this process's peak resident size (VmHWM) to its current size."""
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")
-
-
-def peak_bytes() -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     data = load_data(args.data, args.path, seed=0)
-    cap = args.cap if args.cap is not None else ExportRule.top(args.cap_density, data.n_items).cap
+    cap = code_cap(data.n_items, args.cap, args.cap_density)
     bags = history_bags(data.train)
     fits = {"exact": lambda: rows_index(ease_rows(data.train, data.n_items, l2_scale=args.l2), data.n_items, cap,
                                         keep=args.keep)}
@@ -66,12 +54,12 @@ def main(argv: list[str] | None = None) -> int:
             *neighbour_columns(data.train, data.n_items, neighbours=m, l2_scale=args.l2), data.n_items, cap, keep=args.keep)
     rows, indexes = [], {}
     for name, fit in fits.items():
-        peak_reset()
+        reset_peak_rss()
         started = time.perf_counter()
         index = fit()
         seconds = time.perf_counter() - started
         valid = evaluate_engine(Engine(index), bags, data, split="valid")
-        rows.append({"fit": name, "fit_and_index_seconds": seconds, "peak_rss_bytes": peak_bytes(), "nnz": index.nnz,
+        rows.append({"fit": name, "fit_and_index_seconds": seconds, "peak_rss_bytes": peak_rss_bytes(), "nnz": index.nnz,
                      **{f"valid_{k}": valid[k] for k in METRICS}})
         indexes[name] = index
         print(json.dumps(rows[-1]), flush=True)

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from sparcode.bench.timing import peak_rss_bytes, reset_peak_rss
 from sparcode.engine import Engine
 from sparcode.training.data import CSR
 from sparcode.training.item_codes import _inverse_of_gram, ease_rows, history_bags, item_code_index, item_scores, ridge
@@ -62,24 +63,16 @@ def test_the_device_sparse_product_equals_scipys():
                                a @ dense.numpy(), rtol=1e-5, atol=1e-5)
 
 
-def _peak_kib() -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM"):
-            return int(line.split()[1])
-    raise AssertionError("no VmHWM")
-
-
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's peak reset")
 def test_the_gram_inverse_holds_one_matrix_and_inverts_it():
     import scipy.sparse
 
     m = 4000
     a = scipy.sparse.random(m, 300, density=0.05, format="csr", dtype=np.float32, random_state=0)
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")  # resets the peak to the current resident size
-    before = _peak_kib()
+    reset_peak_rss()  # the peak starts again from the current resident size
+    before = peak_rss_bytes()
     inverse = _inverse_of_gram(a, 2.0, torch.device("cpu"), torch.float32, rows=512)
-    grown = (_peak_kib() - before) * 1024
+    grown = peak_rss_bytes() - before
     assert grown < 1.5 * m * m * 4  # the matrix itself (64 MB), not a second copy while LAPACK runs
     gram = torch.from_numpy((a @ a.T).toarray()).double() + 2.0 * torch.eye(m, dtype=torch.float64)
     assert torch.allclose(inverse.double() @ gram, torch.eye(m, dtype=torch.float64), atol=1e-3)

@@ -25,6 +25,7 @@ code keeping its top ``cap`` (``columns_index``; ``item_codes.item_code_index``'
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numba
 import numpy as np
@@ -43,6 +44,7 @@ CHUNK = 1 << 16  # items counted at once: bounds the padded lists before they ar
 MIN_WIDTH = 16  # the smallest system solved: an item with fewer regressors pads to it
 
 
+@dataclass
 class Neighbours:
     """Each item's regressors and co-occurrence list. ``ids`` (N, M) int32: its M
     regressors, best first (-1 pads an item with fewer co-occurring items); ``counts``
@@ -50,10 +52,12 @@ class Neighbours:
     ``item_counts`` float32: its top ``LOOKUP_FACTOR`` x M co-occurring items by count,
     sorted by id (a CSR); ``degree`` (N) float32: G[i, i]."""
 
-    def __init__(self, ids: np.ndarray, counts: np.ndarray, indptr: np.ndarray, items: np.ndarray,
-                 item_counts: np.ndarray, degree: np.ndarray):
-        self.ids, self.counts, self.degree = ids, counts, degree
-        self.indptr, self.items, self.item_counts = indptr, items, item_counts
+    ids: np.ndarray
+    counts: np.ndarray
+    indptr: np.ndarray
+    items: np.ndarray
+    item_counts: np.ndarray
+    degree: np.ndarray
 
     @property
     def width(self) -> int:
@@ -75,20 +79,20 @@ def neighbour_lists(train: CSR, n_items: int, neighbours: int,
     item_ptr, item_users = by_item.indptr.astype(np.int64), by_item.indices.astype(np.int32)
     ids = np.full((n_items, width), -1, dtype=np.int32)
     counts = np.zeros((n_items, width), dtype=np.float32)
+    degree = np.diff(item_ptr).astype(np.float32)
     lengths, items, item_counts = [np.zeros(1, dtype=np.int64)], [], []
     for lo in range(0, n_items, CHUNK):
         hi = min(lo + CHUNK, n_items)
         table = np.full((hi - lo, lookup), -1, dtype=np.int32)
         table_counts = np.zeros((hi - lo, lookup), dtype=np.float32)
-        _count_neighbours(user_ptr, user_items, item_ptr, item_users, lo, hi, numba.get_num_threads(), DEGREE_POWER,
-                          ids, counts, table, table_counts)
+        _count_neighbours(user_ptr, user_items, item_ptr, item_users, degree, lo, hi, numba.get_num_threads(),
+                          DEGREE_POWER, ids, counts, table, table_counts)
         kept = table >= 0
         lengths.append(kept.sum(1))
         items.append(table[kept])
         item_counts.append(table_counts[kept])
         if progress is not None:
             progress(hi - lo)
-    degree = np.diff(item_ptr).astype(np.float32)
     return Neighbours(ids, counts, np.concatenate(lengths).cumsum(), np.concatenate(items), np.concatenate(item_counts),
                       degree)
 
@@ -116,12 +120,9 @@ def _top(cand, score, k, width):  # pragma: no cover - numba
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def _count_neighbours(user_ptr, user_items, item_ptr, item_users, lo, hi, workers, power,
+def _count_neighbours(user_ptr, user_items, item_ptr, item_users, degree, lo, hi, workers, power,
                       ids, counts, table, table_counts):  # pragma: no cover - numba
     n = ids.shape[0]
-    degree = np.empty(n, dtype=np.float64)
-    for i in range(n):
-        degree[i] = max(item_ptr[i + 1] - item_ptr[i], 1)
     for w in numba.prange(workers):  # items strided over workers: popular ones spread out
         count = np.zeros(n, dtype=np.int32)
         touched = np.empty(n, dtype=np.int32)
@@ -143,7 +144,7 @@ def _count_neighbours(user_ptr, user_items, item_ptr, item_users, lo, hi, worker
                 j = touched[s]
                 if count[j] > 0:
                     cand[k] = j
-                    score[k] = count[j] / degree[j] ** power
+                    score[k] = count[j] / np.float64(degree[j]) ** power  # degree >= count > 0
                     k += 1
             chosen = _top(cand, score, k, ids.shape[1])
             for s in range(chosen.size):
