@@ -2,8 +2,8 @@
 # The GPU check in one call (under 7 minutes): install without dependencies (torch and
 # triton come with the machine; no network is needed), run the GPU tests, then the GPU
 # benchmarks: an atomic_cas probe, then R4 (item codes at 1M items), R1, R3 and R2, each
-# with the Triton regimes side by side (table beside candidate, tiled, dense) and their
-# kernel / selection / rest breakdown. Results go to $OUT (default ./out): pytest-gpu.log
+# with the Triton regimes side by side (v3's table and dense (K2) beside candidate, tiled and
+# dense-packed) and their kernel / selection / rest breakdown. Results go to $OUT (default ./out): pytest-gpu.log
 # and gpu-bench.json, rewritten after every stage.
 # Without a GPU it says so and dry-runs the benchmark on CPU at tiny sizes.
 set -uo pipefail

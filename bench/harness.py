@@ -238,7 +238,7 @@ def bench_item_codes(regime: ItemCodesRegime, device: str, *, repeats: int, seed
 def triton_regimes(index: CodeIndex, batches: list[Bags], k: int, postings: float, device: str,
                    exclude: bool = False) -> list[Method]:
     """The Triton backend forced into each regime that fits, v3 beside v2: table (K1)
-    and candidate always, dense when its rows fit the budget, tiled when queries touch a
+    and candidate always, dense (K2) and dense-packed when the rows fit the budget, tiled when queries touch a
     tenth of the items or more (below that it is hopeless and would take minutes). Each
     carries its breakdown of one search (the table regime's over the queries it takes).
     With ``exclude`` each query's own codes are excluded (item codes: the history)."""
@@ -250,9 +250,9 @@ def triton_regimes(index: CodeIndex, batches: list[Bags], k: int, postings: floa
     out = []
     tile = 1024 if device == "cuda" else 64
     n_items = index.n_items
-    for name in ("table", "candidate", "tiled", "dense"):
+    for name in ("table", "candidate", "tiled", "dense", "dense-packed"):
         backend = TritonBackend(regime=name, tile_items=tile)
-        if name == "dense" and not fits_rows(index, index.scores.dtype, None):
+        if name.startswith("dense") and not fits_rows(index, index.scores.dtype, None):
             continue
         if name == "tiled" and postings < n_items / 10:
             continue
@@ -266,7 +266,7 @@ def triton_regimes(index: CodeIndex, batches: list[Bags], k: int, postings: floa
         out.append(Method(f"sparcode-triton-{name}", lambda i, e=engine: _search_bags(e, batches[i % N_BATCHES], k,
                                                                                          exclude),
                           batches[0].n_queries, {"postings_per_query": postings, "breakdown_seconds": split,
-                                                 "version": "v3" if name == "table" else "v2"}))
+                                                 "version": "v3" if name in ("table", "dense") else "v2"}))
     return out
 
 

@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 from sparcode.kernels.candidate_search import SKIP_SHIFT, SkipTable, candidate_search, skip_table
-from sparcode.kernels.dense_search import dense_search
+from sparcode.kernels.dense_packed import dense_packed_search
+from sparcode.kernels.dense_search import dense_search, scratch_bytes
 from sparcode.kernels.table_search import LOAD, MAX_K, table_search
 from sparcode.kernels.tiled_search import tiled_search
 
@@ -23,7 +24,7 @@ from .plan import Plan
 from .selection import Exclusion, score_floor
 
 TILE_ITEMS = 1024
-REGIMES = ("auto", "table", "candidate", "tiled", "dense")
+REGIMES = ("auto", "table", "candidate", "tiled", "dense", "dense-packed")  # dense-packed: the GPU check's comparison
 TABLE_RANGE = (1024, 1 << 22)  # slots of a per-query table (8 bytes each)
 L2_TABLE_BYTES = 32 * 2**20  # the tables in flight together: within an H100/H200's 50 MB L2
 TABLE_BYTES = 2**30  # at most this much for the tables of one launch (long queries' tables spill to HBM)
@@ -33,7 +34,7 @@ SURVIVOR_BYTES = 32  # a dense-regime survivor: its key and owner, and their gro
 # (bench/results/nvidia-h200-gpu-bench-2026-12-04.json; docs/performance.md)
 CANDIDATE_STEP_NS = 0.0028  # one binary-search step or key write of the candidate kernel
 TILED_SECTOR_NS = 0.017  # one counted sector of the tiled kernel
-DENSE_BYTE_NS = 0.0032  # one byte of the dense score rows a query reads
+DENSE_BYTE_NS = 0.0032  # one byte of the dense score rows a query reads (fitted to dense-packed; K2 is counted to take less)
 TABLE_STEP_NS = 0.12  # one table update or slot pass of the table kernel
 QUERY_NS = 1400.0  # a query's selection and its share of the launches
 
@@ -120,7 +121,9 @@ class TritonBackend:
         if regime == "table":  # the (B, k) keys; queries that do not fit go the candidate way
             fit = self._fits(torch.from_numpy(postings), k)[0].numpy()
             return Plan(np.where(fit, 16 * k, 40 * postings + 16 * k), regime=regime)
-        if regime == "dense":  # survivors of the floor (keys and owners, sorted twice), the (B, k) keys
+        if regime == "dense":  # the sampled sums, the buckets, the (B, k) keys
+            return Plan(np.full(postings.shape, scratch_bytes(index.n_items, k, self.tile_items) + 16 * k), regime=regime)
+        if regime == "dense-packed":  # survivors of the floor (keys and owners, sorted twice), the (B, k) keys
             return Plan(np.full(postings.shape, 64 * (64 + k) + 16 * k), regime=regime)
         if regime == "candidate":
             # flat keys, then the ragged selection's gather index and padded matrix
@@ -155,11 +158,12 @@ class TritonBackend:
             return self._table_search(index, bags, k, ex_offsets, ex_items)
         codes = bags.codes if bags.codes.numel() else torch.zeros(1, dtype=torch.int64, device=device)
         weights = bags.weights if bags.weights is None or bags.weights.numel() else None
-        if regime == "dense":
+        if regime in ("dense", "dense-packed"):
             floor = score_floor(index, bags, k + ex_offsets.diff())
             limit = None if self.workspace_bytes is None else max(1, self.workspace_bytes // SURVIVOR_BYTES)
-            return dense_search(dense_rows(index, index.scores.dtype), codes, bags.offsets, weights, floor, ex_offsets,
-                                ex_items, k, block_n=self.tile_items, max_survivors=limit)
+            search = dense_search if regime == "dense" else dense_packed_search
+            return search(dense_rows(index, index.scores.dtype), codes, bags.offsets, weights, floor, ex_offsets,
+                          ex_items, k, block_n=self.tile_items, max_survivors=limit)
         args = (index.indptr, index.items, index.scores, codes, bags.offsets, weights, ex_offsets, ex_items, k)
         if regime == "candidate":
             return candidate_search(*args, floor=score_floor(index, bags, k + ex_offsets.diff()), skip=_skip(index))

@@ -58,6 +58,11 @@ def new_counter(device: torch.device) -> torch.Tensor:
     return torch.zeros(1, dtype=torch.int64, device=device)
 
 
+def new_counters(n: int, device: torch.device) -> torch.Tensor:
+    """Zeroed per-query survivor counters, int64 like ``new_counter``'s."""
+    return torch.zeros(n, dtype=torch.int64, device=device)
+
+
 def packed_launch(launch: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], None], capacity: int,
                   device: torch.device, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Run a kernel that packs (owner, key) survivors behind an int64 atomic counter:

@@ -117,22 +117,61 @@ def tiled_search(indptr, items, scores, codes, bag_offsets, weights, ex_offsets,
                                   block_n=block_n), k)
 
 
+def _row_sums(rows, codes, bag_offsets, weights, q):
+    """Query q's sums over the dense rows in bag order, NaN where no list holds the item."""
+    total = torch.full((rows.shape[1],), float("nan"), dtype=torch.float32, device=rows.device)
+    for code, weight in zip(*_bag(codes, bag_offsets, weights, q)):
+        value = rows[code].to(torch.float32)
+        if weights is not None:
+            value = torch.tensor(weight, dtype=torch.float32) * value
+        total = torch.where(torch.isnan(total), value, torch.where(torch.isnan(value), total, total + value))
+    return total
+
+
 def dense_keys(rows, codes, bag_offsets, weights, floor, *, block_n=1024, capacity=None, limit=None):
-    """Reference for ``dense_search.dense_keys``."""
+    """Reference for ``dense_packed.dense_keys``."""
     per_query = []
     for q in range(bag_offsets.numel() - 1):
-        total = torch.full((rows.shape[1],), float("nan"), dtype=torch.float32, device=rows.device)
-        for code, weight in zip(*_bag(codes, bag_offsets, weights, q)):
-            value = rows[code].to(torch.float32)
-            if weights is not None:
-                value = torch.tensor(weight, dtype=torch.float32) * value
-            total = torch.where(torch.isnan(total), value, torch.where(torch.isnan(value), total, total + value))
+        total = _row_sums(rows, codes, bag_offsets, weights, q)
         ids = torch.nonzero(total >= floor[q]).squeeze(1)
         per_query.append(pack_keys(total[ids], ids))
     found = sum(int(mine.numel()) for mine in per_query)
     if limit is not None and found > limit:
         raise SurvivorOverflow(found, limit)
     return _grouped(per_query, codes.device)
+
+
+def dense_floor(rows, codes, bag_offsets, weights, floor, ranks, order, *, block_q=16, block_n=1024, group=4):
+    """Reference for ``dense_search.dense_floor``: the ranks-th best sum over the tiles
+    ``dense_search.sample_tiles`` picks (the kernel's choice of tiles, not its sums)."""
+    from .dense_search import sample_tiles
+
+    n_items = rows.shape[1]
+    tiles = sample_tiles(-(-n_items // block_n), int(ranks.max()), order.numel(), block_n)
+    sampled = (tiles.unsqueeze(1) * block_n + torch.arange(block_n)).reshape(-1)
+    sampled = sampled[sampled < n_items].to(rows.device)
+    raised = floor.clone().to(torch.float32)
+    for q in range(bag_offsets.numel() - 1):
+        sums = _row_sums(rows, codes, bag_offsets, weights, q)[sampled]
+        sums = torch.sort(torch.where(torch.isnan(sums), float("-inf"), sums), descending=True).values
+        rank = int(ranks[q])
+        if rank <= sums.numel():
+            raised[q] = max(float(raised[q]), float(sums[rank - 1]))
+    return raised, -(-n_items // block_n) / tiles.numel()
+
+
+def dense_buckets(rows, codes, bag_offsets, weights, floor, order, width, *, block_q=16, block_n=1024, group=4):
+    """Reference for ``dense_search.dense_buckets``, its rows sorted best first and unfilled
+    slots ``EMPTY_KEY`` (the kernel leaves them unwritten and in no order)."""
+    keys = torch.full((order.numel(), max(1, width)), EMPTY_KEY, dtype=torch.int64, device=codes.device)
+    counts = torch.zeros(order.numel(), dtype=torch.int64, device=codes.device)
+    for r, q in enumerate(order.tolist()):
+        total = _row_sums(rows, codes, bag_offsets, weights, q)
+        ids = torch.nonzero(total >= floor[q]).squeeze(1)
+        mine = torch.sort(pack_keys(total[ids], ids), descending=True).values
+        counts[r] = mine.numel()
+        keys[r, : min(width, mine.numel())] = mine[:width]
+    return keys, counts
 
 
 def _grouped(per_query, device):
@@ -145,10 +184,11 @@ def _grouped(per_query, device):
     return torch.cat(owners), torch.cat(keys)
 
 
-def dense_search(rows, codes, bag_offsets, weights, floor, ex_offsets, ex_items, k, *, block_n=1024,
-                 max_survivors=None):
-    """Reference for ``dense_search.dense_search``: a dense per-query sort (one query at a
-    time, so ``max_survivors`` changes nothing)."""
+def dense_search(rows, codes, bag_offsets, weights, floor, ex_offsets, ex_items, k, *, block_n=1024, block_q=16,
+                 group=4, max_survivors=None):
+    """Reference for ``dense_search.dense_search`` and ``dense_packed.dense_packed_search``:
+    a dense per-query sort (one query at a time, so the tiling and ``max_survivors``
+    change nothing)."""
     n_queries = bag_offsets.numel() - 1
     out = torch.full((n_queries, k), EMPTY_KEY, dtype=torch.int64, device=codes.device)
     owners, keys = dense_keys(rows, codes, bag_offsets, weights, floor)
@@ -159,6 +199,12 @@ def dense_search(rows, codes, bag_offsets, weights, floor, ex_offsets, ex_items,
         mine = mine[~torch.isin(ids, excluded)][:k]
         out[q, : mine.numel()] = mine
     return unpack_keys(out)
+
+
+def dense_packed_search(rows, codes, bag_offsets, weights, floor, ex_offsets, ex_items, k, *, block_n=1024,
+                        max_survivors=None):
+    """Reference for ``dense_packed.dense_packed_search``."""
+    return dense_search(rows, codes, bag_offsets, weights, floor, ex_offsets, ex_items, k)
 
 
 def table_keys(indptr, items, scores, codes, bag_offsets, weights, ex_offsets, ex_items, floor, queries, k, *,

@@ -25,6 +25,7 @@ ENGINES = {
     "triton-candidate": lambda ix: _with(Engine(ix, backend="triton"), _triton("candidate")),
     "triton-tiled": lambda ix: _with(Engine(ix, backend="triton"), _triton("tiled")),
     "triton-dense": lambda ix: _with(Engine(ix, backend="triton"), _triton("dense")),
+    "triton-dense-packed": lambda ix: _with(Engine(ix, backend="triton"), _triton("dense-packed")),
 }
 
 

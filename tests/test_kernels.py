@@ -148,7 +148,7 @@ def test_tiled_realistic_gpu(dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_dense_keys_random_and_overflowing_capacity(dtype):
     from sparcode.engine.dense import build_rows
-    from sparcode.kernels import dense_search as ds
+    from sparcode.kernels import dense_packed as ds
 
     index = quantized_index(12, 150, 30, seed=21, dtype=dtype, negative=dtype == torch.float32).to(DEVICE)
     rows = build_rows(index, dtype)
@@ -160,31 +160,31 @@ def test_dense_keys_random_and_overflowing_capacity(dtype):
         want = ref.dense_keys(rows, *as_bags(codes), floor)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     ex = exclusion([[], [5, 77, 130], list(range(150))])  # query 2: every item excluded
-    found = ds.dense_search(rows, *as_bags(codes), floor, *ex, 9, block_n=64)
-    expected = ref.dense_search(rows, *as_bags(codes), floor, *ex, 9)
+    found = ds.dense_packed_search(rows, *as_bags(codes), floor, *ex, 9, block_n=64)
+    expected = ref.dense_packed_search(rows, *as_bags(codes), floor, *ex, 9)
     assert torch.equal(found[0], expected[0]) and torch.equal(found[1], expected[1])
     assert (found[1][2] == -1).all()
     total = int(want[0].numel())
     for keys_of in (ds.dense_keys, ref.dense_keys):  # over the limit: an error, not an allocation
         with pytest.raises(SurvivorOverflow, match=f"{total} survivors"):
             keys_of(rows, *as_bags(codes), floor, block_n=64, limit=total - 1)
-    split = ds.dense_search(rows, *as_bags(codes), floor, *ex, 9, block_n=64, max_survivors=20)  # searched in parts
+    split = ds.dense_packed_search(rows, *as_bags(codes), floor, *ex, 9, block_n=64, max_survivors=20)  # searched in parts
     assert torch.equal(split[0], expected[0]) and torch.equal(split[1], expected[1])
 
 
 def test_dense_edge_cases():
     from sparcode.engine.dense import build_rows
-    from sparcode.kernels import dense_search as ds
+    from sparcode.kernels import dense_packed as ds
 
     # code 1 is empty; query 2 only empty lists; zero and negative scores are candidates
     index = csr_index([[(0, 1.0), (5, 0.0), (9, -0.5)], [], [(5, 1.0), (6, 3.0)]], n_items=10).to(DEVICE)
     rows = build_rows(index, torch.float32)
     codes = torch.tensor([[0, 0, 2], [1, 1, 1], [2, 1, 0]], device=DEVICE)
     floor = torch.full((3,), float("-inf"), device=DEVICE)
-    scores, ids = ds.dense_search(rows, *as_bags(codes), floor, *exclusion([[], [], [0]]), 6, block_n=4)
+    scores, ids = ds.dense_packed_search(rows, *as_bags(codes), floor, *exclusion([[], [], [0]]), 6, block_n=4)
     assert ids.tolist() == [[6, 0, 5, 9, -1, -1], [-1] * 6, [6, 5, 9, -1, -1, -1]]
     assert scores[0, :4].tolist() == [3.0, 2.0, 1.0, -1.0]
-    empty = ds.dense_search(rows, *as_bags(codes[:0]), floor[:0], *exclusion([]), 3)
+    empty = ds.dense_packed_search(rows, *as_bags(codes[:0]), floor[:0], *exclusion([]), 3)
     assert empty[1].shape == (0, 3)
 
 
@@ -192,7 +192,7 @@ def test_dense_edge_cases():
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_dense_realistic_gpu(dtype):
     from sparcode.engine.dense import build_rows
-    from sparcode.kernels import dense_search as ds
+    from sparcode.kernels import dense_packed as ds
 
     index = quantized_index(256, 50_000, 5_000, seed=15, dtype=dtype).to("cuda")
     rows = build_rows(index, dtype)
@@ -215,7 +215,7 @@ def test_survivor_positions_do_not_wrap_past_2_31():
     survivors must land at positions >= capacity and be counted, not wrap negative and
     store out of bounds. Runs each packing kernel with the counter packed_launch makes."""
     from sparcode.engine.dense import build_rows
-    from sparcode.kernels import dense_search as ds
+    from sparcode.kernels import dense_packed as ds
     from sparcode.kernels.common import new_counter
 
     index = quantized_index(6, 40, 20, seed=4, dtype=torch.float32).to(DEVICE)

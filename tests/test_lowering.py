@@ -41,7 +41,7 @@ def recorded_launches(monkeypatch) -> list[dict]:
         codes = random_codes(3, 3, 12, seed=case)
         offsets = torch.arange(0, 10, 3)
         weights = torch.tensor([1.0, 0.5, 2.0, 1.0, -1.0, 1.0, 0.25, 1.0, 3.0])
-        for regime in ("table", "candidate", "tiled", "dense"):
+        for regime in ("table", "candidate", "tiled", "dense", "dense-packed"):
             engine = Engine(index, backend="triton")
             engine.backend = TritonBackend(regime=regime, tile_items=64, dense_bytes=2**30)
             engine.search(codes, k=5)
@@ -54,7 +54,7 @@ def test_every_launch_lowers_for_hopper(monkeypatch, tmp_path):
     pytest.importorskip("triton.backends.nvidia")
     specs = recorded_launches(monkeypatch)
     kernels = {spec["kernel"] for spec in specs}
-    assert {"_table_kernel", "_candidate_keys_kernel", "_tiled_keys_kernel", "_dense_keys_kernel"} <= kernels
+    assert {"_table_kernel", "_candidate_keys_kernel", "_tiled_keys_kernel", "_dense_keys_kernel", "_k2_kernel"} <= kernels
     path = tmp_path / "specs.json"
     path.write_text(json.dumps(specs))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

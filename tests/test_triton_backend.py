@@ -23,7 +23,7 @@ def engines(index, regime):
     return triton_engine, Engine(index, backend="torch")
 
 
-@pytest.mark.parametrize("regime", ["table", "candidate", "tiled", "dense"])
+@pytest.mark.parametrize("regime", ["table", "candidate", "tiled", "dense", "dense-packed"])
 @pytest.mark.parametrize("case", range(40))
 def test_triton_equals_torch(regime, case):
     rng = np.random.default_rng(case)
@@ -42,7 +42,7 @@ def test_triton_equals_torch(regime, case):
     assert torch.equal(got.ids, want.ids) and torch.equal(got.scores, want.scores)
 
 
-@pytest.mark.parametrize("regime", ["table", "candidate", "tiled", "dense"])
+@pytest.mark.parametrize("regime", ["table", "candidate", "tiled", "dense", "dense-packed"])
 @pytest.mark.parametrize("case", range(12))
 def test_triton_equals_the_dense_oracle(regime, case):
     rng = np.random.default_rng(1000 + case)
@@ -88,10 +88,12 @@ def test_dense_regime_respects_its_budget():
 
 
 @pytest.mark.parametrize("excluded", [False, True])
-def test_dense_regime_splits_a_batch_whose_survivors_exceed_the_workspace(monkeypatch, excluded):
+@pytest.mark.parametrize("regime", ["dense", "dense-packed"])
+def test_dense_regime_splits_a_batch_whose_survivors_exceed_the_workspace(monkeypatch, regime, excluded):
     """Full lists of positive scores over 4 tokens: the floor (the best list's k-th score)
-    lets most items survive. The batch is searched in parts whose survivors fit the
-    engine's workspace, with the same results as one part."""
+    lets most items survive. The batch is searched in parts whose survivors (packed) or
+    buckets (K2) fit the engine's workspace, with the same results as one part."""
+    import sparcode.kernels.dense_packed as packed_module
     import sparcode.kernels.dense_search as dense_module
     from sparcode.engine.triton_backend import SURVIVOR_BYTES
 
@@ -99,21 +101,30 @@ def test_dense_regime_splits_a_batch_whose_survivors_exceed_the_workspace(monkey
     codes = random_codes(12, 4, 6, seed=8, device=DEVICE)
     rng = np.random.default_rng(9)
     exclude = [rng.choice(600, size=int(rng.integers(0, 10)), replace=False) for _ in range(12)] if excluded else None
-    backend = TritonBackend(regime="dense", tile_items=64 if DEVICE == "cpu" else 1024, dense_bytes=2**30)
+    backend = TritonBackend(regime=regime, tile_items=64 if DEVICE == "cpu" else 1024, dense_bytes=2**30)
     workspace = int(backend.plan(index, Bags.dense(codes), 5).per_query_bytes.sum())  # the plan fits the whole batch in one step
-    limit = workspace // SURVIVOR_BYTES  # one query has at most 600 survivors
+    limit = workspace // SURVIVOR_BYTES
     engine = Engine(index, backend="triton", workspace_bytes=workspace)
     backend.workspace_bytes = workspace
     engine.backend = backend
     launches = []
-    keys_of = dense_module.dense_keys
+    if regime == "dense-packed":  # one query has at most 600 survivors
+        keys_of = packed_module.dense_keys
 
-    def counted(*args, **kwargs):
-        owners, keys = keys_of(*args, **kwargs)
-        launches.append(owners.numel())
-        return owners, keys
+        def counted(*args, **kwargs):
+            owners, keys = keys_of(*args, **kwargs)
+            launches.append(owners.numel())
+            return owners, keys
 
-    monkeypatch.setattr(dense_module, "dense_keys", counted)
+        monkeypatch.setattr(packed_module, "dense_keys", counted)
+    else:  # bucket slots: queries x width
+        buckets_of = dense_module.dense_buckets
+
+        def counted(rows, codes, offsets, weights, floor, order, width, **kwargs):
+            launches.append(order.numel() * width)
+            return buckets_of(rows, codes, offsets, weights, floor, order, width, **kwargs)
+
+        monkeypatch.setattr(dense_module, "dense_buckets", counted)
     got = engine.search(codes, k=5, exclude=exclude)
     want = Engine(index, backend="torch").search(codes, k=5, exclude=exclude)
     assert torch.equal(got.ids, want.ids) and torch.equal(got.scores, want.scores)
@@ -126,7 +137,7 @@ def test_regime_is_validated():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("regime", ["auto", "table", "candidate", "tiled", "dense"])
+@pytest.mark.parametrize("regime", ["auto", "table", "candidate", "tiled", "dense", "dense-packed"])
 def test_triton_equals_torch_at_scale_gpu(regime):
     index = quantized_index(4096, 200_000, 300, seed=1).to("cuda")
     codes = random_codes(512, 4, 4096, seed=2, device="cuda")
