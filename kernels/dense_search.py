@@ -38,6 +38,7 @@ SAMPLE_SHARE = 16  # the sample pass sums at least one tile in this many
 SAMPLE_DEPTH = 4  # ... and at least this many items per rank the floor is read at
 SAMPLE_BYTES = 2**30  # the sampled sums of one search at most
 BUCKET_SLACK = 2  # bucket slots per expected survivor
+NUM_WARPS = 8  # 16 x 1,024 float32 sums: 64 per thread
 
 
 # one compiled kernel for both passes (no argument specialised by value): the same sums
@@ -90,7 +91,8 @@ def _launch(rows: torch.Tensor, codes: torch.Tensor, bag_offsets: torch.Tensor, 
     grid = (triton.cdiv(order.numel(), block_q) * tiles.numel(),)
     _k2_kernel[grid](rows, codes, bag_offsets, weights if weights is not None else floor, floor, order, order.numel(),
                      tiles, tiles.numel(), rows.shape[1], sums, keys, counts, width, int(sampling),
-                     BLOCK_Q=block_q, BLOCK_N=block_n, GROUP=group, WEIGHTED=weights is not None)
+                     BLOCK_Q=block_q, BLOCK_N=block_n, GROUP=group, WEIGHTED=weights is not None,
+                     num_warps=NUM_WARPS)
 
 
 def sample_tiles(n_tiles: int, depth: int, n_queries: int, block_n: int) -> torch.Tensor:
