@@ -109,7 +109,7 @@ def scratch_bytes(n_items: int, k: int, block_n: int) -> int:
     bytes each) and its bucket (the key, its item and the exclusion test: 24 bytes a
     slot), as ``dense_search`` sizes them."""
     n_tiles = -(-n_items // block_n)
-    sampled = min(n_tiles, max(-(-n_tiles // SAMPLE_SHARE), -(-SAMPLE_DEPTH * k // block_n)))
+    sampled = sample_tiles(n_tiles, k, 1, block_n).numel()
     return 4 * sampled * block_n + 24 * bucket_width(k, n_tiles / sampled, n_items)
 
 
