@@ -16,7 +16,7 @@ from sparcode.training.evaluate import encode_users, evaluate_engine, evaluate_e
 from sparcode.training.export import export_index
 from sparcode.training.metrics import ranking_metrics
 from sparcode.training.models import SparCode, TwoTower
-from sparcode.training.train import TrainConfig, full_scores, rank_excluding, tensors
+from sparcode.training.train import TrainConfig, full_scores, rank_excluding, tensors, validator
 
 KS = (1, 2, 3, 5)
 
@@ -165,6 +165,35 @@ def test_evaluate_exact_equals_metrics_of_the_full_scores(trained, kind):
     picked = np.sort(np.random.default_rng(3).choice(users, size=30, replace=False))
     want = reference_metrics([ranked[u] for u in picked], [list(data.test.row(u)) for u in picked], ks=(20,))
     assert sample["sample_users"] == 30 and sample["recall@20"] == pytest.approx(want["recall@20"], abs=2e-3)
+
+
+def test_validation_split_ranks_train_excluded_and_scores_validation_items(trained):
+    data, model, _, cfg = trained
+    index, _ = export_index(model, tensors(data, cfg)["item_features"], data.n_items, density=0.3)
+    codes = encode_users(model, data, cfg)
+    got = evaluate_engine(Engine(index, model.encoder, backend="torch"), codes, data, k=50, split="valid")
+    users = [u for u in range(data.n_users) if data.valid.indptr[u + 1] > data.valid.indptr[u]]
+    train = [data.train.items[data.train.indptr[u] : data.train.indptr[u + 1]] for u in users]
+    truth = [list(data.valid.items[data.valid.indptr[u] : data.valid.indptr[u + 1]]) for u in users]
+    assert 0 < len(users) < data.n_users and sum(map(len, train)) > 0
+    dense = np.nan_to_num(dense_scores(index, codes[users]), nan=-np.inf)
+    want = reference_metrics(ranked_by_dense(dense, train, 50), truth, ks=(10, 20, 50))
+    assert got["users"] == want["users"] == len(users)
+    for name in ("recall@20", "ndcg@20", "recall@50", "hitrate@10"):
+        assert got[name] == pytest.approx(want[name]), name
+    assert got["recall@50"] > 0
+
+
+def test_early_stopping_validation_excludes_train_items_only(trained):
+    data, _, two_tower, cfg = trained
+    users = np.nonzero(data.valid.lengths > 0)[0]
+    got = validator(data, cfg)(two_tower, users, data.valid)
+    scores = full_scores(two_tower, data, cfg, users, tensors(data, cfg)).numpy()
+    train = [data.train.items[data.train.indptr[u] : data.train.indptr[u + 1]] for u in users]
+    truth = [list(data.valid.items[data.valid.indptr[u] : data.valid.indptr[u + 1]]) for u in users]
+    want = reference_metrics(ranked_by_dense(scores, train, 20), truth, ks=(20,))
+    assert got["users"] == want["users"] == len(users) > 0
+    assert got["recall@20"] == pytest.approx(want["recall@20"], abs=2e-3) and want["recall@20"] > 0
 
 
 def test_users_without_test_items_are_not_counted():

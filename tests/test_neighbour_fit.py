@@ -112,6 +112,17 @@ def test_the_columns_index_is_the_dense_rows_index(keep):
         torch.testing.assert_close(getattr(got, name), getattr(want, name))
 
 
+def test_the_columns_index_drops_exact_zeros_and_keeps_only_positive_weights_when_asked():
+    ids = np.array([[1, 2], [0, 2], [0, 1]])  # item i's regressors; code h lists the items with h among them
+    weights = np.array([[0.0, -0.5], [0.25, 0.0], [-1.0, 2.0]])
+    positive = columns_index(ids, weights, 3, 2, "positive")
+    assert positive.indptr.tolist() == [0, 1, 2, 2]  # code 0: item 1; code 1: item 2; code 2: nothing positive
+    assert positive.items.tolist() == [1, 2] and positive.scores.tolist() == [0.25, 2.0]
+    magnitude = columns_index(ids, weights, 3, 2, "magnitude")
+    assert magnitude.indptr.tolist() == [0, 2, 3, 4]  # the two exact zeros are dropped
+    assert magnitude.items.tolist() == [1, 2, 2, 0] and magnitude.scores.tolist() == [0.25, -1.0, 2.0, -0.5]
+
+
 def test_an_indefinite_matrix_gets_ridge_until_it_factors():
     a = torch.tensor([[[1.0, 2.0], [2.0, 1.0]], [[2.0, 0.0], [0.0, 2.0]]], dtype=torch.float64)  # eigenvalues 3, -1
     factor = _cholesky_with_more_ridge(a, 0.6)  # + 0.6 I leaves eigenvalue -0.4; + 1.2 I factors, the same for both
