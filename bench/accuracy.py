@@ -37,7 +37,7 @@ from sparcode.training.checkpoint import load_data
 from sparcode.training.data import SYNTHETIC_PER_USER
 from sparcode.training.evaluate import encode_users, evaluate_engine, evaluate_exact
 from sparcode.training.export import ExportRule, export_indexes
-from sparcode.training.graph_filter import fit_on_validation, grid_point
+from sparcode.training.graph_filter import fit_on_validation, grid_point, screened_caps
 from sparcode.training.item_codes import history_bags, item_code_index, item_scores, ridge
 from sparcode.training.train import TrainConfig, fit, make_model, tensors, validator
 from sparcode.training.warm import model_kwargs as warm_kwargs
@@ -170,7 +170,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.graph_filter_grid = [grid_point(text) for text in args.graph_filter_grid]
     except ValueError as exc:
         p.error(f"--graph-filter-grid: {exc}")
-    if args.density is None and args.cap_density is None:
+    args.screen_caps = args.density is None and args.cap_density is None  # graph_filter: chosen on validation
+    if args.screen_caps:
         args.cap_density = defaults.INDEX_DENSITY
     if "sparcode_warm" in args.models and ("two_tower" not in args.models
                                            or args.models.index("two_tower") > args.models.index("sparcode_warm")):
@@ -307,19 +308,23 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
 
 
 def graph_filter_entry(args: argparse.Namespace, data, headline: str) -> dict:
-    """Graph-filter codes (``training/graph_filter.py``) through the headline rule's index:
-    every ``--graph-filter-grid`` setting fitted and scored on the validation split, the
-    best by the headline metric read on the test split once."""
-    cap = headline_rule(args, data).cap
-    index, best, grid = fit_on_validation(data, cap, args.graph_filter_grid, keeps=args.graph_filter_keeps,
+    """Graph-filter codes (``training/graph_filter.py``): every ``--graph-filter-grid``
+    setting fitted and scored on the validation split, with the headline rule's items per
+    code when ``--cap-density`` is given, else with each of ``screened_caps`` (as
+    ``sparcode item-codes`` does by default); the best by the headline metric read on the
+    test split once."""
+    caps = screened_caps(data.n_items) if args.screen_caps else [headline_rule(args, data).cap]
+    index, best, grid = fit_on_validation(data, caps, args.graph_filter_grid, keeps=args.graph_filter_keeps,
                                           metric=headline, seed=args.seed)
+    cap = best["cap"]
     for point in grid:
         print(f"[accuracy] graph_filter {point}", flush=True)
     metrics = evaluate_engine(Engine(index), history_bags(data.train), data)
     return {"train_seconds": best["fit_seconds"], "alpha": best["alpha"], "vectors": best["vectors"],
             "ease_weight": best["ease_weight"],
             "grid": grid, "selected_on": f"valid_{headline}", "rule": "cap", "cap": cap, "keep": best["keep"],
-            "target_density": args.cap_density, "density": metrics["density"], "index_bytes": metrics["index_bytes"],
+            "caps_screened": caps, "target_density": None if args.screen_caps else args.cap_density,
+            "density": metrics["density"], "index_bytes": metrics["index_bytes"],
             "nnz": index.nnz, **{k: metrics[k] for k in METRICS}, "queries_per_s": metrics["queries_per_s"]}
 
 

@@ -83,6 +83,45 @@ def test_ease_weights_add_to_the_filter_and_are_chosen_on_validation():
     assert by_magnitude[0]["valid_recall@20"] != by_magnitude[1]["valid_recall@20"]  # the grid is not vacuous
 
 
+@pytest.mark.parametrize("keep", ["positive", "magnitude"])
+def test_several_caps_from_one_pass_are_each_caps_own_index(keep):
+    from sparcode.training.item_codes import rows_indexes
+
+    train = random_train(60, 30, seed=5)
+    rows = torch.cat(list(filter_rows(train, 30, alpha=0.3, vectors=4)))
+    rows[0, :5] = 0.0  # exact zeros are never kept
+    got = rows_indexes(iter(rows.split(7)), 30, (12, 3, 40), (keep,))
+    assert sorted(got) == [(keep, 3), (keep, 12), (keep, 40)]
+    dense = rows.numpy()
+    for cap in (3, 12, 40):
+        index = got[keep, cap]
+        for h, row in enumerate(dense):  # each row's own ranking, built here row by row
+            order = np.argsort(-(np.abs(row) if keep == "magnitude" else row), kind="stable")[:cap]
+            want = sorted(int(i) for i in order if (row[i] != 0 if keep == "magnitude" else row[i] > 0))
+            lo, hi = int(index.indptr[h]), int(index.indptr[h + 1])
+            assert index.items[lo:hi].tolist() == want, (cap, h)
+            np.testing.assert_allclose(index.scores[lo:hi].numpy(), row[want], rtol=1e-6)
+    assert int(got[keep, 3].lengths.max()) == 3 and int(got[keep, 40].lengths.max()) <= 30
+
+
+def test_caps_are_chosen_on_validation_ties_to_the_smaller_index():
+    from sparcode.training.data import synthetic
+    from sparcode.training.graph_filter import fit_on_validation, screened_caps
+
+    assert screened_caps(1682) == [17, 50, 168, 500]  # 1%, 3%, 10% of N, and 30% held to 500 items per code
+    assert screened_caps(50) == [1, 2, 5, 15] and screened_caps(3) == [1]
+    data = synthetic(300, 100, seed=1)
+    index, best, grid = fit_on_validation(data, [30, 3, 10], [(0.1, 8, 0.0)])
+    assert [p["cap"] for p in grid] == [3, 10, 30]
+    top = max(p["valid_recall@20"] for p in grid)
+    assert best["cap"] == min(p["cap"] for p in grid if p["valid_recall@20"] == top)
+    assert int(index.lengths.max()) <= best["cap"] and grid[0]["valid_recall@20"] != grid[2]["valid_recall@20"]
+    _, tied, grid = fit_on_validation(data, [200, 100], [(0.1, 8, 0.0)])  # both keep all 100 items: a tie
+    assert grid[0]["valid_recall@20"] == grid[1]["valid_recall@20"] and tied["cap"] == 100
+    with pytest.raises(ValueError, match="caps: needs at least one"):
+        fit_on_validation(data, [], [(0.1, 8, 0.0)])
+
+
 def test_bad_settings_name_the_argument():
     train = random_train(10, 8, seed=3)
     with pytest.raises(ValueError, match="alpha: expected a weight >= 0"):

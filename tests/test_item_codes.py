@@ -226,6 +226,13 @@ def test_item_codes_command_writes_an_index_its_queries_and_metrics_that_recomme
     best = max(filtered["grid"], key=lambda p: p["valid_recall@20"])
     assert (filtered["alpha"], filtered["vectors"], filtered["keep"]) == (best["alpha"], best["vectors"], best["keep"])
     assert filtered["metrics"]["recall@20"] > 0 and (tmp_path / "filter" / "queries.parquet").is_file()
+    assert main(["item-codes", "--data", "synthetic", "--out", str(tmp_path / "screened"), "--scores", "graph-filter",
+                 "--graph-filter-grid", "0.1:16"]) == 0  # no cap given: the caps are screened on validation too
+    screened = json.loads((tmp_path / "screened" / "metrics.json").read_text())
+    assert sorted({p["cap"] for p in screened["grid"]}) == [8, 24, 80, 240]  # 1%, 3%, 10%, 30% of 800 items
+    best = max(screened["grid"], key=lambda p: (p["valid_recall@20"], -p["cap"]))
+    assert (screened["cap"], screened["keep"]) == (best["cap"], best["keep"])
+    assert int(Engine.load(tmp_path / "screened" / "index").index.lengths.max()) <= best["cap"]
     for flags, message in ((["--cap-density", "0"], "--cap-density: expected a fraction in (0, 1]"),
                            (["--cap", "0"], "--cap: expected a positive number of items"),
                            (["--scores", "graph-filter", "--graph-filter-grid", "0.3"],

@@ -121,7 +121,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     cap = items.add_mutually_exclusive_group()
     cap.add_argument("--cap-density", type=float, default=None,
                      help=f"each code keeps its top FRACTION x N items (default: {defaults.INDEX_DENSITY:g} x N, at most "
-                          f"{defaults.ITEM_CODES_CAP} items)")
+                          f"{defaults.ITEM_CODES_CAP} items; graph-filter: the best on validation of "
+                          f"{', '.join(f'{f:g}' for f in defaults.GRAPH_FILTER_CAP_DENSITIES)} x N, at most "
+                          f"{defaults.ITEM_CODES_CAP})")
     cap.add_argument("--cap", type=int, default=None,
                      help="each code keeps its top N items (an index of at most N x cap pairs at any catalogue size)")
     items.add_argument("--scores", choices=("ease", "graph-filter"), default="ease",
@@ -309,7 +311,7 @@ def _item_codes(args: argparse.Namespace, grid: list, device: str, write: bool =
     from .checkpoint import load_data
     from .data import CSR
     from .evaluate import evaluate_engine, seen_items
-    from .graph_filter import fit_on_validation
+    from .graph_filter import fit_on_validation, screened_caps
     from .item_codes import ease_rows, history_bags, ridge, rows_index
 
     columns, split = data_source(args)
@@ -320,7 +322,10 @@ def _item_codes(args: argparse.Namespace, grid: list, device: str, write: bool =
     started = time.perf_counter()
     settings: dict = {"l2": ridge(data.train, data.n_items, args.l2), "keep": args.keep}
     if args.scores == "graph-filter":
-        index, chosen, screened = fit_on_validation(data, cap, grid, keeps=defaults.ITEM_CODES_KEEPS, seed=args.seed)
+        given = args.cap is not None or args.cap_density is not None
+        index, chosen, screened = fit_on_validation(data, cap if given else screened_caps(data.n_items), grid,
+                                                    keeps=defaults.ITEM_CODES_KEEPS, seed=args.seed)
+        cap = chosen["cap"]
         settings = {"alpha": chosen["alpha"], "vectors": chosen["vectors"], "ease_weight": chosen["ease_weight"],
                     "keep": chosen["keep"], "grid": screened}
     else:  # without a test split nothing is measured, so the validation slice trains too

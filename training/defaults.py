@@ -37,6 +37,7 @@ ITEM_CODES_EXACT_SIDE = 40_000  # item-codes --fit auto: exact up to this many u
 GRAPH_FILTER_ALPHA = 0.3  # graph-filter codes: weight of the ideal low-pass term (GF-CF's published value)
 GRAPH_FILTER_VECTORS = 256  # graph-filter codes: singular vectors of the ideal low-pass term (GF-CF's)
 GRAPH_FILTER_KEEPS = ("positive",)  # graph-filter codes: keep rules screened on validation (--graph-filter-keeps)
+GRAPH_FILTER_CAP_DENSITIES = (0.01, 0.03, 0.1, 0.3)  # graph-filter codes: items per code screened on validation, x N
 GRAPH_FILTER_GRID = ("0:0", "0.1:256", "0.3:256", "0.3:512", "0.3:1024", "0.1:256:1", "0.3:256:1", "0.1:256:2")  # on validation
 CPU_TIME_BUDGET = 1800.0  # seconds per model; training stops after the epoch that crosses it
 

@@ -26,7 +26,7 @@ from sparcode.engine.recommend import run_job
 from . import defaults
 from .checkpoint import load_data
 from .evaluate import evaluate_exact, seen_items
-from .graph_filter import fit_on_validation, grid_point
+from .graph_filter import fit_on_validation, grid_point, screened_caps
 from .item_codes import history_bags
 from .metrics import ranking_metrics
 from .train import TrainConfig, fit, make_model, validator
@@ -35,7 +35,6 @@ SIZES = {  # users, items, TwoTower's most epochs (it stops after 10 without a b
     "tiny": (600, 300, 2),
     "default": (2000, 800, 60),
 }
-CAP_DENSITY = 0.01  # each code keeps its top 1% of the items, as the Gowalla record does
 
 
 def run_demo(out: Path, *, data_name: str = "synthetic", path: Path | None = None, size: str = "default",
@@ -51,9 +50,8 @@ def run_demo(out: Path, *, data_name: str = "synthetic", path: Path | None = Non
 
     # SparCode with graph-filter codes: fit, index, recommend through the engine, evaluate what was written
     fit_started = time.perf_counter()
-    cap = max(1, round(CAP_DENSITY * data.n_items))
     grid = [grid_point(text) for text in defaults.GRAPH_FILTER_GRID]
-    index, chosen, _ = fit_on_validation(data, cap, grid, seed=seed)
+    index, chosen, _ = fit_on_validation(data, screened_caps(data.n_items), grid, seed=seed)
     fit_seconds = time.perf_counter() - fit_started
     index.save(out / "index", overwrite=True)
     codes, offsets = history_bags(data.train)
@@ -69,7 +67,7 @@ def run_demo(out: Path, *, data_name: str = "synthetic", path: Path | None = Non
     metrics = ranking_metrics(ranked, data.test, users)
     rows.append({"model": "sparcode", "codes": "graph filter", **_pick(metrics), "queries_per_s": summary.queries_per_s,
                  "index_bytes": index.nbytes, "density": index.nnz / (index.n_codes * index.n_items),
-                 "fit_seconds": fit_seconds, "alpha": chosen["alpha"], "vectors": chosen["vectors"]})
+                 "fit_seconds": fit_seconds, "alpha": chosen["alpha"], "vectors": chosen["vectors"], "cap": chosen["cap"]})
 
     # TwoTower: exact maximum inner product over all items
     tower = make_model("two_tower", data).to(device)

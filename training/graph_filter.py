@@ -26,6 +26,7 @@ from sparcode.engine import CodeIndex, Engine
 from . import defaults
 from .data import CSR, InteractionData
 from .evaluate import evaluate_engine
+from .export import ExportRule
 from .item_codes import history_bags, interaction_matrix, item_scores, rows_index, rows_indexes
 
 
@@ -89,15 +90,18 @@ def graph_filter_index(train: CSR, n_items: int, cap: int, *, alpha: float = def
                                   ease_weight=ease_weight), n_items, cap, keep)
 
 
-def fit_on_validation(data: InteractionData, cap: int, grid: Iterable[tuple[float, int, float]], *,
+def fit_on_validation(data: InteractionData, caps: int | Iterable[int], grid: Iterable[tuple[float, int, float]], *,
                       keeps: Iterable[str] = defaults.GRAPH_FILTER_KEEPS, metric: str = "recall@20",
                       seed: int = 0) -> tuple[CodeIndex, dict, list[dict]]:
-    """Graph-filter codes with the (alpha, vectors, ease_weight) of ``grid`` and the keep
-    rule of ``keeps`` that score best on the validation split by ``metric`` (the test
-    split is not read): (index, the chosen setting, every setting with its validation
-    scores and fit seconds). EASE's weights (``item_codes.item_scores``, default l2) are
-    fitted once if a setting uses them; the keep rules share one pass over the rows."""
-    grid = list(grid)
+    """Graph-filter codes with the (alpha, vectors, ease_weight) of ``grid``, the keep
+    rule of ``keeps`` and the items per code of ``caps`` that score best on the
+    validation split by ``metric`` (the test split is not read): (index, the chosen
+    setting, every setting with its validation scores and fit seconds). EASE's weights
+    (``item_codes.item_scores``, default l2) are fitted once if a setting uses them; the
+    keep rules and caps share one pass over the rows; a tie goes to the smaller index."""
+    grid, caps = list(grid), sorted({caps} if isinstance(caps, int) else set(caps))
+    if not caps:
+        raise ValueError("caps: needs at least one number of items per code")
     bags = history_bags(data.train)
     ease, ease_seconds = None, 0.0
     if any(point[2] > 0 for point in grid):
@@ -109,17 +113,26 @@ def fit_on_validation(data: InteractionData, cap: int, grid: Iterable[tuple[floa
         started = time.perf_counter()
         rows = filter_rows(data.train, data.n_items, alpha=alpha, vectors=vectors, seed=seed, ease=ease,
                            ease_weight=ease_weight)
-        indexes = rows_indexes(rows, data.n_items, cap, keeps)
+        indexes = rows_indexes(rows, data.n_items, caps, keeps)
         seconds = time.perf_counter() - started + (ease_seconds if ease_weight > 0 else 0.0)
-        for keep, index in indexes.items():
+        for (keep, cap), index in indexes.items():
             m = evaluate_engine(Engine(index), bags, data, split="valid")
-            scores.append({"alpha": alpha, "vectors": vectors, "ease_weight": ease_weight, "keep": keep,
+            scores.append({"alpha": alpha, "vectors": vectors, "ease_weight": ease_weight, "keep": keep, "cap": cap,
                            "fit_seconds": seconds, **{f"valid_{k}": m[k] for k in ("recall@20", "ndcg@20", "recall@50")}})
-            if best is None or scores[-1][f"valid_{metric}"] > best[1][f"valid_{metric}"]:
-                best = (index, scores[-1])
+            key = (scores[-1][f"valid_{metric}"], -cap)
+            if best is None or key > best[2]:
+                best = (index, scores[-1], key)
     if best is None:
         raise ValueError("grid: needs at least one (alpha, vectors) setting")
     return best[0], best[1], scores
+
+
+def screened_caps(n_items: int) -> list[int]:
+    """The items per code screened on validation when none is given: each fraction of
+    ``defaults.GRAPH_FILTER_CAP_DENSITIES`` x N, at least 1 and at most
+    ``defaults.ITEM_CODES_CAP`` (the index stays N x 500 pairs at most)."""
+    return sorted({min(ExportRule.top(f, n_items).cap, defaults.ITEM_CODES_CAP, n_items)
+                   for f in defaults.GRAPH_FILTER_CAP_DENSITIES})
 
 
 def grid_point(text: str) -> tuple[float, int, float]:

@@ -152,28 +152,36 @@ def rows_index(blocks: Iterable[torch.Tensor], n_items: int, cap: int, keep: str
     """The index of an item-to-item matrix given as consecutive blocks of rows (code h =
     row h): each row's ``cap`` kept scores (``item_code_index``'s rules), so that no
     N x N matrix has to exist at once."""
-    return rows_indexes(blocks, n_items, cap, (keep,))[keep]
+    return rows_indexes(blocks, n_items, (cap,), (keep,))[keep, cap]
 
 
 @torch.no_grad()
-def rows_indexes(blocks: Iterable[torch.Tensor], n_items: int, cap: int, keeps: Iterable[str]) -> dict[str, CodeIndex]:
-    """``rows_index`` under several keep rules from one pass over the blocks."""
-    keeps = tuple(dict.fromkeys(keeps))
+def rows_indexes(blocks: Iterable[torch.Tensor], n_items: int, caps: Iterable[int],
+                 keeps: Iterable[str]) -> dict[tuple[str, int], CodeIndex]:
+    """``rows_index`` under each keep rule and each cap, keyed ``(keep, cap)``, from one
+    pass over the blocks (a smaller cap keeps the head of a larger one's ranking)."""
+    keeps, caps = tuple(dict.fromkeys(keeps)), tuple(dict.fromkeys(caps))
     for keep in keeps:
         if keep not in defaults.ITEM_CODES_KEEPS:
             raise ValueError(f"keep: expected one of {', '.join(defaults.ITEM_CODES_KEEPS)}, got {keep!r}")
-    cap = min(cap, n_items)
-    parts = {keep: ([torch.zeros(1, dtype=torch.int64)], [], []) for keep in keeps}
+    for cap in caps:
+        if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
+            raise ValueError(f"cap: expected a positive int (items per code), got {cap!r}")
+    widest = min(max(caps), n_items)
+    parts = {(keep, cap): ([torch.zeros(1, dtype=torch.int64)], [], []) for keep in keeps for cap in caps}
     for block in blocks:
-        for keep, (lengths, items, values) in parts.items():
-            ids = torch.topk(block.abs() if keep == "magnitude" else block, cap, dim=1).indices.sort(dim=1).values
-            top = block.gather(1, ids)
-            kept = top != 0 if keep == "magnitude" else top > 0
-            lengths.append(kept.sum(1).cpu())
-            items.append(ids[kept].to(torch.int32).cpu())
-            values.append(top[kept].float().cpu())
-    return {keep: CodeIndex.from_postings(torch.cat(lengths).cumsum(0), torch.cat(items), torch.cat(values), n_items)
-            for keep, (lengths, items, values) in parts.items()}
+        for keep in keeps:
+            ranked = torch.topk(block.abs() if keep == "magnitude" else block, widest, dim=1).indices
+            for cap in caps:
+                lengths, items, values = parts[keep, cap]
+                ids = ranked[:, : min(cap, n_items)].sort(dim=1).values
+                top = block.gather(1, ids)
+                kept = top != 0 if keep == "magnitude" else top > 0
+                lengths.append(kept.sum(1).cpu())
+                items.append(ids[kept].to(torch.int32).cpu())
+                values.append(top[kept].float().cpu())
+    return {key: CodeIndex.from_postings(torch.cat(lengths).cumsum(0), torch.cat(items), torch.cat(values), n_items)
+            for key, (lengths, items, values) in parts.items()}
 
 
 def history_bags(train: CSR) -> tuple[np.ndarray, np.ndarray]:
