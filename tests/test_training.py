@@ -381,6 +381,7 @@ def test_demo_end_to_end_tiny(tmp_path, capsys):
     report = json.loads((tmp_path / "demo" / "demo.json").read_text())
     sparcode, two_tower = report["models"]
     assert sparcode["codes"] == "graph filter" and sparcode["recall@20"] > 0 and two_tower["model"] == "two_tower"
+    assert sparcode["cap"] in (3, 9, 30, 90)  # 1%, 3%, 10% or 30% of the 300 items, chosen on validation
     assert (tmp_path / "demo" / "queries.parquet").is_file() and (tmp_path / "demo" / "index" / "manifest.json").is_file()
 
 
