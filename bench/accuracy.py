@@ -29,16 +29,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sparcode.engine import Engine
+from sparcode.engine import CodeIndex, Engine
 from sparcode.engine.atomic import atomic_write_text
 from sparcode.engine.encoder import QUANTIZERS
 from sparcode.training import defaults
 from sparcode.training.checkpoint import load_data
 from sparcode.training.data import SYNTHETIC_PER_USER
+from sparcode.training.ensemble import fit_weights
 from sparcode.training.evaluate import encode_users, evaluate_engine, evaluate_exact
 from sparcode.training.export import ExportRule, export_indexes
 from sparcode.training.graph_filter import fit_on_validation, grid_point, screened_caps
 from sparcode.training.item_codes import history_bags, item_code_index, item_scores, ridge
+from sparcode.training.tower_codes import tower_family
 from sparcode.training.train import TrainConfig, fit, make_model, tensors, validator
 from sparcode.training.warm import model_kwargs as warm_kwargs
 from sparcode.training.warm import warm_start
@@ -58,7 +60,7 @@ REFERENCES = {  # the BARS leaderboard on gowalla_m1
                 "LightGCN": {"recall@20": 0.1820, "ndcg@20": 0.1547},
                 "SimpleX": {"recall@20": 0.1872, "ndcg@20": 0.1557, "recall@50": 0.2874, "ndcg@50": 0.1868}},
 }
-MODELS = ["two_tower", "sparcode", "sparcode_warm", "item_codes", "graph_filter", "all_to_all"]
+MODELS = ["two_tower", "sparcode", "sparcode_warm", "item_codes", "graph_filter", "graph_filter_tower", "all_to_all"]
 METRICS = [f"{m}@{k}" for m in ("recall", "ndcg", "precision", "hitrate") for k in (10, 20, 50)]
 
 
@@ -69,7 +71,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, required=True, help="directory for accuracy-<dataset>.json")
     p.add_argument("--models", nargs="+", default=["two_tower", "sparcode", "all_to_all"], choices=MODELS,
                    help="sparcode_warm: SparCode started from this run's TwoTower (list two_tower before it); "
-                        "item_codes: SparCode whose codes are the history items (training/item_codes.py)")
+                        "item_codes: SparCode whose codes are the history items (training/item_codes.py); "
+                        "graph_filter_tower: this run's graph_filter and two_tower (list both before it) as two code "
+                        "families in one index (training/ensemble.py)")
     p.add_argument("--device", default=None)
     p.add_argument("--epochs", type=int, default=defaults.EPOCHS)
     p.add_argument("--time-budget", type=float, default=None,
@@ -124,6 +128,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "metric is read on the test split once)")
     p.add_argument("--graph-filter-keeps", nargs="+", choices=defaults.ITEM_CODES_KEEPS,
                    default=list(defaults.GRAPH_FILTER_KEEPS), help="graph_filter: keep rules screened with the grid")
+    p.add_argument("--tower-levels", type=int, default=defaults.TOWER_CODE_LEVELS,
+                   help="graph_filter_tower: residual k-means levels of the tower codes (codes per user)")
+    p.add_argument("--tower-size", type=int, default=defaults.TOWER_CODE_SIZE,
+                   help="graph_filter_tower: centres per level")
+    p.add_argument("--ensemble-powers", type=float, nargs="+", default=list(defaults.ENSEMBLE_POWERS),
+                   help="graph_filter_tower: the graph-filter codes' weight 1 / |history|^p, p screened on validation")
+    p.add_argument("--ensemble-weights", type=float, nargs="+", default=list(defaults.ENSEMBLE_WEIGHTS),
+                   help="graph_filter_tower: the tower codes' relative weights screened on validation")
     p.add_argument("--all-to-all-sample", type=int, default=5000, help="users scored exactly for AllToAll")
     headline = p.add_mutually_exclusive_group()
     headline.add_argument("--density", type=float, default=None,
@@ -143,6 +155,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     for flag, value in (("--dim", args.dim), ("--two-tower-dim", args.two_tower_dim), ("--tokens", args.tokens),
                         ("--codewords", args.codewords), ("--all-to-all-sample", args.all_to_all_sample),
+                        ("--tower-levels", args.tower_levels), ("--tower-size", args.tower_size),
                         *(("--hidden", width) for width in args.hidden or ()),
                         *(("--synthetic-size", size) for size in args.synthetic_size)):
         if value is not None and value < 1:
@@ -173,6 +186,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.screen_caps = args.density is None and args.cap_density is None  # graph_filter: chosen on validation
     if args.screen_caps:
         args.cap_density = defaults.INDEX_DENSITY
+    bad = [v for v in args.ensemble_powers + args.ensemble_weights if not v >= 0]
+    if bad:
+        p.error(f"--ensemble-powers, --ensemble-weights: expected numbers >= 0, got {bad[0]:g}")
+    if "graph_filter_tower" in args.models and any(
+            m not in args.models[: args.models.index("graph_filter_tower")] for m in ("two_tower", "graph_filter")):
+        p.error("--models: graph_filter_tower joins this run's two_tower and graph_filter; list both before it")
     if "sparcode_warm" in args.models and ("two_tower" not in args.models
                                            or args.models.index("two_tower") > args.models.index("sparcode_warm")):
         p.error("--models: sparcode_warm starts from this run's two_tower; list two_tower before it")
@@ -216,7 +235,9 @@ def model_config(args: argparse.Namespace, device: str) -> dict:
             "codes": codewords**2 * (args.tokens if args.per_token_codebooks else 1), "two_tower_dim": args.two_tower_dim,
             "item_codes_l2": args.item_codes_l2, "item_codes_keep": args.item_codes_keep,
             "graph_filter_grid": [list(point) for point in args.graph_filter_grid],
-            "graph_filter_keeps": list(args.graph_filter_keeps)}
+            "graph_filter_keeps": list(args.graph_filter_keeps), "tower_levels": args.tower_levels,
+            "tower_size": args.tower_size, "ensemble_powers": list(args.ensemble_powers),
+            "ensemble_weights": list(args.ensemble_weights)}
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> dict:
@@ -231,7 +252,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     models = model_config(args, device)
     model_kwargs = {k: v for k, v in models.items()
                     if k not in ("codes", "two_tower_dim", "item_codes_l2", "item_codes_keep", "graph_filter_grid",
-                                 "graph_filter_keeps")}
+                                 "graph_filter_keeps", "tower_levels", "tower_size", "ensemble_powers",
+                                 "ensemble_weights")}
     two_tower_kwargs = {**model_kwargs, "dim": models["two_tower_dim"]}
     validate = validator(data, cfg)
     t = tensors(data, cfg)
@@ -248,13 +270,19 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         report["config"]["train_warm"] = asdict(cfg_warm)
     if args.dataset in REFERENCES:
         report["references"] = REFERENCES[args.dataset]
-    two_tower = None
+    two_tower = graph_filter = None
     curve_model = "sparcode_warm" if "sparcode_warm" in args.models else "sparcode"
     for kind in args.models:
         torch.manual_seed(args.seed)
-        if kind in ("item_codes", "graph_filter"):
-            entry = report["models"][kind] = (item_codes_entry(args, data, device) if kind == "item_codes"
-                                              else graph_filter_entry(args, data, headline))
+        if kind in ("item_codes", "graph_filter", "graph_filter_tower"):
+            if kind == "item_codes":
+                entry = item_codes_entry(args, data, device)
+            elif kind == "graph_filter":
+                entry, graph_filter = graph_filter_entry(args, data, headline)
+            else:
+                entry = graph_filter_tower_entry(args, data, headline, graph_filter, report["models"]["graph_filter"],
+                                                 two_tower, cfg_two_tower)
+            report["models"][kind] = entry
             print(f"[accuracy] {args.dataset} {kind}: {headline} {entry[headline]:.4f} recall@20 {entry['recall@20']:.4f} "
                   f"(fit {entry['train_seconds']:.0f} s)", flush=True)
             write(args.out, report, started)
@@ -307,12 +335,12 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     return report
 
 
-def graph_filter_entry(args: argparse.Namespace, data, headline: str) -> dict:
+def graph_filter_entry(args: argparse.Namespace, data, headline: str) -> tuple[dict, CodeIndex]:
     """Graph-filter codes (``training/graph_filter.py``): every ``--graph-filter-grid``
     setting fitted and scored on the validation split, with the headline rule's items per
     code when ``--cap-density`` is given, else with each of ``screened_caps`` (as
     ``sparcode item-codes`` does by default); the best by the headline metric read on the
-    test split once."""
+    test split once. Also returns the index."""
     caps = screened_caps(data.n_items) if args.screen_caps else [headline_rule(args, data).cap]
     index, best, grid = fit_on_validation(data, caps, args.graph_filter_grid, keeps=args.graph_filter_keeps,
                                           metric=headline, seed=args.seed)
@@ -325,7 +353,31 @@ def graph_filter_entry(args: argparse.Namespace, data, headline: str) -> dict:
             "grid": grid, "selected_on": f"valid_{headline}", "rule": "cap", "cap": cap, "keep": best["keep"],
             "caps_screened": caps, "target_density": None if args.screen_caps else args.cap_density,
             "density": metrics["density"], "index_bytes": metrics["index_bytes"],
-            "nnz": index.nnz, **{k: metrics[k] for k in METRICS}, "queries_per_s": metrics["queries_per_s"]}
+            "nnz": index.nnz, **{k: metrics[k] for k in METRICS}, "queries_per_s": metrics["queries_per_s"]}, index
+
+
+def graph_filter_tower_entry(args: argparse.Namespace, data, headline: str, graph_filter: CodeIndex, chosen: dict,
+                             two_tower, cfg: TrainConfig) -> dict:
+    """Graph-filter codes and this run's TwoTower as tower codes (``training/tower_codes.py``)
+    in one index, every user's bag holding both (``training/ensemble.py``): the tower
+    codes' cap (the graph filter's caps), the graph-filter codes' power and the tower
+    codes' relative weight chosen on the validation split, the best read on test once."""
+    started = time.perf_counter()
+    caps = chosen["caps_screened"] if args.screen_caps else [chosen["cap"]]
+    added = tower_family(two_tower, data, cfg, caps, levels=args.tower_levels, size=args.tower_size, seed=args.seed)
+    index, joined, best, grid = fit_weights(data, (graph_filter, history_bags(data.train)), added,
+                                            powers=args.ensemble_powers, weights=args.ensemble_weights, metric=headline,
+                                            seed=args.seed)
+    seconds = time.perf_counter() - started
+    for point in grid:
+        print(f"[accuracy] graph_filter_tower {point}", flush=True)
+    metrics = evaluate_engine(Engine(index), joined, data)
+    return {"train_seconds": chosen["train_seconds"] + seconds, "tower_seconds": seconds, "graph_filter_cap": chosen["cap"],
+            "tower_cap": best["added"], "power": best["power"], "weight": best["weight"], "scale": best["scale"],
+            "levels": args.tower_levels, "size": min(args.tower_size, data.n_users), "grid": grid,
+            "selected_on": f"valid_{headline}",
+            "density": metrics["density"], "index_bytes": metrics["index_bytes"], "nnz": index.nnz,
+            **{k: metrics[k] for k in METRICS}, "queries_per_s": metrics["queries_per_s"]}
 
 
 def item_codes_entry(args: argparse.Namespace, data, device: str) -> dict:

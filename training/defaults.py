@@ -39,6 +39,10 @@ GRAPH_FILTER_VECTORS = 256  # graph-filter codes: singular vectors of the ideal 
 GRAPH_FILTER_KEEPS = ("positive",)  # graph-filter codes: keep rules screened on validation (--graph-filter-keeps)
 GRAPH_FILTER_CAP_DENSITIES = (0.01, 0.03, 0.1, 0.3)  # graph-filter codes: items per code screened on validation, x N
 GRAPH_FILTER_GRID = ("0:0", "0.1:256", "0.3:256", "0.3:512", "0.3:1024", "0.1:256:1", "0.3:256:1", "0.1:256:2")  # on validation
+TOWER_CODE_LEVELS = 8  # tower codes: residual k-means levels, the codes in each user's bag (tower_codes.py)
+TOWER_CODE_SIZE = 256  # tower codes: centres per level
+ENSEMBLE_POWERS = (0.0, 0.5, 1.0)  # ensemble: the base family's code weight 1 / |bag|^p, p screened on validation
+ENSEMBLE_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0)  # ensemble: the added family's relative weight, screened on validation
 CPU_TIME_BUDGET = 1800.0  # seconds per model; training stops after the epoch that crosses it
 
 # model

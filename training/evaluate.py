@@ -39,11 +39,11 @@ def evaluate_index(model: SparCode, data: InteractionData, index_path: Path, cfg
     return evaluate_engine(Engine.load(index_path, device=cfg.device), encode_users(model, data, cfg), data, k)
 
 
-def evaluate_engine(engine: Engine, queries: np.ndarray | tuple[np.ndarray, np.ndarray], data: InteractionData,
+def evaluate_engine(engine: Engine, queries: np.ndarray | tuple[np.ndarray, ...], data: InteractionData,
                     k: int = 50, split: str = "test") -> dict:
     """Every user's top k through ``engine.search`` with their (U, T) codes (from
     ``encode_users``; one encoding serves several indexes) or their bags (flat codes,
-    offsets (U + 1)), train and validation items excluded, scored on the test split; or,
+    offsets (U + 1)[, one weight per code]), train and validation items excluded, scored on the test split; or,
     with ``split="valid"``, the users with validation items, train items excluded, scored
     on their validation items (for choosing settings without reading the test split)."""
     if split not in ("test", "valid"):
@@ -57,10 +57,12 @@ def evaluate_engine(engine: Engine, queries: np.ndarray | tuple[np.ndarray, np.n
         truth = CSR.from_lists([data.valid.row(u) for u in users])
     device = engine.index.device
     if isinstance(queries, tuple):
-        codes, offsets = queries
+        codes, offsets, *weights = queries
         picked = np.concatenate([np.arange(offsets[u], offsets[u + 1]) for u in users]) if users.size else np.zeros(0, int)
         starts = np.concatenate([[0], np.cumsum(offsets[users + 1] - offsets[users])])
         batch = {"batch": torch.from_numpy(codes[picked]).to(device), "offsets": torch.from_numpy(starts).to(device)}
+        if weights:
+            batch["weights"] = torch.from_numpy(np.ascontiguousarray(weights[0][picked], dtype=np.float32)).to(device)
     else:
         batch = {"batch": torch.from_numpy(queries[users]).to(device)}
     start = time.perf_counter()
