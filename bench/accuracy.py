@@ -369,6 +369,8 @@ def graph_filter_tower_entry(args: argparse.Namespace, data, headline: str, grap
                                             powers=args.ensemble_powers, weights=args.ensemble_weights, metric=headline,
                                             seed=args.seed)
     seconds = time.perf_counter() - started
+    if best["weight"] == 0:  # the tower codes do not help on validation: the graph filter alone
+        index, joined = graph_filter, history_bags(data.train)
     for point in grid:
         print(f"[accuracy] graph_filter_tower {point}", flush=True)
     metrics = evaluate_engine(Engine(index), joined, data)

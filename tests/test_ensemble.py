@@ -1,12 +1,14 @@
 """Code families in one index and tower codes, against sums written out with loops."""
 
 import json
+import re
 
 import numpy as np
 import pytest
 import torch
 
 from sparcode.engine import CodeIndex, Engine
+from sparcode.training import defaults
 from sparcode.training.data import InteractionData, synthetic
 from sparcode.training.ensemble import bag_scores, fit_weights, joined_bags, joined_index, length_weights
 from sparcode.training.item_codes import history_bags
@@ -168,3 +170,54 @@ def test_accuracy_bench_joins_graph_filter_and_tower_codes_on_validation(tmp_pat
     with pytest.raises(SystemExit):
         accuracy.main([a if a != "graph_filter" else "item_codes" for a in argv])
     assert "graph_filter_tower joins this run's two_tower and graph_filter" in capsys.readouterr().err
+
+
+def test_item_codes_command_serves_a_two_towers_tower_codes_beside_the_item_codes(tmp_path, capsys, monkeypatch):
+    import pyarrow.parquet as pq
+
+    from sparcode.cli import main
+    from sparcode.training.checkpoint import load_checkpoint
+
+    ckpt, out = tmp_path / "tower", tmp_path / "items"
+    small = ["--data", "synthetic"]
+    assert main(["train", *small, "--model", "two_tower", "--epochs", "2", "--out", str(ckpt), "--device", "cpu",
+                 "--no-progress"]) == 0
+    assert main(["item-codes", *small, "--out", str(tmp_path / "screened"), "--cap", "10", "--tower", str(ckpt)]) == 0
+    tower = json.loads((tmp_path / "screened" / "metrics.json").read_text())["tower"]
+    assert len(tower["grid"]) == 15 and tower["added"] == 10
+    assert (tower["valid_recall@20"], -tower["weight"]) == max((p["valid_recall@20"], -p["weight"]) for p in tower["grid"])
+    codes = Engine.load(tmp_path / "screened" / "index").index.n_codes
+    assert codes == (800 if tower["weight"] == 0 else 800 + 8 * 256)  # weight 0: the item codes alone
+    monkeypatch.setattr(defaults, "ENSEMBLE_POWERS", (0.5,))
+    monkeypatch.setattr(defaults, "ENSEMBLE_WEIGHTS", (2.0,))
+    assert main(["item-codes", *small, "--out", str(out), "--cap", "10", "--tower", str(ckpt)]) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    tower = report["tower"]
+    assert (tower["power"], tower["weight"]) == (0.5, 2.0) and report["metrics"]["recall@20"] > 0
+    index = Engine.load(out / "index").index
+    assert index.n_codes == 800 + 8 * 256
+    bags = pq.read_table(out / "queries.parquet").to_pydict()
+    model, data, _ = load_checkpoint(ckpt)
+    user = 5
+    codes, weights = np.array(bags["codes"][user]), np.array(bags["weights"][user])
+    history = np.concatenate([data.train.row(user), data.valid.row(user)])
+    n_history = history.size
+    assert sorted(codes[:n_history].tolist()) == sorted(history.tolist())
+    assert (codes[n_history:] >= 800).all() and codes.size - n_history == 8
+    np.testing.assert_allclose(weights[:n_history], n_history ** -tower["power"], rtol=1e-6)
+    np.testing.assert_allclose(weights[n_history:], tower["weight"] * tower["scale"], rtol=1e-6)
+    assert main(["recommend", str(out / "index"), "--queries", str(out / "queries.parquet"), "--k", "5",
+                 "--out", str(tmp_path / "recs"), "--no-progress"]) == 0
+    recs = pq.read_table(sorted((tmp_path / "recs").glob("part-*.parquet"))).to_pydict()
+    want = Engine(index).search(torch.from_numpy(codes), k=5, offsets=torch.tensor([0, codes.size]),
+                                weights=torch.from_numpy(weights.astype(np.float32))).ids[0].tolist()
+    assert recs["item_ids"][recs["user_id"].index(user)] == want
+    other = tmp_path / "other.csv"
+    other.write_text("user_id,item_id\n" + "".join(f"{u},{i}\n" for u in range(30) for i in range(u % 7, u % 7 + 6)))
+    for argv, message in (([*small, "--tower", str(tmp_path / "none")], "--tower: .*cannot read a checkpoint"),
+                          (["--data", "interactions", "--path", str(other), "--holdout", "0.2", "--tower", str(ckpt)],
+                           "--tower: .* was trained on synthetic"),
+                          ([*small, "--tower", str(ckpt), "--shard-items"], "--tower: joins tower codes on one process")):
+        assert main(["item-codes", *argv, "--out", str(tmp_path / "bad"), "--cap", "10"]) != 0
+        assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "bad" / "metrics.json").exists()

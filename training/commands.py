@@ -142,6 +142,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     items.add_argument("--keep", choices=defaults.ITEM_CODES_KEEPS, default=defaults.ITEM_CODES_KEEP,
                        help="each code's largest scores by magnitude (negative ones demote their items) or its "
                             "highest positive ones")
+    items.add_argument("--tower", type=Path, default=None, metavar="CHECKPOINT",
+                       help="also serve this trained two_tower (sparcode train --model two_tower, same data) from the "
+                            "index as tower codes: its user vectors by residual k-means, "
+                            f"{defaults.TOWER_CODE_LEVELS} codes per user; each user's bag holds both kinds, their "
+                            "weights (and the tower codes' cap) chosen on the validation split")
     items.add_argument("--device", default=None)
     items.add_argument("--no-progress", action="store_true")
     items.add_argument("--shard-items", action="store_true",
@@ -285,6 +290,8 @@ def cmd_item_codes(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise ValueError(f"--graph-filter-grid: {exc}") from None
     device = _device(args.device)
+    if args.tower is not None and args.shard_items:
+        raise ValueError("--tower: joins tower codes on one process; not with --shard-items")
     if args.shard_items:
         if args.fit != "neighbours" or args.scores != "ease":
             raise ValueError("--shard-items: shards the neighbour fit; add --fit neighbours")
@@ -323,12 +330,14 @@ def _item_codes(args: argparse.Namespace, grid: list, device: str, write: bool =
     settings: dict = {"l2": ridge(data.train, data.n_items, args.l2), "keep": args.keep}
     if args.scores == "graph-filter":
         given = args.cap is not None or args.cap_density is not None
-        index, chosen, screened = fit_on_validation(data, cap if given else screened_caps(data.n_items), grid,
+        tower_caps = [cap] if given else screened_caps(data.n_items)
+        index, chosen, screened = fit_on_validation(data, tower_caps, grid,
                                                     keeps=defaults.ITEM_CODES_KEEPS, seed=args.seed)
         cap = chosen["cap"]
         settings = {"alpha": chosen["alpha"], "vectors": chosen["vectors"], "ease_weight": chosen["ease_weight"],
                     "keep": chosen["keep"], "grid": screened}
     else:  # without a test split nothing is measured, so the validation slice trains too
+        tower_caps = [cap]
         fitted = data.train if tested else known
         fit = args.fit
         if fit == "auto":
@@ -340,13 +349,16 @@ def _item_codes(args: argparse.Namespace, grid: list, device: str, write: bool =
         else:
             settings["neighbours"] = args.neighbours
             index = neighbour_index(fitted, data.n_items, cap, args, device)
+    served, evaluated = history_bags(known), history_bags(data.train)
+    if args.tower is not None:
+        index, served, evaluated, settings["tower"] = join_tower(args, data, index, served, evaluated, tower_caps,
+                                                                 device)
     fit_seconds = time.perf_counter() - started
     if not write:
         return 0
-    codes, offsets = history_bags(data.train)
-    metrics = evaluate_engine(Engine(index), (codes, offsets), data) if tested else None
+    metrics = evaluate_engine(Engine(index), evaluated, data) if tested else None
     args.out.mkdir(parents=True, exist_ok=True)
-    outputs = save_item_codes(args.out, index, data, known)
+    outputs = save_item_codes(args.out, index, data, known, served)
     lengths = known.lengths
     report = {"dataset": data.name, "model": "item_codes", "scores": args.scores, "device": device,
               "fit_seconds": fit_seconds, "cap": cap, **settings,
@@ -361,6 +373,47 @@ def _item_codes(args: argparse.Namespace, grid: list, device: str, write: bool =
     print(f"item-codes: recommendations: sparcode recommend {args.out / 'index'} --queries {args.out / 'queries.parquet'} "
           f"--exclude {args.out / 'seen.parquet'}{text_ids} --k 100 --out RESULTS", file=sys.stderr)
     return 0
+
+
+def join_tower(args: argparse.Namespace, data, index, served: tuple, evaluated: tuple, caps: list[int], device: str
+               ) -> tuple:
+    """Item codes and the ``--tower`` checkpoint's tower codes in one index
+    (``ensemble.fit_weights``: the item codes' power, the tower codes' weight and cap chosen
+    on validation; the item codes alone where weight 0 wins): (index, the served bags
+    (train and validation history), the bags evaluated (train history), the chosen
+    setting and its screen)."""
+    import numpy as np
+
+    from .checkpoint import load_checkpoint
+    from .ensemble import fit_weights, joined_bags, length_weights
+    from .models import TwoTower
+    from .tower_codes import tower_family
+    from .train import TrainConfig
+
+    if data.valid.items.size == 0:
+        raise ValueError("--tower: needs validation items to choose the two kinds' weights")
+    try:
+        model, source, config = load_checkpoint(args.tower, device)
+    except ValueError as exc:
+        raise ValueError(f"--tower: {exc}") from None
+    if not isinstance(model, TwoTower):
+        raise ValueError(f"--tower: {args.tower} holds a {type(model).__name__}, not a two_tower")
+    if (source.name, source.n_users, source.n_items) != (data.name, data.n_users, data.n_items):
+        raise ValueError(f"--tower: {args.tower} was trained on {source.name} ({source.n_users} users, {source.n_items} "
+                         f"items), not on {data.name} ({data.n_users} users, {data.n_items} items)")
+    cfg = TrainConfig(device=device, history=config["train"]["history"], seed=config["train"]["seed"])
+    added = tower_family(model, data, cfg, caps, seed=args.seed)
+    joined, _, best, grid = fit_weights(data, (index, evaluated), added, powers=defaults.ENSEMBLE_POWERS,
+                                        weights=defaults.ENSEMBLE_WEIGHTS, metric="recall@20", seed=args.seed)
+    setting = {**best, "levels": defaults.TOWER_CODE_LEVELS, "grid": grid}
+    if best["weight"] == 0:  # the tower codes do not help on validation: the item codes alone
+        return index, served, evaluated, setting
+    tower_bags = added[best["added"]][1]
+    scale = np.full(tower_bags[0].size, best["weight"] * best["scale"], np.float32)
+    sizes = [index.n_codes, joined.n_codes - index.n_codes]
+    served, evaluated = (joined_bags([bags, tower_bags], sizes, [length_weights(bags, best["power"]), scale])
+                         for bags in (served, evaluated))
+    return joined, served, evaluated, setting
 
 
 def code_cap(n_items: int, cap: int | None = None, density: float | None = None) -> int:
@@ -409,9 +462,10 @@ def neighbour_index(train, n_items: int, cap: int, args: argparse.Namespace, dev
     return columns_index(ids, weights, n_items, cap, keep=args.keep)
 
 
-def save_item_codes(out: Path, index, data, known) -> list[str]:
-    """Write OUT/index, every user's bag of codes (OUT/queries.parquet: their ``known``
-    items, train and validation) and those items to leave out of their recommendations
+def save_item_codes(out: Path, index, data, known, served: tuple) -> list[str]:
+    """Write OUT/index, every user's bag of codes (OUT/queries.parquet: ``served``, flat
+    codes, offsets and optional weights: their ``known`` items, train and validation, and
+    any tower codes) and the ``known`` items to leave out of their recommendations
     (OUT/seen.parquet, ``user_id``, ``item_ids``), in the data's own ids: integer item
     ids go into the index, text ones into OUT/item_ids.parquet (row i names item i, for
     ``sparcode recommend --item-ids``). Returns the names written."""
@@ -435,8 +489,8 @@ def save_item_codes(out: Path, index, data, known) -> list[str]:
         written.append("item_ids.parquet")
     index.save(out / "index", overwrite=True)
     users = data.user_ids if data.user_ids is not None else np.arange(data.n_users)
+    write_bags(out / "queries.parquet", users, *served)
     codes, offsets = history_bags(known)
-    write_bags(out / "queries.parquet", users, codes, offsets)
     seen = pa.table({"user_id": id_array(users), "item_ids": pa.LargeListArray.from_arrays(
         pa.array(offsets), id_array(codes if ids is None else ids[codes]))})
     atomic_write(out / "seen.parquet", lambda tmp: pq.write_table(seen, tmp))
