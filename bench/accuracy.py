@@ -126,6 +126,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--graph-filter-grid", nargs="+", default=list(defaults.GRAPH_FILTER_GRID), metavar="ALPHA:VECTORS[:EASE]",
                    help="graph_filter: the settings screened on the validation split (the best by the headline "
                         "metric is read on the test split once)")
+    p.add_argument("--graph-filter-caps", type=int, nargs="+", default=None, metavar="N",
+                   help="graph_filter: the items per code screened on validation with the grid (default: "
+                        f"{', '.join(f'{f:g}' for f in defaults.GRAPH_FILTER_CAP_DENSITIES)} x N, at most "
+                        f"{defaults.ITEM_CODES_CAP})")
     p.add_argument("--graph-filter-keeps", nargs="+", choices=defaults.ITEM_CODES_KEEPS,
                    default=list(defaults.GRAPH_FILTER_KEEPS), help="graph_filter: keep rules screened with the grid")
     p.add_argument("--tower-levels", type=int, default=defaults.TOWER_CODE_LEVELS,
@@ -183,6 +187,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.graph_filter_grid = [grid_point(text) for text in args.graph_filter_grid]
     except ValueError as exc:
         p.error(f"--graph-filter-grid: {exc}")
+    if args.graph_filter_caps is not None:
+        if min(args.graph_filter_caps) < 1:
+            p.error(f"--graph-filter-caps: expected positive numbers of items, got {min(args.graph_filter_caps)}")
+        if args.density is not None or args.cap_density is not None:
+            p.error("--graph-filter-caps: screens caps on validation; not with --density or --cap-density")
     args.screen_caps = args.density is None and args.cap_density is None  # graph_filter: chosen on validation
     if args.screen_caps:
         args.cap_density = defaults.INDEX_DENSITY
@@ -338,10 +347,11 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
 def graph_filter_entry(args: argparse.Namespace, data, headline: str) -> tuple[dict, CodeIndex]:
     """Graph-filter codes (``training/graph_filter.py``): every ``--graph-filter-grid``
     setting fitted and scored on the validation split, with the headline rule's items per
-    code when ``--cap-density`` is given, else with each of ``screened_caps`` (as
-    ``sparcode item-codes`` does by default); the best by the headline metric read on the
-    test split once. Also returns the index."""
-    caps = screened_caps(data.n_items) if args.screen_caps else [headline_rule(args, data).cap]
+    code when ``--cap-density`` is given, else with each of ``--graph-filter-caps`` or
+    ``screened_caps`` (as ``sparcode item-codes`` does by default); the best by the
+    headline metric read on the test split once. Also returns the index."""
+    caps = ([headline_rule(args, data).cap] if not args.screen_caps
+            else sorted(set(args.graph_filter_caps or screened_caps(data.n_items))))
     index, best, grid = fit_on_validation(data, caps, args.graph_filter_grid, keeps=args.graph_filter_keeps,
                                           metric=headline, seed=args.seed)
     cap = best["cap"]

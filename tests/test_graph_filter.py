@@ -154,3 +154,14 @@ def test_accuracy_bench_picks_the_graph_filter_on_validation(tmp_path, capsys):
     with pytest.raises(SystemExit):
         accuracy.main([*argv[:-8], "--graph-filter-grid", "0.3", "--no-progress"])
     assert "--graph-filter-grid: expected ALPHA:VECTORS[:EASE]" in capsys.readouterr().err
+    given = [*argv[:9], "--graph-filter-grid", "0.3:8", "--graph-filter-caps", "30", "2", "--no-progress"]
+    assert accuracy.main(given) == 0  # the given caps are screened on validation in place of the default ones
+    entry = json.loads((tmp_path / "accuracy-synthetic.json").read_text())["models"]["graph_filter"]
+    assert entry["caps_screened"] == [2, 30] and sorted({p["cap"] for p in entry["grid"]}) == [2, 30]
+    best = max(entry["grid"], key=lambda p: (p["valid_recall@20"], -p["cap"]))
+    assert (entry["cap"], entry["keep"]) == (best["cap"], best["keep"])
+    for flags, message in ((["--graph-filter-caps", "0"], "--graph-filter-caps: expected positive numbers"),
+                           (["--graph-filter-caps", "5", "--cap-density", "0.1"], "not with --density or --cap-density")):
+        with pytest.raises(SystemExit):
+            accuracy.main([*given[:-4], *flags, "--no-progress"])
+        assert message in capsys.readouterr().err

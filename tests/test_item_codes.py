@@ -233,8 +233,16 @@ def test_item_codes_command_writes_an_index_its_queries_and_metrics_that_recomme
     best = max(screened["grid"], key=lambda p: (p["valid_recall@20"], -p["cap"]))
     assert (screened["cap"], screened["keep"]) == (best["cap"], best["keep"])
     assert int(Engine.load(tmp_path / "screened" / "index").index.lengths.max()) <= best["cap"]
+    assert main(["item-codes", "--data", "synthetic", "--out", str(tmp_path / "caps"), "--scores", "graph-filter",
+                 "--graph-filter-grid", "0.1:16", "--cap", "40", "3"]) == 0  # the given caps are screened instead
+    given = json.loads((tmp_path / "caps" / "metrics.json").read_text())
+    assert sorted({p["cap"] for p in given["grid"]}) == [3, 40]
+    best = max(given["grid"], key=lambda p: (p["valid_recall@20"], -p["cap"]))
+    assert given["cap"] == best["cap"] and int(Engine.load(tmp_path / "caps" / "index").index.lengths.max()) <= best["cap"]
     for flags, message in ((["--cap-density", "0"], "--cap-density: expected a fraction in (0, 1]"),
-                           (["--cap", "0"], "--cap: expected a positive number of items"),
+                           (["--cap", "0"], "--cap: expected positive numbers of items"),
+                           (["--cap", "3", "40"], "--cap: several caps are screened on validation with --scores "
+                                                  "graph-filter only"),
                            (["--scores", "graph-filter", "--graph-filter-grid", "0.3"],
                             "--graph-filter-grid: expected ALPHA:VECTORS[:EASE]"),
                            (["--l2", "-1"], "--l2: expected a positive number")):

@@ -124,8 +124,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                           f"{defaults.ITEM_CODES_CAP} items; graph-filter: the best on validation of "
                           f"{', '.join(f'{f:g}' for f in defaults.GRAPH_FILTER_CAP_DENSITIES)} x N, at most "
                           f"{defaults.ITEM_CODES_CAP})")
-    cap.add_argument("--cap", type=int, default=None,
-                     help="each code keeps its top N items (an index of at most N x cap pairs at any catalogue size)")
+    cap.add_argument("--cap", type=int, nargs="+", default=None, metavar="N",
+                     help="each code keeps its top N items (an index of at most N x cap pairs at any catalogue size); "
+                          "graph-filter: several N are screened on validation with the grid")
     items.add_argument("--scores", choices=("ease", "graph-filter"), default="ease",
                        help="the (code, item) scores: EASE's closed form, or a graph filter whose settings (and "
                             "keep rule) are chosen on the validation split from --graph-filter-grid")
@@ -277,8 +278,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_item_codes(args: argparse.Namespace) -> int:
     from .graph_filter import grid_point
 
-    if args.cap is not None and args.cap < 1:
-        raise ValueError(f"--cap: expected a positive number of items, got {args.cap}")
+    if args.cap is not None and min(args.cap) < 1:
+        raise ValueError(f"--cap: expected positive numbers of items, got {min(args.cap)}")
+    if args.cap is not None and len(args.cap) > 1 and args.scores != "graph-filter":
+        raise ValueError("--cap: several caps are screened on validation with --scores graph-filter only; give one")
     if args.cap_density is not None and not 0 < args.cap_density <= 1:
         raise ValueError(f"--cap-density: expected a fraction in (0, 1], got {args.cap_density}")
     if not args.l2 > 0:
@@ -323,14 +326,14 @@ def _item_codes(args: argparse.Namespace, grid: list, device: str, write: bool =
 
     columns, split = data_source(args)
     data = load_data(args.data, args.path, args.seed, columns=columns, split=split)
-    cap = code_cap(data.n_items, args.cap, args.cap_density)
+    cap = code_cap(data.n_items, args.cap[0] if args.cap else None, args.cap_density)
     tested = data.test.items.size > 0
     known = CSR.from_lists(seen_items(data))  # every user's train and validation items: their served bag
     started = time.perf_counter()
     settings: dict = {"l2": ridge(data.train, data.n_items, args.l2), "keep": args.keep}
     if args.scores == "graph-filter":
-        given = args.cap is not None or args.cap_density is not None
-        tower_caps = [cap] if given else screened_caps(data.n_items)
+        tower_caps = (sorted(set(args.cap)) if args.cap else [cap] if args.cap_density is not None
+                      else screened_caps(data.n_items))
         index, chosen, screened = fit_on_validation(data, tower_caps, grid,
                                                     keeps=defaults.ITEM_CODES_KEEPS, seed=args.seed)
         cap = chosen["cap"]
