@@ -335,7 +335,7 @@ def _item_codes(args: argparse.Namespace, grid: list, device: str, write: bool =
         tower_caps = (sorted(set(args.cap)) if args.cap else [cap] if args.cap_density is not None
                       else screened_caps(data.n_items))
         index, chosen, screened = fit_on_validation(data, tower_caps, grid,
-                                                    keeps=defaults.ITEM_CODES_KEEPS, seed=args.seed)
+                                                    keeps=defaults.GRAPH_FILTER_KEEPS, seed=args.seed)
         cap = chosen["cap"]
         settings = {"alpha": chosen["alpha"], "vectors": chosen["vectors"], "ease_weight": chosen["ease_weight"],
                     "keep": chosen["keep"], "grid": screened}
