@@ -228,6 +228,32 @@ def embedding(rows: int, dim: int, std: float | None) -> nn.Embedding:
     return table
 
 
+class WeightedBag(torch.autograd.Function):
+    """sum_h weights[b, h] * table[ids[b, h]] per row b, whose gradient for ``table`` is a
+    coalesced sparse tensor with one row per distinct looked-up item (weight-0 slots add
+    none). ``F.embedding_bag(..., sparse=True)`` computes the same values with one row per
+    slot, which the optimizer must then coalesce: a two-tower step on the synthetic set
+    (1,024 histories padded to 101) spent 45% of its time filling, adding and coalescing
+    those rows (Intel Xeon, 2 cores, docs/performance.md)."""
+
+    @staticmethod
+    def forward(ctx, ids: torch.Tensor, weights: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(ids, weights)
+        ctx.n_rows = table.shape[0]
+        return F.embedding_bag(ids, table, mode="sum", per_sample_weights=weights)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[None, None, torch.Tensor]:
+        ids, weights = ctx.saved_tensors
+        used = weights != 0
+        rows, slots = used.nonzero(as_tuple=True)
+        items, position = torch.unique(ids[rows, slots], return_inverse=True)
+        values = grad.new_zeros(items.numel(), grad.shape[1])
+        values.index_add_(0, position, grad[rows] * weights[rows, slots].unsqueeze(1).to(grad.dtype))
+        return None, None, torch.sparse_coo_tensor(items.unsqueeze(0), values, (ctx.n_rows, grad.shape[1]),
+                                                   is_coalesced=True, check_invariants=False)
+
+
 class Tokenizer(nn.Module):
     """Mean-pooled history item embeddings (+ user feature embeddings) -> MLP -> T heads.
 
@@ -272,8 +298,9 @@ class Tokenizer(nn.Module):
         if self.training and self.history_dropout:
             mask = mask * (torch.rand_like(mask) >= self.history_dropout)
         weights = mask / mask.sum(1, keepdim=True).clamp(min=1)
-        return F.embedding_bag(history.clamp(min=0), table.weight, mode="sum", per_sample_weights=weights,
-                               sparse=table.sparse)
+        if table.sparse and torch.is_grad_enabled() and table.weight.requires_grad:
+            return WeightedBag.apply(history.clamp(min=0), weights, table.weight)
+        return F.embedding_bag(history.clamp(min=0), table.weight, mode="sum", per_sample_weights=weights)
 
     def forward(self, history: torch.Tensor, user_features: torch.Tensor | None) -> torch.Tensor:
         """history (B, H) item ids, -1 padded; user_features (B, F) -> tokens (B, T, dim)."""

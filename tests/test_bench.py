@@ -97,3 +97,15 @@ def test_item_codes_regime_and_its_baselines_agree_with_the_engine():
     assert {"sparcode-numba", "scipy-csr-matmul", "dense-ease", "two-tower-bruteforce"} <= names
     assert report["history_lengths"]["max"] == 60 and set(report["ratios"]) == {
         "sparcode_vs_scipy-csr-matmul", "sparcode_vs_dense-ease", "sparcode_vs_two-tower-bruteforce"}
+
+
+def test_train_step_bench_times_both_poolings_on_the_same_training(tmp_path):
+    """One epoch with each pooling from one seed: the same model quality (the gradients
+    agree up to summation order), both times recorded, and the record written."""
+    from sparcode.bench import train_step
+
+    report = train_step.main(["--out", str(tmp_path / "steps.json")])
+    assert json.loads((tmp_path / "steps.json").read_text()) == json.loads(json.dumps(report))
+    assert report["weighted_bag"]["valid_recall@20"] == pytest.approx(report["embedding_bag"]["valid_recall@20"], abs=0.01)
+    assert report["weighted_bag"]["train_seconds"] > 0 and report["embedding_bag"]["train_seconds"] > 0
+    assert report["speedup"] == report["embedding_bag"]["train_seconds"] / report["weighted_bag"]["train_seconds"]

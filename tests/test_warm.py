@@ -176,7 +176,36 @@ def test_history_pooling_is_the_masked_mean_and_its_gradient_sparse():
     assert torch.allclose(tokenizer.pool(history), expected, atol=1e-6)
     tokenizer.item_embedding.sparse = True
     tokenizer.pool(history).sum().backward()
-    assert tokenizer.item_embedding.weight.grad.is_sparse
+    grad = tokenizer.item_embedding.weight.grad
+    assert grad.is_sparse and torch.equal(grad._indices()[0], torch.tensor([1, 2, 3, 4]))  # each history item once
+
+
+@pytest.mark.parametrize("shape", [(64, 12), (3, 1), (0, 5)])
+def test_weighted_bag_gradient_is_embedding_bags_with_one_row_per_used_item(shape):
+    """The pooled vectors and the table's gradient equal ``F.embedding_bag``'s (the
+    reference, computed on a dense copy of the table), with duplicates in a row, rows of
+    padding only and dropped (weight-0) slots; the gradient holds each used item once."""
+    from sparcode.engine.encoder import WeightedBag
+
+    torch.manual_seed(1)
+    ids = torch.randint(0, 20, shape)
+    weights = torch.rand(shape) * (torch.rand(shape) > 0.3)
+    if shape[0] > 1:
+        ids[0, : shape[1] // 2] = 7  # one item several times in a row
+        weights[1] = 0  # a row of padding only
+    table = torch.randn(20, 6, requires_grad=True)
+    dense = table.detach().clone().requires_grad_(True)
+    upstream = torch.randn(shape[0], 6)
+    pooled = WeightedBag.apply(ids, weights, table)
+    expected = F.embedding_bag(ids, dense, mode="sum", per_sample_weights=weights)
+    torch.testing.assert_close(pooled, expected)
+    (pooled * upstream).sum().backward()
+    (expected * upstream).sum().backward()
+    grad = table.grad
+    assert grad.is_sparse
+    used = torch.unique(ids[weights != 0])
+    assert torch.equal(grad._indices()[0], used)  # each used item once, sorted; unused and weight-0 items absent
+    torch.testing.assert_close(grad.to_dense(), dense.grad)
 
 
 def test_history_dropout_only_in_training():
