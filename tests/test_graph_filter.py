@@ -111,15 +111,17 @@ def test_caps_are_chosen_on_validation_ties_to_the_smaller_index():
     assert screened_caps(1682) == [17, 50, 168, 500]  # 1%, 3%, 10% of N, and 30% held to 500 items per code
     assert screened_caps(50) == [1, 2, 5, 15] and screened_caps(3) == [1]
     data = synthetic(300, 100, seed=1)
-    index, best, grid = fit_on_validation(data, [30, 3, 10], [(0.1, 8, 0.0)])
+    index, best, grid = fit_on_validation(data, [30, 3, 10], [(0.1, 8, 0.0)], keeps=["positive"])
     assert [p["cap"] for p in grid] == [3, 10, 30]
     top = max(p["valid_recall@20"] for p in grid)
     assert best["cap"] == min(p["cap"] for p in grid if p["valid_recall@20"] == top)
     assert int(index.lengths.max()) <= best["cap"] and grid[0]["valid_recall@20"] != grid[2]["valid_recall@20"]
-    _, tied, grid = fit_on_validation(data, [200, 100], [(0.1, 8, 0.0)])  # both keep all 100 items: a tie
+    _, tied, grid = fit_on_validation(data, [200, 100], [(0.1, 8, 0.0)], keeps=["positive"])  # both keep all 100 items: a tie
     assert grid[0]["valid_recall@20"] == grid[1]["valid_recall@20"] and tied["cap"] == 100
     with pytest.raises(ValueError, match="caps: needs at least one"):
         fit_on_validation(data, [], [(0.1, 8, 0.0)])
+    both = fit_on_validation(data, [3], [(0.1, 8, 0.0)])[2]  # the default screens both keep rules
+    assert sorted(p["keep"] for p in both) == ["magnitude", "positive"]
 
 
 def test_bad_settings_name_the_argument():
