@@ -102,9 +102,15 @@ def test_item_codes_regime_and_its_baselines_agree_with_the_engine():
 def test_train_step_bench_times_both_poolings_on_the_same_training(tmp_path):
     """One epoch with each pooling from one seed: the same model quality (the gradients
     agree up to summation order), both times recorded, and the record written."""
-    from sparcode.bench import train_step
+    from unittest import mock
 
-    report = train_step.main(["--out", str(tmp_path / "steps.json")])
+    from sparcode.bench import train_step
+    from sparcode.engine.encoder import WeightedBag
+
+    with mock.patch.object(WeightedBag, "apply", wraps=WeightedBag.apply) as weighted, \
+            mock.patch.object(train_step, "embedding_bag_pooling", wraps=train_step.embedding_bag_pooling) as reference:
+        report = train_step.main(["--out", str(tmp_path / "steps.json")])
+    assert weighted.call_count > 0 and reference.call_count > 0  # each epoch pooled through its own path
     assert json.loads((tmp_path / "steps.json").read_text()) == json.loads(json.dumps(report))
     assert report["weighted_bag"]["valid_recall@20"] == pytest.approx(report["embedding_bag"]["valid_recall@20"], abs=0.01)
     assert report["weighted_bag"]["train_seconds"] > 0 and report["embedding_bag"]["train_seconds"] > 0
