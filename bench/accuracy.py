@@ -130,6 +130,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="graph_filter: the items per code screened on validation with the grid (default: "
                         f"{', '.join(f'{f:g}' for f in defaults.GRAPH_FILTER_CAP_DENSITIES)} x N, at most "
                         f"{defaults.ITEM_CODES_CAP})")
+    p.add_argument("--graph-filter-split", choices=defaults.GRAPH_FILTER_SPLITS, default=defaults.GRAPH_FILTER_SPLIT,
+                   help="graph_filter: screen on the validation split, or on 10%% of every user's training items "
+                        "and refit the chosen setting on the training split (wide)")
     p.add_argument("--graph-filter-keeps", nargs="+", choices=defaults.ITEM_CODES_KEEPS,
                    default=list(defaults.GRAPH_FILTER_KEEPS), help="graph_filter: keep rules screened with the grid")
     p.add_argument("--tower-levels", type=int, default=defaults.TOWER_CODE_LEVELS,
@@ -244,7 +247,8 @@ def model_config(args: argparse.Namespace, device: str) -> dict:
             "codes": codewords**2 * (args.tokens if args.per_token_codebooks else 1), "two_tower_dim": args.two_tower_dim,
             "item_codes_l2": args.item_codes_l2, "item_codes_keep": args.item_codes_keep,
             "graph_filter_grid": [list(point) for point in args.graph_filter_grid],
-            "graph_filter_keeps": list(args.graph_filter_keeps), "tower_levels": args.tower_levels,
+            "graph_filter_keeps": list(args.graph_filter_keeps), "graph_filter_split": args.graph_filter_split,
+            "tower_levels": args.tower_levels,
             "tower_size": args.tower_size, "ensemble_powers": list(args.ensemble_powers),
             "ensemble_weights": list(args.ensemble_weights)}
 
@@ -261,7 +265,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     models = model_config(args, device)
     model_kwargs = {k: v for k, v in models.items()
                     if k not in ("codes", "two_tower_dim", "item_codes_l2", "item_codes_keep", "graph_filter_grid",
-                                 "graph_filter_keeps", "tower_levels", "tower_size", "ensemble_powers",
+                                 "graph_filter_keeps", "graph_filter_split", "tower_levels", "tower_size", "ensemble_powers",
                                  "ensemble_weights")}
     two_tower_kwargs = {**model_kwargs, "dim": models["two_tower_dim"]}
     validate = validator(data, cfg)
@@ -346,20 +350,21 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
 
 def graph_filter_entry(args: argparse.Namespace, data, headline: str) -> tuple[dict, CodeIndex]:
     """Graph-filter codes (``training/graph_filter.py``): every ``--graph-filter-grid``
-    setting fitted and scored on the validation split, with the headline rule's items per
+    setting fitted and scored on validation (``--graph-filter-split``), with the headline rule's items per
     code when ``--cap-density`` is given, else with each of ``--graph-filter-caps`` or
     ``screened_caps`` (as ``sparcode item-codes`` does by default); the best by the
-    headline metric read on the test split once. Also returns the index."""
+    headline metric, refitted on the training split for a wide screen, read on the test
+    split once. Also returns the index."""
     caps = ([headline_rule(args, data).cap] if not args.screen_caps
             else sorted(set(args.graph_filter_caps or screened_caps(data.n_items))))
     index, best, grid = fit_on_validation(data, caps, args.graph_filter_grid, keeps=args.graph_filter_keeps,
-                                          metric=headline, seed=args.seed)
+                                          metric=headline, seed=args.seed, split=args.graph_filter_split)
     cap = best["cap"]
     for point in grid:
         print(f"[accuracy] graph_filter {point}", flush=True)
     metrics = evaluate_engine(Engine(index), history_bags(data.train), data)
     return {"train_seconds": best["fit_seconds"], "alpha": best["alpha"], "vectors": best["vectors"],
-            "ease_weight": best["ease_weight"],
+            "ease_weight": best["ease_weight"], "split": best["split"],
             "grid": grid, "selected_on": f"valid_{headline}", "rule": "cap", "cap": cap, "keep": best["keep"],
             "caps_screened": caps, "target_density": None if args.screen_caps else args.cap_density,
             "density": metrics["density"], "index_bytes": metrics["index_bytes"],

@@ -124,6 +124,58 @@ def test_caps_are_chosen_on_validation_ties_to_the_smaller_index():
     assert sorted(p["keep"] for p in both) == ["magnitude", "positive"]
 
 
+def test_wide_split_holds_out_a_slice_of_every_users_training_items():
+    from sparcode.training.data import synthetic, wide_split
+
+    data = synthetic(4000, 60, seed=1)  # more users than the early-stopping split's 2,000
+    data.train = CSR.from_lists([data.train.row(u)[: 3 if u % 7 == 0 else 10 + u % 15]  # some under 5 items
+                                 for u in range(data.n_users)])
+    wide = wide_split(data, seed=3)
+    held_users = 0
+    for u in range(data.n_users):
+        train, kept, held = data.train.row(u), wide.train.row(u), wide.valid.row(u)
+        assert sorted(kept.tolist() + held.tolist()) == sorted(train.tolist())  # a partition of the user's items
+        assert kept.size >= 1 and (held.size == 0 if train.size < 5 else True)
+        held_users += held.size > 0
+    eligible = int((data.train.lengths >= 5).sum())
+    assert held_users > max(2000, int((data.valid.lengths > 0).sum())) and held_users <= eligible
+    assert 0.05 < wide.valid.items.size / data.train.items[data.train.lengths.repeat(data.train.lengths) >= 5].size < 0.15
+    assert wide.test is data.test and wide.n_items == data.n_items
+    np.testing.assert_array_equal(wide_split(data, seed=3).valid.items, wide.valid.items)  # seeded
+    assert not np.array_equal(wide_split(data, seed=4).valid.indptr, wide.valid.indptr)
+
+
+def test_a_wide_screen_scores_its_own_split_and_serves_the_chosen_setting_refitted():
+    from sparcode.training.data import synthetic, wide_split
+    from sparcode.training.evaluate import evaluate_engine, seen_items
+    from sparcode.training.graph_filter import fit_on_validation
+
+    data = synthetic(300, 100, seed=1)
+    grid = [(0.0, 0, 0.0), (0.3, 8, 0.0), (1.0, 16, 0.0)]
+    index, best, scores = fit_on_validation(data, 10, grid, keeps=["positive"], split="wide", seed=2)
+    wide = wide_split(data, seed=2)
+    for point in scores:  # each setting fitted without the wide split's held-out items, scored on them
+        screened = graph_filter_index(wide.train, 100, 10, alpha=point["alpha"], vectors=point["vectors"], seed=2)
+        want = evaluate_engine(Engine(screened), history_bags(wide.train), wide, split="valid")
+        assert point["valid_recall@20"] == pytest.approx(want["recall@20"])
+    assert best["valid_recall@20"] == max(p["valid_recall@20"] for p in scores) and best["split"] == "wide"
+    assert len({p["valid_recall@20"] for p in scores}) > 1  # the screen is not vacuous
+
+    def same(got, want):
+        assert torch.equal(got.indptr, want.indptr) and torch.equal(got.items, want.items)
+        torch.testing.assert_close(got.scores, want.scores)
+
+    setting = {"alpha": best["alpha"], "vectors": best["vectors"], "keep": best["keep"], "seed": 2}
+    same(index, graph_filter_index(data.train, 100, 10, **setting))  # served from the whole training split
+    everything = CSR.from_lists(seen_items(data))
+    index, best, narrow = fit_on_validation(data, 10, grid, keeps=["positive"], split="valid", seed=2, fit=everything)
+    assert [p["valid_recall@20"] for p in narrow] != [p["valid_recall@20"] for p in scores]
+    setting = {"alpha": best["alpha"], "vectors": best["vectors"], "keep": best["keep"], "seed": 2}
+    same(index, graph_filter_index(everything, 100, 10, **setting))  # ``fit`` names what serves
+    with pytest.raises(ValueError, match="split: expected one of"):
+        fit_on_validation(data, 10, grid, split="test")
+
+
 def test_bad_settings_name_the_argument():
     train = random_train(10, 8, seed=3)
     with pytest.raises(ValueError, match="alpha: expected a weight >= 0"):
@@ -150,7 +202,8 @@ def test_accuracy_bench_picks_the_graph_filter_on_validation(tmp_path, capsys):
         (a, v, keep) for a, v in [(0.0, 0), (0.3, 8), (1.0, 16)] for keep in ("positive", "magnitude")]
     best = max(grid, key=lambda p: p["valid_recall@20"])
     assert (entry["alpha"], entry["vectors"], entry["keep"]) == (best["alpha"], best["vectors"], best["keep"])
-    assert entry["selected_on"] == "valid_recall@20"
+    assert entry["selected_on"] == "valid_recall@20" and entry["split"] == "wide"  # the default screen
+    assert report["config"]["model"]["graph_filter_split"] == "wide"
     assert entry["cap"] == 10 and entry["recall@20"] > 0
     assert report["config"]["model"]["graph_filter_grid"][1] == [0.3, 8, 0.0]
     with pytest.raises(SystemExit):

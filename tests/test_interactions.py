@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from sparcode.cli import main
 from sparcode.engine import Engine
@@ -199,3 +200,29 @@ def test_train_reads_an_interactions_file_and_its_checkpoint_reloads_it(tmp_path
     model, data, config = load_checkpoint(out)
     assert config["data"]["columns"] == {"user": "visitor", "item": "sku", "time": None}
     assert data.item_ids[0] == "SKU-00" and data.test.items.size > 0
+
+
+def test_graph_filter_codes_without_a_holdout_serve_every_interaction(tmp_path):
+    """With no test split, the graph filter chosen on a wide screen is refitted on every
+    user's training and validation items: the served index is that fit, built here."""
+    from sparcode.training.checkpoint import load_data
+    from sparcode.training.data import CSR
+    from sparcode.training.evaluate import seen_items
+    from sparcode.training.graph_filter import graph_filter_index
+    from sparcode.training.interactions import Columns, Split
+
+    path = write_csv(tmp_path / "events.csv", interactions(seed=3), ("visitor", "sku", "at"))
+    out = tmp_path / "codes"
+    assert main(["item-codes", "--data", "interactions", "--path", str(path), "--user-column", "visitor", "--item-column",
+                 "sku", "--cap", "20", "--scores", "graph-filter", "--graph-filter-grid", "0:0", "0.3:8", "--out",
+                 str(out)]) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["split"] == "wide" and len(report["grid"]) == 4  # two settings x two keep rules
+    data = load_data("interactions", path, 0, columns=Columns("visitor", "sku", None), split=Split())
+    known = CSR.from_lists(seen_items(data))
+    assert data.valid.items.size > 0 and known.items.size == data.train.items.size + data.valid.items.size
+    want = graph_filter_index(known, data.n_items, 20, alpha=report["alpha"], vectors=report["vectors"],
+                              keep=report["keep"])
+    got = Engine.load(out / "index").index
+    assert torch.equal(got.indptr, want.indptr) and torch.equal(got.items, want.items)
+    torch.testing.assert_close(got.scores, want.scores)

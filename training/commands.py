@@ -132,6 +132,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                             "keep rule) are chosen on the validation split from --graph-filter-grid")
     items.add_argument("--graph-filter-grid", nargs="+", default=list(defaults.GRAPH_FILTER_GRID),
                        metavar="ALPHA:VECTORS[:EASE]", help="graph-filter: the settings screened on validation")
+    items.add_argument("--graph-filter-split", choices=defaults.GRAPH_FILTER_SPLITS, default=defaults.GRAPH_FILTER_SPLIT,
+                       help="graph-filter: screen on the validation split, or on 10%% of every user's training items "
+                            "(wide); the chosen setting serves refitted on the training data")
     items.add_argument("--fit", choices=("auto", "exact", "neighbours"), default="auto",
                        help="ease: the exact closed form (one dense matrix of the smaller of users and items), each "
                             "item's regression over its --neighbours nearest items (any catalogue: no N x N matrix), "
@@ -334,12 +337,13 @@ def _item_codes(args: argparse.Namespace, grid: list, device: str, write: bool =
     if args.scores == "graph-filter":
         tower_caps = (sorted(set(args.cap)) if args.cap else [cap] if args.cap_density is not None
                       else screened_caps(data.n_items))
-        index, chosen, screened = fit_on_validation(data, tower_caps, grid,
-                                                    keeps=defaults.GRAPH_FILTER_KEEPS, seed=args.seed)
+        index, chosen, screened = fit_on_validation(data, tower_caps, grid, keeps=defaults.GRAPH_FILTER_KEEPS,
+                                                    seed=args.seed, split=args.graph_filter_split,
+                                                    fit=data.train if tested else known)
         cap = chosen["cap"]
         settings = {"alpha": chosen["alpha"], "vectors": chosen["vectors"], "ease_weight": chosen["ease_weight"],
-                    "keep": chosen["keep"], "grid": screened}
-    else:  # without a test split nothing is measured, so the validation slice trains too
+                    "keep": chosen["keep"], "split": chosen["split"], "grid": screened}
+    else:  # without a test split nothing is measured, so the validation slice trains too (the graph filter's too)
         tower_caps = [cap]
         fitted = data.train if tested else known
         fit = args.fit

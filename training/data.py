@@ -11,7 +11,7 @@ and line number.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +74,16 @@ def split_validation(train: list[np.ndarray], fraction: float, seed: int,
             kept.append(items)
             valid.append(items[:0])
     return kept, valid
+
+
+def wide_split(data: InteractionData, fraction: float = 0.1, seed: int = 0) -> InteractionData:
+    """``data`` with a wider validation split for screening settings: a seeded
+    ``fraction`` of the training items of every user with >= 5 (not only the early
+    stopping users'), its train the rest. A model screened on it is refitted on the
+    whole training split before it serves (``graph_filter.fit_on_validation``)."""
+    train = [data.train.row(u) for u in range(data.n_users)]
+    kept, held = split_validation(train, fraction, seed, max_users=data.n_users)
+    return replace(data, train=CSR.from_lists(kept), valid=CSR.from_lists(held))
 
 
 def assemble(name, n_users, n_items, train, test, seed, **extra) -> InteractionData:
