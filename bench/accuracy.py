@@ -131,8 +131,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         f"{', '.join(f'{f:g}' for f in defaults.GRAPH_FILTER_CAP_DENSITIES)} x N, at most "
                         f"{defaults.ITEM_CODES_CAP})")
     p.add_argument("--graph-filter-split", choices=defaults.GRAPH_FILTER_SPLITS, default=defaults.GRAPH_FILTER_SPLIT,
-                   help="graph_filter: screen on the validation split, or on 10%% of every user's training items "
-                        "and refit the chosen setting on the training split (wide)")
+                   help="graph_filter: screen on the validation split, or on 10%% of every user's training items, at "
+                        "random (wide) or the end of each list (tail: lists in time order), and refit the chosen "
+                        "setting on the training split")
     p.add_argument("--graph-filter-keeps", nargs="+", choices=defaults.ITEM_CODES_KEEPS,
                    default=list(defaults.GRAPH_FILTER_KEEPS), help="graph_filter: keep rules screened with the grid")
     p.add_argument("--tower-levels", type=int, default=defaults.TOWER_CODE_LEVELS,
@@ -353,7 +354,7 @@ def graph_filter_entry(args: argparse.Namespace, data, headline: str) -> tuple[d
     setting fitted and scored on validation (``--graph-filter-split``), with the headline rule's items per
     code when ``--cap-density`` is given, else with each of ``--graph-filter-caps`` or
     ``screened_caps`` (as ``sparcode item-codes`` does by default); the best by the
-    headline metric, refitted on the training split for a wide screen, read on the test
+    headline metric, refitted on the training split after a wide or tail screen, read on the test
     split once. Also returns the index."""
     caps = ([headline_rule(args, data).cap] if not args.screen_caps
             else sorted(set(args.graph_filter_caps or screened_caps(data.n_items))))

@@ -125,12 +125,12 @@ def test_caps_are_chosen_on_validation_ties_to_the_smaller_index():
 
 
 def test_wide_split_holds_out_a_slice_of_every_users_training_items():
-    from sparcode.training.data import synthetic, wide_split
+    from sparcode.training.data import screen_split, synthetic
 
     data = synthetic(4000, 60, seed=1)  # more users than the early-stopping split's 2,000
     data.train = CSR.from_lists([data.train.row(u)[: 3 if u % 7 == 0 else 10 + u % 15]  # some under 5 items
                                  for u in range(data.n_users)])
-    wide = wide_split(data, seed=3)
+    wide = screen_split(data, "wide", seed=3)
     held_users = 0
     for u in range(data.n_users):
         train, kept, held = data.train.row(u), wide.train.row(u), wide.valid.row(u)
@@ -141,24 +141,43 @@ def test_wide_split_holds_out_a_slice_of_every_users_training_items():
     assert held_users > max(2000, int((data.valid.lengths > 0).sum())) and held_users <= eligible
     assert 0.05 < wide.valid.items.size / data.train.items[data.train.lengths.repeat(data.train.lengths) >= 5].size < 0.15
     assert wide.test is data.test and wide.n_items == data.n_items
-    np.testing.assert_array_equal(wide_split(data, seed=3).valid.items, wide.valid.items)  # seeded
-    assert not np.array_equal(wide_split(data, seed=4).valid.indptr, wide.valid.indptr)
+    np.testing.assert_array_equal(screen_split(data, "wide", seed=3).valid.items, wide.valid.items)  # seeded
+    assert not np.array_equal(screen_split(data, "wide", seed=4).valid.indptr, wide.valid.indptr)
 
 
-def test_a_wide_screen_scores_its_own_split_and_serves_the_chosen_setting_refitted():
-    from sparcode.training.data import synthetic, wide_split
+def test_tail_split_holds_out_the_end_of_every_users_list():
+    from sparcode.training.data import screen_split, synthetic
+
+    data = synthetic(300, 100, seed=1)
+    data.train = CSR.from_lists([data.train.row(u)[: 3 + u % 30] for u in range(data.n_users)])
+    tail = screen_split(data, "tail", seed=5)
+    for u in range(data.n_users):
+        items = data.train.row(u)
+        held = 0 if items.size < 5 else max(1, int(np.floor(0.1 * items.size + 0.5)))  # 10%, rounded, at least 1
+        np.testing.assert_array_equal(tail.train.row(u), items[: items.size - held])
+        np.testing.assert_array_equal(tail.valid.row(u), items[items.size - held :])
+    assert tail.valid.lengths.max() >= 2 and (tail.valid.lengths > 0).sum() == (data.train.lengths >= 5).sum()
+    small = screen_split(data, "tail", fraction=0.05)  # 5% of a short list rounds to none: one item is held
+    assert ((small.valid.lengths >= 1) == (data.train.lengths >= 5)).all()
+    with pytest.raises(ValueError, match="rule: expected 'wide' or 'tail'"):
+        screen_split(data, "valid")
+
+
+@pytest.mark.parametrize("split", ["wide", "tail"])
+def test_a_screen_scores_its_own_split_and_serves_the_chosen_setting_refitted(split):
+    from sparcode.training.data import screen_split, synthetic
     from sparcode.training.evaluate import evaluate_engine, seen_items
     from sparcode.training.graph_filter import fit_on_validation
 
     data = synthetic(300, 100, seed=1)
     grid = [(0.0, 0, 0.0), (0.3, 8, 0.0), (1.0, 16, 0.0)]
-    index, best, scores = fit_on_validation(data, 10, grid, keeps=["positive"], split="wide", seed=2)
-    wide = wide_split(data, seed=2)
+    index, best, scores = fit_on_validation(data, 10, grid, keeps=["positive"], split=split, seed=2)
+    wide = screen_split(data, split, seed=2)
     for point in scores:  # each setting fitted without the wide split's held-out items, scored on them
         screened = graph_filter_index(wide.train, 100, 10, alpha=point["alpha"], vectors=point["vectors"], seed=2)
         want = evaluate_engine(Engine(screened), history_bags(wide.train), wide, split="valid")
         assert point["valid_recall@20"] == pytest.approx(want["recall@20"])
-    assert best["valid_recall@20"] == max(p["valid_recall@20"] for p in scores) and best["split"] == "wide"
+    assert best["valid_recall@20"] == max(p["valid_recall@20"] for p in scores) and best["split"] == split
     assert len({p["valid_recall@20"] for p in scores}) > 1  # the screen is not vacuous
 
     def same(got, want):

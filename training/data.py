@@ -76,13 +76,23 @@ def split_validation(train: list[np.ndarray], fraction: float, seed: int,
     return kept, valid
 
 
-def wide_split(data: InteractionData, fraction: float = 0.1, seed: int = 0) -> InteractionData:
-    """``data`` with a wider validation split for screening settings: a seeded
-    ``fraction`` of the training items of every user with >= 5 (not only the early
-    stopping users'), its train the rest. A model screened on it is refitted on the
-    whole training split before it serves (``graph_filter.fit_on_validation``)."""
+def screen_split(data: InteractionData, rule: str, fraction: float = 0.1, seed: int = 0) -> InteractionData:
+    """``data`` with a validation split for screening settings over every user with >= 5
+    training items (not only the early-stopping users): ``rule="wide"`` holds out a
+    seeded random ``fraction`` of each one's training items, ``rule="tail"`` the last
+    ``fraction`` of each list (at least one item), a later-in-time holdout where the lists
+    are in time order (MovieLens-100K's, and the BARS files' as far as their order shows).
+    Its train is the rest; a model screened on it is refitted on the whole training split
+    before it serves (``graph_filter.fit_on_validation``)."""
     train = [data.train.row(u) for u in range(data.n_users)]
-    kept, held = split_validation(train, fraction, seed, max_users=data.n_users)
+    if rule == "wide":
+        kept, held = split_validation(train, fraction, seed, max_users=data.n_users)
+    elif rule == "tail":
+        cuts = [len(items) - max(1, int(fraction * len(items) + 0.5)) if len(items) >= 5 else len(items)
+                for items in train]
+        kept, held = [items[:cut] for items, cut in zip(train, cuts)], [items[cut:] for items, cut in zip(train, cuts)]
+    else:
+        raise ValueError(f"rule: expected 'wide' or 'tail', got {rule!r}")
     return replace(data, train=CSR.from_lists(kept), valid=CSR.from_lists(held))
 
 

@@ -24,7 +24,7 @@ import torch
 from sparcode.engine import CodeIndex, Engine
 
 from . import defaults
-from .data import CSR, InteractionData, wide_split
+from .data import CSR, InteractionData, screen_split
 from .evaluate import evaluate_engine
 from .export import ExportRule
 from .item_codes import history_bags, interaction_matrix, item_scores, rows_index, rows_indexes
@@ -97,10 +97,12 @@ def fit_on_validation(data: InteractionData, caps: int | Iterable[int], grid: It
     rule of ``keeps`` and the items per code of ``caps`` that score best on validation by
     ``metric`` (the test split is not read): (index, the chosen setting, every setting
     with its validation scores and fit seconds). ``split="valid"`` screens on the data's
-    validation split; ``split="wide"`` on a seeded 10% of every user's training items
-    (``data.wide_split``: on Gowalla about 15x as many held-out items, so a margin of a
-    few thousandths is no longer inside the noise). The chosen setting is then refitted
-    on ``fit`` (default the training split) unless the screen already fitted on it.
+    validation split; ``split="wide"`` on a seeded 10% of every user's training items,
+    ``split="tail"`` on the last 10% of every user's list (``data.screen_split``: on
+    Gowalla about 15x as many held-out items, so a margin of a few thousandths is no
+    longer inside the noise; the tail mirrors a test split made by time). The chosen
+    setting is then refitted on ``fit`` (default the training split) unless the screen
+    already fitted on it.
     EASE's weights (``item_codes.item_scores``, default l2) are fitted once per training
     set a setting uses them on; the keep rules and caps share one pass over the rows; a
     tie goes to the smaller index."""
@@ -111,7 +113,7 @@ def fit_on_validation(data: InteractionData, caps: int | Iterable[int], grid: It
         raise ValueError("caps: needs at least one number of items per code")
     if not grid:
         raise ValueError("grid: needs at least one (alpha, vectors) setting")
-    screen = wide_split(data, seed=seed) if split == "wide" else data
+    screen = data if split == "valid" else screen_split(data, split, seed=seed)
     bags = history_bags(screen.train)
     ease, ease_seconds = None, 0.0
     if any(point[2] > 0 for point in grid):
@@ -134,7 +136,7 @@ def fit_on_validation(data: InteractionData, caps: int | Iterable[int], grid: It
                 best = (index, scores[-1], key)
     index, chosen = best[0], dict(best[1], split=split)
     fit = data.train if fit is None else fit
-    if split == "wide" or fit is not data.train:
+    if split != "valid" or fit is not data.train:
         del ease, best, index
         started = time.perf_counter()
         weights = item_scores(fit, data.n_items) if chosen["ease_weight"] > 0 else None
