@@ -133,7 +133,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--graph-filter-split", choices=defaults.GRAPH_FILTER_SPLITS, default=defaults.GRAPH_FILTER_SPLIT,
                    help="graph_filter: screen on the validation split, or on 10%% of every user's training items, at "
                         "random (wide) or the end of each list (tail: lists in time order), and refit the chosen "
-                        "setting on the training split")
+                        "setting on the training split; auto: tail where the test split is by time")
     p.add_argument("--graph-filter-keeps", nargs="+", choices=defaults.ITEM_CODES_KEEPS,
                    default=list(defaults.GRAPH_FILTER_KEEPS), help="graph_filter: keep rules screened with the grid")
     p.add_argument("--tower-levels", type=int, default=defaults.TOWER_CODE_LEVELS,

@@ -195,6 +195,21 @@ def test_a_screen_scores_its_own_split_and_serves_the_chosen_setting_refitted(sp
         fit_on_validation(data, 10, grid, split="test")
 
 
+def test_auto_screens_the_tail_where_the_test_split_is_by_time_else_a_wide_slice():
+    from dataclasses import replace
+
+    from sparcode.training.data import synthetic
+    from sparcode.training.graph_filter import fit_on_validation
+
+    data = synthetic(300, 100, seed=1)
+    grid = [(0.0, 0, 0.0), (0.3, 8, 0.0)]
+    for test_by, rule in (("random", "wide"), ("time", "tail")):
+        timed = replace(data, test_by=test_by)
+        _, best, scores = fit_on_validation(timed, 10, grid, keeps=["positive"], split="auto")
+        _, _, want = fit_on_validation(timed, 10, grid, keeps=["positive"], split=rule)
+        assert best["split"] == rule and scores == [dict(p, fit_seconds=q["fit_seconds"]) for p, q in zip(want, scores)]
+
+
 def test_bad_settings_name_the_argument():
     train = random_train(10, 8, seed=3)
     with pytest.raises(ValueError, match="alpha: expected a weight >= 0"):
@@ -221,8 +236,8 @@ def test_accuracy_bench_picks_the_graph_filter_on_validation(tmp_path, capsys):
         (a, v, keep) for a, v in [(0.0, 0), (0.3, 8), (1.0, 16)] for keep in ("positive", "magnitude")]
     best = max(grid, key=lambda p: p["valid_recall@20"])
     assert (entry["alpha"], entry["vectors"], entry["keep"]) == (best["alpha"], best["vectors"], best["keep"])
-    assert entry["selected_on"] == "valid_recall@20" and entry["split"] == "wide"  # the default screen
-    assert report["config"]["model"]["graph_filter_split"] == "wide"
+    assert entry["selected_on"] == "valid_recall@20" and entry["split"] == "wide"  # auto: synthetic's test is random
+    assert report["config"]["model"]["graph_filter_split"] == "auto"
     assert entry["cap"] == 10 and entry["recall@20"] > 0
     assert report["config"]["model"]["graph_filter_grid"][1] == [0.3, 8, 0.0]
     with pytest.raises(SystemExit):

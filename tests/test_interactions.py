@@ -54,6 +54,9 @@ def test_latest_holdout_takes_each_users_newest_items_and_never_all(tmp_path):
     assert least.test.lengths.tolist() == [1, 1, 0]  # at least one of every user with two or more
     everything = load_interactions(path, columns=Columns("user", "item", "ts"))
     assert everything.test.items.size == 0 and everything.n_users == 3 and everything.n_items == 5
+    assert data.test_by == everything.test_by == "time"  # the latest to test; without a holdout the future is served
+    untimed = load_interactions(path, columns=Columns("user", "item"), split=Split(0.34, "random"))
+    assert untimed.test_by == "random"
 
 
 def test_random_holdout_holds_out_the_fraction_per_user_seeded(tmp_path):
@@ -67,7 +70,7 @@ def test_random_holdout_holds_out_the_fraction_per_user_seeded(tmp_path):
     assert (a.test.lengths == 2).all() and (a.train.lengths + a.valid.lengths == 8).all()
     assert np.array_equal(a.test.items, b.test.items) and not np.array_equal(a.test.items, c.test.items)
     latest = load_interactions(path, columns=Columns("user", "item", "ts"), split=Split(0.2, "latest"), seed=1)
-    assert not np.array_equal(a.test.items, latest.test.items)
+    assert not np.array_equal(a.test.items, latest.test.items) and (a.test_by, latest.test_by) == ("random", "time")
     for u in range(40):  # the latest holdout's items are each user's two newest
         times = {(r[1]): int(r[2]) for r in rows if r[0] == latest.user_ids[u]}
         newest = sorted(times, key=times.get)[-2:]

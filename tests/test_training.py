@@ -22,11 +22,12 @@ DATA = Path(os.environ.get("SPARCODE_DATA", Path(__file__).resolve().parents[2] 
 
 
 def test_bars_loader_and_malformed_line(tmp_path):
-    (tmp_path / "train.txt").write_text("0 1 2 3 4 5 6\n1 0 2\n")
+    (tmp_path / "train.txt").write_text("0 6 2 5 1 4 3\n1 0 2\n")
     (tmp_path / "test.txt").write_text("0 7\n1 3\n")
     data = datasets.load_bars(tmp_path)
-    assert data.n_users == 2 and data.n_items == 8
+    assert data.n_users == 2 and data.n_items == 8 and data.test_by == "time"  # NGCF's split: each user's latest 20%
     assert data.test.row(0).tolist() == [7]
+    assert data.train.row(0).tolist() == [i for i in [6, 2, 5, 1, 4, 3] if i in data.train.row(0)]  # the file's order
     assert sorted(data.train.row(0).tolist() + data.valid.row(0).tolist()) == [1, 2, 3, 4, 5, 6]
     from_str = datasets.load_bars(str(tmp_path))  # a str path, as from a notebook
     assert from_str.name == tmp_path.name and np.array_equal(from_str.test.items, data.test.items)
@@ -43,7 +44,8 @@ def test_ml100k_loader_splits_by_time(tmp_path):
     (tmp_path / "u.item").write_text("".join(f"{i}|Movie {i}|01-Jan-1995||http://x|{genres}\n" for i in range(10, 15)))
     data = datasets.load_ml100k(tmp_path)
     assert data.n_users == 2 and data.n_items == 5
-    assert data.test.row(0).tolist() == [4]  # item 14, the latest of user 1
+    assert data.test.row(0).tolist() == [4] and data.test_by == "time"  # item 14, the latest of user 1
+    assert data.train.row(0).tolist() == [0, 2, 1, 3]  # items 10, 12, 11, 13: in time order
     assert data.user_features.shape == (2, 3) and data.item_features.shape == (5, 2)
     (tmp_path / "u.data").write_text("1\t10\t5\n")
     with pytest.raises(ValueError, match=r"u.data:1: expected 4 tab-separated fields"):
@@ -58,7 +60,7 @@ def test_ml1m_loader(tmp_path):
     data = datasets.load_ml1m(tmp_path, seed=3)
     assert data.n_users == 2 and data.n_items == 5
     assert len(data.test.row(0)) == 1 and len(data.test.row(1)) == 1
-    assert data.user_cardinalities == (2, 2, 2)
+    assert data.user_cardinalities == (2, 2, 2) and data.test_by == "random"
     assert np.array_equal(datasets.load_ml1m(str(tmp_path), seed=3).test.items, data.test.items)  # a str path
     (tmp_path / "movies.dat").unlink()
     with pytest.raises(ValueError, match=r"path: .*movies.dat is missing"):
@@ -68,6 +70,7 @@ def test_ml1m_loader(tmp_path):
 
 
 def test_synthetic_names_a_size_it_cannot_draw():
+    assert datasets.synthetic(50, 40).test_by == "random"
     with pytest.raises(ValueError, match=r"n_items: expected at least per_user \(30\) items, got 20"):
         datasets.synthetic(50, 20)
     with pytest.raises(ValueError, match="n_users: expected a positive integer, got 0"):

@@ -134,8 +134,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                        metavar="ALPHA:VECTORS[:EASE]", help="graph-filter: the settings screened on validation")
     items.add_argument("--graph-filter-split", choices=defaults.GRAPH_FILTER_SPLITS, default=defaults.GRAPH_FILTER_SPLIT,
                        help="graph-filter: screen on the validation split, or on 10%% of every user's training items, at "
-                            "random (wide) or the end of each list (tail: lists in time order); the chosen setting "
-                            "serves refitted on the training data")
+                            "random (wide) or the end of each list (tail: lists in time order; auto: tail where the "
+                            "test split is by time); the chosen setting serves refitted on the training data")
     items.add_argument("--fit", choices=("auto", "exact", "neighbours"), default="auto",
                        help="ease: the exact closed form (one dense matrix of the smaller of users and items), each "
                             "item's regression over its --neighbours nearest items (any catalogue: no N x N matrix), "

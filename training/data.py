@@ -50,6 +50,7 @@ class InteractionData:
     item_cardinalities: tuple[int, ...] = ()
     user_ids: np.ndarray | None = None  # original ids
     item_ids: np.ndarray | None = None
+    test_by: str = "random"  # "time": test holds each user's latest items, train lists are in time order
 
 
 def split_validation(train: list[np.ndarray], fraction: float, seed: int,
@@ -119,7 +120,9 @@ def _file(path: Path | str, name: str) -> Path:
 
 def load_bars(path: Path | str, *, seed: int = 0) -> InteractionData:
     """BARS/LightGCN text format: ``train.txt`` and ``test.txt``, one line per user:
-    ``user item item ...`` with dense 0-based ids (Gowalla)."""
+    ``user item item ...`` with dense 0-based ids (Gowalla). The split is NGCF's, which
+    LightGCN and BARS reuse: each user's latest 20% to test; the train lines keep their
+    time order (item popularity rises along them, docs/accuracy.md)."""
     lists: dict[str, dict[int, np.ndarray]] = {}
     for split in ("train", "test"):
         file = _file(path, f"{split}.txt")
@@ -137,7 +140,7 @@ def load_bars(path: Path | str, *, seed: int = 0) -> InteractionData:
     empty = np.zeros(0, np.int64)
     train = [lists["train"].get(u, empty) for u in range(n_users)]
     test = [lists["test"].get(u, empty) for u in range(n_users)]
-    return assemble(Path(path).name, n_users, n_items, train, test, seed)
+    return assemble(Path(path).name, n_users, n_items, train, test, seed, test_by="time")
 
 
 def _dense(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -169,7 +172,7 @@ def load_ml100k(path: Path | str, *, seed: int = 0) -> InteractionData:
     ifeat, icard = _ml100k_items(_file(path, "u.item"), item_ids)
     return assemble("ml-100k", len(user_ids), len(item_ids), train, test, seed, user_features=ufeat,
                    user_cardinalities=ucard, item_features=ifeat, item_cardinalities=icard,
-                   user_ids=user_ids, item_ids=item_ids)
+                   user_ids=user_ids, item_ids=item_ids, test_by="time")
 
 
 def _categorical(columns: list[list[str]]) -> tuple[np.ndarray, tuple[int, ...]]:

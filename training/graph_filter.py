@@ -100,7 +100,8 @@ def fit_on_validation(data: InteractionData, caps: int | Iterable[int], grid: It
     validation split; ``split="wide"`` on a seeded 10% of every user's training items,
     ``split="tail"`` on the last 10% of every user's list (``data.screen_split``: on
     Gowalla about 15x as many held-out items, so a margin of a few thousandths is no
-    longer inside the noise; the tail mirrors a test split made by time). The chosen
+    longer inside the noise; the tail mirrors a test split made by time); ``split="auto"``
+    takes the tail where ``data.test_by`` is "time", else the wide one. The chosen
     setting is then refitted on ``fit`` (default the training split) unless the screen
     already fitted on it.
     EASE's weights (``item_codes.item_scores``, default l2) are fitted once per training
@@ -113,6 +114,8 @@ def fit_on_validation(data: InteractionData, caps: int | Iterable[int], grid: It
         raise ValueError("caps: needs at least one number of items per code")
     if not grid:
         raise ValueError("grid: needs at least one (alpha, vectors) setting")
+    if split == "auto":
+        split = "tail" if data.test_by == "time" else "wide"
     screen = data if split == "valid" else screen_split(data, split, seed=seed)
     bags = history_bags(screen.train)
     ease, ease_seconds = None, 0.0

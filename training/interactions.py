@@ -109,8 +109,9 @@ def load_interactions(path: Path | str, *, columns: Columns = Columns(), split: 
     keep = np.lexsort((data.items, data.users)) if data.times is None else np.lexsort((data.items, data.times, data.users))
     train_lists = _lists(data.users[keep][~test[keep]], data.items[keep][~test[keep]], n_users)
     test_lists = _lists(data.users[keep][test[keep]], data.items[keep][test[keep]], n_users)
+    timed = data.times is not None and (split.by == "latest" or not holdout)  # a holdout of 0 serves the future
     return assemble(Path(path).stem, n_users, n_items, train_lists, test_lists, seed,
-                   user_ids=data.user_ids, item_ids=data.item_ids)
+                   user_ids=data.user_ids, item_ids=data.item_ids, test_by="time" if timed else "random")
 
 
 def _lists(users: np.ndarray, items: np.ndarray, n_users: int) -> list[np.ndarray]:
