@@ -134,6 +134,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="graph_filter: screen on the validation split, or on 10%% of every user's training items, at "
                         "random (wide) or the end of each list (tail: lists in time order), and refit the chosen "
                         "setting on the training split; auto: tail where the test split is by time")
+    p.add_argument("--graph-filter-folds", type=int, choices=range(1, 11), default=defaults.GRAPH_FILTER_FOLDS,
+                   metavar="1..10", help="graph_filter: disjoint 10%% slices a wide screen averages")
     p.add_argument("--graph-filter-keeps", nargs="+", choices=defaults.ITEM_CODES_KEEPS,
                    default=list(defaults.GRAPH_FILTER_KEEPS), help="graph_filter: keep rules screened with the grid")
     p.add_argument("--tower-levels", type=int, default=defaults.TOWER_CODE_LEVELS,
@@ -249,7 +251,7 @@ def model_config(args: argparse.Namespace, device: str) -> dict:
             "item_codes_l2": args.item_codes_l2, "item_codes_keep": args.item_codes_keep,
             "graph_filter_grid": [list(point) for point in args.graph_filter_grid],
             "graph_filter_keeps": list(args.graph_filter_keeps), "graph_filter_split": args.graph_filter_split,
-            "tower_levels": args.tower_levels,
+            "graph_filter_folds": args.graph_filter_folds, "tower_levels": args.tower_levels,
             "tower_size": args.tower_size, "ensemble_powers": list(args.ensemble_powers),
             "ensemble_weights": list(args.ensemble_weights)}
 
@@ -266,8 +268,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     models = model_config(args, device)
     model_kwargs = {k: v for k, v in models.items()
                     if k not in ("codes", "two_tower_dim", "item_codes_l2", "item_codes_keep", "graph_filter_grid",
-                                 "graph_filter_keeps", "graph_filter_split", "tower_levels", "tower_size", "ensemble_powers",
-                                 "ensemble_weights")}
+                                 "graph_filter_keeps", "graph_filter_split", "graph_filter_folds", "tower_levels", "tower_size",
+                                 "ensemble_powers", "ensemble_weights")}
     two_tower_kwargs = {**model_kwargs, "dim": models["two_tower_dim"]}
     validate = validator(data, cfg)
     t = tensors(data, cfg)
@@ -359,13 +361,14 @@ def graph_filter_entry(args: argparse.Namespace, data, headline: str) -> tuple[d
     caps = ([headline_rule(args, data).cap] if not args.screen_caps
             else sorted(set(args.graph_filter_caps or screened_caps(data.n_items))))
     index, best, grid = fit_on_validation(data, caps, args.graph_filter_grid, keeps=args.graph_filter_keeps,
-                                          metric=headline, seed=args.seed, split=args.graph_filter_split)
+                                          metric=headline, seed=args.seed, split=args.graph_filter_split,
+                                          folds=args.graph_filter_folds)
     cap = best["cap"]
     for point in grid:
         print(f"[accuracy] graph_filter {point}", flush=True)
     metrics = evaluate_engine(Engine(index), history_bags(data.train), data)
     return {"train_seconds": best["fit_seconds"], "alpha": best["alpha"], "vectors": best["vectors"],
-            "ease_weight": best["ease_weight"], "split": best["split"],
+            "ease_weight": best["ease_weight"], "split": best["split"], "folds": best["folds"],
             "grid": grid, "selected_on": f"valid_{headline}", "rule": "cap", "cap": cap, "keep": best["keep"],
             "caps_screened": caps, "target_density": None if args.screen_caps else args.cap_density,
             "density": metrics["density"], "index_bytes": metrics["index_bytes"],

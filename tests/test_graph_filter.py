@@ -134,7 +134,9 @@ def test_wide_split_holds_out_a_slice_of_every_users_training_items():
     held_users = 0
     for u in range(data.n_users):
         train, kept, held = data.train.row(u), wide.train.row(u), wide.valid.row(u)
-        assert sorted(kept.tolist() + held.tolist()) == sorted(train.tolist())  # a partition of the user's items
+        known = train.tolist() + data.valid.row(u).tolist()
+        assert sorted(kept.tolist() + held.tolist()) == sorted(known)  # a partition of the user's known items
+        assert set(held.tolist()) <= set(train.tolist())  # held out of the training items
         assert kept.size >= 1 and (held.size == 0 if train.size < 5 else True)
         held_users += held.size > 0
     eligible = int((data.train.lengths >= 5).sum())
@@ -143,6 +145,34 @@ def test_wide_split_holds_out_a_slice_of_every_users_training_items():
     assert wide.test is data.test and wide.n_items == data.n_items
     np.testing.assert_array_equal(screen_split(data, "wide", seed=3).valid.items, wide.valid.items)  # seeded
     assert not np.array_equal(screen_split(data, "wide", seed=4).valid.indptr, wide.valid.indptr)
+
+
+def test_wide_folds_are_disjoint_slices_of_one_draw():
+    from sparcode.training.data import screen_split, synthetic
+    from sparcode.training.graph_filter import fit_on_validation
+
+    data = synthetic(300, 100, seed=1)
+    folds = [screen_split(data, "wide", seed=3, fold=f) for f in range(10)]
+    np.testing.assert_array_equal(folds[0].valid.items, screen_split(data, "wide", seed=3).valid.items)
+    for u in range(0, data.n_users, 7):
+        held = [fold.valid.row(u).tolist() for fold in folds]
+        assert sorted(sum(held, [])) == sorted(data.train.row(u).tolist())  # ten folds: each item held once
+        for fold, items in zip(folds, held):
+            known = data.train.row(u).tolist() + data.valid.row(u).tolist()
+            assert sorted(fold.train.row(u).tolist() + items) == sorted(known)
+    with pytest.raises(ValueError, match="fold: expected 0 <= fold x fraction < 1"):
+        screen_split(data, "wide", fold=10)
+    with pytest.raises(ValueError, match="rule: expected 'wide' or 'tail' \\(one fold\\)"):
+        screen_split(data, "tail", fold=1)
+    grid = [(0.0, 0, 0.0), (0.3, 8, 0.0)]
+    _, one, single = fit_on_validation(data, 10, grid, keeps=["positive"], split="wide", seed=3, folds=1)
+    _, two, double = fit_on_validation(data, 10, grid, keeps=["positive"], split="wide", seed=3, folds=2)
+    assert one["folds"] == 1 and two["folds"] == 2 and single != double
+    _, tail, _ = fit_on_validation(data, 10, grid, keeps=["positive"], split="tail", folds=5)
+    assert tail["folds"] == 1  # the tail is one slice
+    for bad in (0, 11, True, 2.0):
+        with pytest.raises(ValueError, match="folds: expected an int from 1 to 10"):
+            fit_on_validation(data, 10, grid, folds=bad)
 
 
 def test_tail_split_holds_out_the_end_of_every_users_list():
@@ -154,7 +184,7 @@ def test_tail_split_holds_out_the_end_of_every_users_list():
     for u in range(data.n_users):
         items = data.train.row(u)
         held = 0 if items.size < 5 else max(1, int(np.floor(0.1 * items.size + 0.5)))  # 10%, rounded, at least 1
-        np.testing.assert_array_equal(tail.train.row(u), items[: items.size - held])
+        np.testing.assert_array_equal(tail.train.row(u), np.concatenate([items[: items.size - held], data.valid.row(u)]))
         np.testing.assert_array_equal(tail.valid.row(u), items[items.size - held :])
     assert tail.valid.lengths.max() >= 2 and (tail.valid.lengths > 0).sum() == (data.train.lengths >= 5).sum()
     small = screen_split(data, "tail", fraction=0.05)  # 5% of a short list rounds to none: one item is held
@@ -171,13 +201,16 @@ def test_a_screen_scores_its_own_split_and_serves_the_chosen_setting_refitted(sp
 
     data = synthetic(300, 100, seed=1)
     grid = [(0.0, 0, 0.0), (0.3, 8, 0.0), (1.0, 16, 0.0)]
-    index, best, scores = fit_on_validation(data, 10, grid, keeps=["positive"], split=split, seed=2)
-    wide = screen_split(data, split, seed=2)
-    for point in scores:  # each setting fitted without the wide split's held-out items, scored on them
-        screened = graph_filter_index(wide.train, 100, 10, alpha=point["alpha"], vectors=point["vectors"], seed=2)
-        want = evaluate_engine(Engine(screened), history_bags(wide.train), wide, split="valid")
-        assert point["valid_recall@20"] == pytest.approx(want["recall@20"])
+    index, best, scores = fit_on_validation(data, 10, grid, keeps=["positive"], split=split, seed=2, folds=3)
+    slices = [screen_split(data, split, seed=2, fold=f) for f in range(3 if split == "wide" else 1)]
+    for point in scores:  # each setting fitted without a slice's held-out items, scored on them, averaged
+        want = []
+        for held in slices:
+            screened = graph_filter_index(held.train, 100, 10, alpha=point["alpha"], vectors=point["vectors"], seed=2)
+            want.append(evaluate_engine(Engine(screened), history_bags(held.train), held, split="valid")["recall@20"])
+        assert point["valid_recall@20"] == pytest.approx(np.mean(want))
     assert best["valid_recall@20"] == max(p["valid_recall@20"] for p in scores) and best["split"] == split
+    assert best["folds"] == len(slices)
     assert len({p["valid_recall@20"] for p in scores}) > 1  # the screen is not vacuous
 
     def same(got, want):

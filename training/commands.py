@@ -136,6 +136,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                        help="graph-filter: screen on the validation split, or on 10%% of every user's training items, at "
                             "random (wide) or the end of each list (tail: lists in time order; auto: tail where the "
                             "test split is by time); the chosen setting serves refitted on the training data")
+    items.add_argument("--graph-filter-folds", type=int, choices=range(1, 11), default=defaults.GRAPH_FILTER_FOLDS,
+                       metavar="1..10", help="graph-filter: disjoint 10%% slices a wide screen averages")
     items.add_argument("--fit", choices=("auto", "exact", "neighbours"), default="auto",
                        help="ease: the exact closed form (one dense matrix of the smaller of users and items), each "
                             "item's regression over its --neighbours nearest items (any catalogue: no N x N matrix), "
@@ -339,11 +341,11 @@ def _item_codes(args: argparse.Namespace, grid: list, device: str, write: bool =
         tower_caps = (sorted(set(args.cap)) if args.cap else [cap] if args.cap_density is not None
                       else screened_caps(data.n_items))
         index, chosen, screened = fit_on_validation(data, tower_caps, grid, keeps=defaults.GRAPH_FILTER_KEEPS,
-                                                    seed=args.seed, split=args.graph_filter_split,
+                                                    seed=args.seed, split=args.graph_filter_split, folds=args.graph_filter_folds,
                                                     fit=data.train if tested else known)
         cap = chosen["cap"]
         settings = {"alpha": chosen["alpha"], "vectors": chosen["vectors"], "ease_weight": chosen["ease_weight"],
-                    "keep": chosen["keep"], "split": chosen["split"], "grid": screened}
+                    "keep": chosen["keep"], "split": chosen["split"], "folds": chosen["folds"], "grid": screened}
     else:  # without a test split nothing is measured, so the validation slice trains too (the graph filter's too)
         tower_caps = [cap]
         fitted = data.train if tested else known

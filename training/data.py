@@ -54,11 +54,14 @@ class InteractionData:
 
 
 def split_validation(train: list[np.ndarray], fraction: float, seed: int,
-                     max_users: int = 2000) -> tuple[list[np.ndarray], list[np.ndarray]]:
+                     max_users: int = 2000, fold: int = 0) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """A seeded slice of the training items of at most ``max_users`` seeded users (with
     >= 5 items each) for validation. Early stopping needs no more users than that, and
     every other user keeps all of their training data (the BARS protocol trains on the
-    whole training split)."""
+    whole training split). ``fold`` f takes the items whose seeded draw falls in
+    [f x fraction, (f + 1) x fraction): the folds of one seed are disjoint."""
+    if not 0 <= fold * fraction < 1:
+        raise ValueError(f"fold: expected 0 <= fold x fraction < 1, got fold {fold} at fraction {fraction}")
     rng = np.random.default_rng(seed)
     eligible = np.array([u for u, items in enumerate(train) if len(items) >= 5], dtype=np.int64)
     chosen = np.zeros(len(train), dtype=bool)
@@ -66,7 +69,8 @@ def split_validation(train: list[np.ndarray], fraction: float, seed: int,
     kept, valid = [], []
     for user, items in enumerate(train):
         if chosen[user]:
-            pick = rng.random(len(items)) < fraction
+            draw = rng.random(len(items))
+            pick = (draw >= fold * fraction) & (draw < (fold + 1) * fraction)
             if pick.all():
                 pick[0] = False
             kept.append(items[~pick])
@@ -77,24 +81,29 @@ def split_validation(train: list[np.ndarray], fraction: float, seed: int,
     return kept, valid
 
 
-def screen_split(data: InteractionData, rule: str, fraction: float = 0.1, seed: int = 0) -> InteractionData:
+def screen_split(data: InteractionData, rule: str, fraction: float = 0.1, seed: int = 0,
+                 fold: int = 0) -> InteractionData:
     """``data`` with a validation split for screening settings over every user with >= 5
     training items (not only the early-stopping users): ``rule="wide"`` holds out a
-    seeded random ``fraction`` of each one's training items, ``rule="tail"`` the last
+    seeded random ``fraction`` of each one's training items (``fold`` picks one of the
+    disjoint slices of a seed, ``split_validation``), ``rule="tail"`` the last
     ``fraction`` of each list (at least one item), a later-in-time holdout where the lists
     are in time order (MovieLens-100K's, and the BARS files' as far as their order shows).
-    Its train is the rest; a model screened on it is refitted on the whole training split
+    Its train is the rest with the validation items: every item the user is known to have
+    but the held ones, as a served model excludes them all (left out, they would take
+    top-k slots as misses). A model screened on it is refitted on the whole training split
     before it serves (``graph_filter.fit_on_validation``)."""
     train = [data.train.row(u) for u in range(data.n_users)]
     if rule == "wide":
-        kept, held = split_validation(train, fraction, seed, max_users=data.n_users)
-    elif rule == "tail":
+        kept, held = split_validation(train, fraction, seed, max_users=data.n_users, fold=fold)
+    elif rule == "tail" and fold == 0:
         cuts = [len(items) - max(1, int(fraction * len(items) + 0.5)) if len(items) >= 5 else len(items)
                 for items in train]
         kept, held = [items[:cut] for items, cut in zip(train, cuts)], [items[cut:] for items, cut in zip(train, cuts)]
     else:
-        raise ValueError(f"rule: expected 'wide' or 'tail', got {rule!r}")
-    return replace(data, train=CSR.from_lists(kept), valid=CSR.from_lists(held))
+        raise ValueError(f"rule: expected 'wide' or 'tail' (one fold), got {rule!r} at fold {fold}")
+    known = [np.concatenate([items, data.valid.row(u)]) for u, items in enumerate(kept)]
+    return replace(data, train=CSR.from_lists(known), valid=CSR.from_lists(held))
 
 
 def assemble(name, n_users, n_items, train, test, seed, **extra) -> InteractionData:

@@ -39,6 +39,7 @@ GRAPH_FILTER_VECTORS = 256  # graph-filter codes: singular vectors of the ideal 
 GRAPH_FILTER_KEEPS = ITEM_CODES_KEEPS  # graph-filter codes: keep rules screened on validation (--graph-filter-keeps)
 GRAPH_FILTER_SPLIT = "auto"  # graph-filter codes: screened on 10% of every user's train items (tail or wide), refitted
 GRAPH_FILTER_SPLITS = ("auto", "valid", "wide", "tail")  # the choices of GRAPH_FILTER_SPLIT (fit_on_validation)
+GRAPH_FILTER_FOLDS = 3  # graph-filter codes: disjoint 10% slices a wide screen averages (the tail has one)
 GRAPH_FILTER_CAP_DENSITIES = (0.01, 0.03, 0.1, 0.3)  # graph-filter codes: items per code screened on validation, x N
 GRAPH_FILTER_GRID = ("0:0", "0.1:256", "0.3:256", "0.3:512", "0.3:1024", "0.1:256:1", "0.3:256:1", "0.1:256:2")  # on validation
 TOWER_CODE_LEVELS = 8  # tower codes: residual k-means levels, the codes in each user's bag (tower_codes.py)

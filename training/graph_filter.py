@@ -92,23 +92,26 @@ def graph_filter_index(train: CSR, n_items: int, cap: int, *, alpha: float = def
 
 def fit_on_validation(data: InteractionData, caps: int | Iterable[int], grid: Iterable[tuple[float, int, float]], *,
                       keeps: Iterable[str] = defaults.GRAPH_FILTER_KEEPS, metric: str = "recall@20", seed: int = 0,
-                      split: str = defaults.GRAPH_FILTER_SPLIT, fit: CSR | None = None) -> tuple[CodeIndex, dict, list[dict]]:
+                      split: str = defaults.GRAPH_FILTER_SPLIT, folds: int = defaults.GRAPH_FILTER_FOLDS,
+                      fit: CSR | None = None) -> tuple[CodeIndex, dict, list[dict]]:
     """Graph-filter codes with the (alpha, vectors, ease_weight) of ``grid``, the keep
     rule of ``keeps`` and the items per code of ``caps`` that score best on validation by
     ``metric`` (the test split is not read): (index, the chosen setting, every setting
     with its validation scores and fit seconds). ``split="valid"`` screens on the data's
     validation split; ``split="wide"`` on a seeded 10% of every user's training items,
-    ``split="tail"`` on the last 10% of every user's list (``data.screen_split``: on
-    Gowalla about 15x as many held-out items, so a margin of a few thousandths is no
-    longer inside the noise; the tail mirrors a test split made by time); ``split="auto"``
-    takes the tail where ``data.test_by`` is "time", else the wide one. The chosen
-    setting is then refitted on ``fit`` (default the training split) unless the screen
-    already fitted on it.
+    ``folds`` disjoint such slices with their scores averaged (one slice's choice moves
+    with the draw where a user holds two or three items out); ``split="tail"`` on the last
+    10% of every user's list (``data.screen_split``: on Gowalla about 15x as many held-out
+    items as the validation split; the tail mirrors a test split made by time);
+    ``split="auto"`` takes the tail where ``data.test_by`` is "time", else the wide one.
+    The chosen setting is then refitted on ``fit`` (default the training split).
     EASE's weights (``item_codes.item_scores``, default l2) are fitted once per training
     set a setting uses them on; the keep rules and caps share one pass over the rows; a
     tie goes to the smaller index."""
     if split not in defaults.GRAPH_FILTER_SPLITS:
         raise ValueError(f"split: expected one of {defaults.GRAPH_FILTER_SPLITS}, got {split!r}")
+    if isinstance(folds, bool) or not isinstance(folds, int) or not 1 <= folds <= 10:
+        raise ValueError(f"folds: expected an int from 1 to 10 (disjoint 10% slices), got {folds!r}")
     grid, caps = list(grid), sorted({caps} if isinstance(caps, int) else set(caps))
     if not caps:
         raise ValueError("caps: needs at least one number of items per code")
@@ -116,37 +119,45 @@ def fit_on_validation(data: InteractionData, caps: int | Iterable[int], grid: It
         raise ValueError("grid: needs at least one (alpha, vectors) setting")
     if split == "auto":
         split = "tail" if data.test_by == "time" else "wide"
-    screen = data if split == "valid" else screen_split(data, split, seed=seed)
+    folds = folds if split == "wide" else 1
+    per_fold = [screen_scores(data if split == "valid" else screen_split(data, split, seed=seed, fold=fold),
+                              caps, grid, keeps, seed) for fold in range(folds)]
+    scores = [dict(runs[0], **{key: float(np.mean([run[key] for run in runs]))
+                               for key in runs[0] if key.startswith("valid_") or key == "fit_seconds"})
+              for runs in zip(*per_fold)]
+    best = max(range(len(scores)), key=lambda i: (scores[i][f"valid_{metric}"], -scores[i]["cap"], -i))
+    chosen = dict(scores[best], split=split, folds=folds)
+    fit = data.train if fit is None else fit
+    started = time.perf_counter()
+    weights = item_scores(fit, data.n_items) if chosen["ease_weight"] > 0 else None
+    index = graph_filter_index(fit, data.n_items, chosen["cap"], alpha=chosen["alpha"], vectors=chosen["vectors"],
+                               keep=chosen["keep"], seed=seed, ease=weights, ease_weight=chosen["ease_weight"])
+    chosen["fit_seconds"] = time.perf_counter() - started
+    return index, chosen, scores
+
+
+def screen_scores(screen: InteractionData, caps: list[int], grid: list[tuple[float, int, float]], keeps: Iterable[str],
+                  seed: int) -> list[dict]:
+    """Every (setting, keep, cap) fitted on ``screen.train`` and scored on ``screen.valid``,
+    in the grid's order, with its fit seconds."""
     bags = history_bags(screen.train)
     ease, ease_seconds = None, 0.0
     if any(point[2] > 0 for point in grid):
         started = time.perf_counter()
-        ease = item_scores(screen.train, data.n_items)
+        ease = item_scores(screen.train, screen.n_items)
         ease_seconds = time.perf_counter() - started
-    scores, best = [], None
+    out = []
     for alpha, vectors, ease_weight in grid:
         started = time.perf_counter()
-        rows = filter_rows(screen.train, data.n_items, alpha=alpha, vectors=vectors, seed=seed, ease=ease,
+        rows = filter_rows(screen.train, screen.n_items, alpha=alpha, vectors=vectors, seed=seed, ease=ease,
                            ease_weight=ease_weight)
-        indexes = rows_indexes(rows, data.n_items, caps, keeps)
+        indexes = rows_indexes(rows, screen.n_items, caps, keeps)
         seconds = time.perf_counter() - started + (ease_seconds if ease_weight > 0 else 0.0)
         for (keep, cap), index in indexes.items():
             m = evaluate_engine(Engine(index), bags, screen, split="valid")
-            scores.append({"alpha": alpha, "vectors": vectors, "ease_weight": ease_weight, "keep": keep, "cap": cap,
-                           "fit_seconds": seconds, **{f"valid_{k}": m[k] for k in ("recall@20", "ndcg@20", "recall@50")}})
-            key = (scores[-1][f"valid_{metric}"], -cap)
-            if best is None or key > best[2]:
-                best = (index, scores[-1], key)
-    index, chosen = best[0], dict(best[1], split=split)
-    fit = data.train if fit is None else fit
-    if split != "valid" or fit is not data.train:
-        del ease, best, index
-        started = time.perf_counter()
-        weights = item_scores(fit, data.n_items) if chosen["ease_weight"] > 0 else None
-        index = graph_filter_index(fit, data.n_items, chosen["cap"], alpha=chosen["alpha"], vectors=chosen["vectors"],
-                                   keep=chosen["keep"], seed=seed, ease=weights, ease_weight=chosen["ease_weight"])
-        chosen["fit_seconds"] = time.perf_counter() - started
-    return index, chosen, scores
+            out.append({"alpha": alpha, "vectors": vectors, "ease_weight": ease_weight, "keep": keep, "cap": cap,
+                        "fit_seconds": seconds, **{f"valid_{k}": m[k] for k in ("recall@20", "ndcg@20", "recall@50")}})
+    return out
 
 
 def screened_caps(n_items: int) -> list[int]:
