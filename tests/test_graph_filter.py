@@ -168,6 +168,7 @@ def test_wide_folds_are_disjoint_slices_of_one_draw():
     _, one, single = fit_on_validation(data, 10, grid, keeps=["positive"], split="wide", seed=3, folds=1)
     _, two, double = fit_on_validation(data, 10, grid, keeps=["positive"], split="wide", seed=3, folds=2)
     assert one["folds"] == 1 and two["folds"] == 2 and single != double
+    assert [p["valid_recall@20"] for p in single] != [p["valid_recall@20"] for p in double]  # the second slice counts
     _, tail, _ = fit_on_validation(data, 10, grid, keeps=["positive"], split="tail", folds=5)
     assert tail["folds"] == 1  # the tail is one slice
     for bad in (0, 11, True, 2.0):
