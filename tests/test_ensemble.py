@@ -166,7 +166,7 @@ def test_accuracy_bench_joins_graph_filter_and_tower_codes_on_validation(tmp_pat
     assert len(entry["grid"]) == 4 and entry["selected_on"] == "valid_recall@20"
     best = max(entry["grid"], key=lambda p: (p["valid_recall@20"], -p["weight"]))
     assert (entry["power"], entry["weight"]) == (best["power"], best["weight"])
-    assert entry["levels"] == 2 and entry["size"] == 16 and entry["tower_cap"] == 10 and entry["recall@20"] > 0
+    assert entry["levels"] == 2 and entry["size"] == 16 and entry["added_cap"] == 10 and entry["recall@20"] > 0
     with pytest.raises(SystemExit):
         accuracy.main([a if a != "graph_filter" else "item_codes" for a in argv])
     assert "graph_filter_tower joins this run's two_tower and graph_filter" in capsys.readouterr().err
@@ -217,7 +217,7 @@ def test_item_codes_command_serves_a_two_towers_tower_codes_beside_the_item_code
     for argv, message in (([*small, "--tower", str(tmp_path / "none")], "--tower: .*cannot read a checkpoint"),
                           (["--data", "interactions", "--path", str(other), "--holdout", "0.2", "--tower", str(ckpt)],
                            "--tower: .* was trained on synthetic"),
-                          ([*small, "--tower", str(ckpt), "--shard-items"], "--tower: joins tower codes on one process")):
+                          ([*small, "--tower", str(ckpt), "--shard-items"], "--tower: joins a second code family on one process")):
         assert main(["item-codes", *argv, "--out", str(tmp_path / "bad"), "--cap", "10"]) != 0
         assert re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "bad" / "metrics.json").exists()

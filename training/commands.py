@@ -154,6 +154,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                             "index as tower codes: its user vectors by residual k-means, "
                             f"{defaults.TOWER_CODE_LEVELS} codes per user; each user's bag holds both kinds, their "
                             "weights (and the tower codes' cap) chosen on the validation split")
+    items.add_argument("--features", action="store_true",
+                       help="also serve the users' categorical features as feature codes (each value and each pair of "
+                            "values a code listing its items' lift among the users holding it); each user's bag holds "
+                            "both kinds, their weights (and the feature codes' cap) chosen on the validation split")
     items.add_argument("--device", default=None)
     items.add_argument("--no-progress", action="store_true")
     items.add_argument("--shard-items", action="store_true",
@@ -299,8 +303,11 @@ def cmd_item_codes(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise ValueError(f"--graph-filter-grid: {exc}") from None
     device = _device(args.device)
-    if args.tower is not None and args.shard_items:
-        raise ValueError("--tower: joins tower codes on one process; not with --shard-items")
+    if args.features and args.tower is not None:
+        raise ValueError("--features: one added family per index; not with --tower")
+    for flag, given in (("--tower", args.tower is not None), ("--features", args.features)):
+        if given and args.shard_items:
+            raise ValueError(f"{flag}: joins a second code family on one process; not with --shard-items")
     if args.shard_items:
         if args.fit != "neighbours" or args.scores != "ease":
             raise ValueError("--shard-items: shards the neighbour fit; add --fit neighbours")
@@ -338,16 +345,16 @@ def _item_codes(args: argparse.Namespace, grid: list, device: str, write: bool =
     started = time.perf_counter()
     settings: dict = {"l2": ridge(data.train, data.n_items, args.l2), "keep": args.keep}
     if args.scores == "graph-filter":
-        tower_caps = (sorted(set(args.cap)) if args.cap else [cap] if args.cap_density is not None
+        added_caps = (sorted(set(args.cap)) if args.cap else [cap] if args.cap_density is not None
                       else screened_caps(data.n_items))
-        index, chosen, screened = fit_on_validation(data, tower_caps, grid, keeps=defaults.GRAPH_FILTER_KEEPS,
+        index, chosen, screened = fit_on_validation(data, added_caps, grid, keeps=defaults.GRAPH_FILTER_KEEPS,
                                                     seed=args.seed, split=args.graph_filter_split, folds=args.graph_filter_folds,
                                                     fit=data.train if tested else known)
         cap = chosen["cap"]
         settings = {"alpha": chosen["alpha"], "vectors": chosen["vectors"], "ease_weight": chosen["ease_weight"],
                     "keep": chosen["keep"], "split": chosen["split"], "folds": chosen["folds"], "grid": screened}
     else:  # without a test split nothing is measured, so the validation slice trains too (the graph filter's too)
-        tower_caps = [cap]
+        added_caps = [cap]
         fitted = data.train if tested else known
         fit = args.fit
         if fit == "auto":
@@ -361,8 +368,10 @@ def _item_codes(args: argparse.Namespace, grid: list, device: str, write: bool =
             index = neighbour_index(fitted, data.n_items, cap, args, device)
     served, evaluated = history_bags(known), history_bags(data.train)
     if args.tower is not None:
-        index, served, evaluated, settings["tower"] = join_tower(args, data, index, served, evaluated, tower_caps,
+        index, served, evaluated, settings["tower"] = join_tower(args, data, index, served, evaluated, added_caps,
                                                                  device)
+    if args.features:
+        index, served, evaluated, settings["features"] = join_features(args, data, index, served, evaluated, added_caps)
     fit_seconds = time.perf_counter() - started
     if not write:
         return 0
@@ -387,15 +396,9 @@ def _item_codes(args: argparse.Namespace, grid: list, device: str, write: bool =
 
 def join_tower(args: argparse.Namespace, data, index, served: tuple, evaluated: tuple, caps: list[int], device: str
                ) -> tuple:
-    """Item codes and the ``--tower`` checkpoint's tower codes in one index
-    (``ensemble.fit_weights``: the item codes' power, the tower codes' weight and cap chosen
-    on validation; the item codes alone where weight 0 wins): (index, the served bags
-    (train and validation history), the bags evaluated (train history), the chosen
-    setting and its screen)."""
-    import numpy as np
-
+    """Item codes and the ``--tower`` checkpoint's tower codes in one index (``ensemble.join_family``)."""
     from .checkpoint import load_checkpoint
-    from .ensemble import fit_weights, joined_bags, length_weights
+    from .ensemble import join_family
     from .models import TwoTower
     from .tower_codes import tower_family
     from .train import TrainConfig
@@ -413,17 +416,20 @@ def join_tower(args: argparse.Namespace, data, index, served: tuple, evaluated: 
                          f"items), not on {data.name} ({data.n_users} users, {data.n_items} items)")
     cfg = TrainConfig(device=device, history=config["train"]["history"], seed=config["train"]["seed"])
     added = tower_family(model, data, cfg, caps, seed=args.seed)
-    joined, _, best, grid = fit_weights(data, (index, evaluated), added, powers=defaults.ENSEMBLE_POWERS,
-                                        weights=defaults.ENSEMBLE_WEIGHTS, metric="recall@20", seed=args.seed)
-    setting = {**best, "levels": defaults.TOWER_CODE_LEVELS, "grid": grid}
-    if best["weight"] == 0:  # the tower codes do not help on validation: the item codes alone
-        return index, served, evaluated, setting
-    tower_bags = added[best["added"]][1]
-    scale = np.full(tower_bags[0].size, best["weight"] * best["scale"], np.float32)
-    sizes = [index.n_codes, joined.n_codes - index.n_codes]
-    served, evaluated = (joined_bags([bags, tower_bags], sizes, [length_weights(bags, best["power"]), scale])
-                         for bags in (served, evaluated))
-    return joined, served, evaluated, setting
+    index, served, evaluated, setting = join_family(data, index, served, evaluated, added, seed=args.seed)
+    return index, served, evaluated, {**setting, "levels": defaults.TOWER_CODE_LEVELS}
+
+
+def join_features(args: argparse.Namespace, data, index, served: tuple, evaluated: tuple, caps: list[int]) -> tuple:
+    """Item codes and the users' feature codes (``feature_codes.py``) in one index (``ensemble.join_family``)."""
+    from .ensemble import join_family
+    from .feature_codes import feature_family
+
+    if data.user_features is None:
+        raise ValueError(f"--features: {data.name} has no user features (the ml-1m, ml-100k and synthetic data have)")
+    if data.valid.items.size == 0:
+        raise ValueError("--features: needs validation items to choose the two kinds' weights")
+    return join_family(data, index, served, evaluated, feature_family(data, caps), seed=args.seed)
 
 
 def code_cap(n_items: int, cap: int | None = None, density: float | None = None) -> int:

@@ -21,6 +21,7 @@ import torch
 
 from sparcode.engine import CodeIndex, Engine
 
+from . import defaults
 from .data import InteractionData
 from .evaluate import evaluate_engine
 
@@ -124,3 +125,27 @@ def fit_weights(data: InteractionData, base: tuple[CodeIndex, Bags], added: dict
                 if best is None or key > best[3]:
                     best = (index_joined, joined, scores[-1], key)
     return best[0], best[1], best[2], scores
+
+
+def join_family(data: InteractionData, index: CodeIndex, served: Bags, evaluated: Bags, added: dict, *,
+                powers: Iterable[float] | None = None, weights: Iterable[float] | None = None,
+                metric: str = "recall@20", seed: int = 0) -> tuple[CodeIndex, tuple, tuple, dict]:
+    """Item codes (``index``) and an ``added`` family ({cap: (index, every user's bag)}) in
+    one index, by ``fit_weights`` on the validation split over ``powers`` and ``weights``
+    (default ``defaults.ENSEMBLE_POWERS`` and ``ENSEMBLE_WEIGHTS``; the item codes alone
+    where weight 0 wins): (index, the ``served`` bags and the ``evaluated`` bags of item
+    codes, each with the added codes joined and their weights, and the chosen setting with
+    every setting screened under "grid")."""
+    joined, _, best, grid = fit_weights(data, (index, evaluated), added,
+                                        powers=defaults.ENSEMBLE_POWERS if powers is None else powers,
+                                        weights=defaults.ENSEMBLE_WEIGHTS if weights is None else weights,
+                                        metric=metric, seed=seed)
+    setting = {**best, "grid": grid}
+    if best["weight"] == 0:
+        return index, served, evaluated, setting
+    added_bags = added[best["added"]][1]
+    scale = np.full(added_bags[0].size, best["weight"] * best["scale"], np.float32)
+    sizes = [index.n_codes, joined.n_codes - index.n_codes]
+    served, evaluated = (joined_bags([bags, added_bags], sizes, [length_weights(bags, best["power"]), scale])
+                         for bags in (served, evaluated))
+    return joined, served, evaluated, setting
