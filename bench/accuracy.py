@@ -38,6 +38,7 @@ from sparcode.training.data import SYNTHETIC_PER_USER
 from sparcode.training.ensemble import fit_weights
 from sparcode.training.evaluate import encode_users, evaluate_engine, evaluate_exact
 from sparcode.training.export import ExportRule, export_indexes
+from sparcode.training.feature_codes import feature_family
 from sparcode.training.graph_filter import fit_on_validation, grid_point, screened_caps
 from sparcode.training.item_codes import history_bags, item_code_index, item_scores, ridge
 from sparcode.training.tower_codes import tower_family
@@ -60,7 +61,8 @@ REFERENCES = {  # the BARS leaderboard on gowalla_m1
                 "LightGCN": {"recall@20": 0.1820, "ndcg@20": 0.1547},
                 "SimpleX": {"recall@20": 0.1872, "ndcg@20": 0.1557, "recall@50": 0.2874, "ndcg@50": 0.1868}},
 }
-MODELS = ["two_tower", "sparcode", "sparcode_warm", "item_codes", "graph_filter", "graph_filter_tower", "all_to_all"]
+MODELS = ["two_tower", "sparcode", "sparcode_warm", "item_codes", "graph_filter", "graph_filter_tower", "graph_filter_features",
+          "all_to_all"]
 METRICS = [f"{m}@{k}" for m in ("recall", "ndcg", "precision", "hitrate") for k in (10, 20, 50)]
 
 
@@ -73,7 +75,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="sparcode_warm: SparCode started from this run's TwoTower (list two_tower before it); "
                         "item_codes: SparCode whose codes are the history items (training/item_codes.py); "
                         "graph_filter_tower: this run's graph_filter and two_tower (list both before it) as two code "
-                        "families in one index (training/ensemble.py)")
+                        "families in one index (training/ensemble.py); graph_filter_features: this run's graph_filter "
+                        "and the users' feature codes (training/feature_codes.py) in one index")
     p.add_argument("--device", default=None)
     p.add_argument("--epochs", type=int, default=defaults.EPOCHS)
     p.add_argument("--time-budget", type=float, default=None,
@@ -204,9 +207,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     bad = [v for v in args.ensemble_powers + args.ensemble_weights if not v >= 0]
     if bad:
         p.error(f"--ensemble-powers, --ensemble-weights: expected numbers >= 0, got {bad[0]:g}")
-    if "graph_filter_tower" in args.models and any(
-            m not in args.models[: args.models.index("graph_filter_tower")] for m in ("two_tower", "graph_filter")):
-        p.error("--models: graph_filter_tower joins this run's two_tower and graph_filter; list both before it")
+    for joined, needs in (("graph_filter_tower", ("two_tower", "graph_filter")), ("graph_filter_features", ("graph_filter",))):
+        if joined in args.models and any(m not in args.models[: args.models.index(joined)] for m in needs):
+            p.error(f"--models: {joined} joins this run's {' and '.join(needs)}; list {'both' if len(needs) > 1 else 'it'} "
+                    "before it")
     if "sparcode_warm" in args.models and ("two_tower" not in args.models
                                            or args.models.index("two_tower") > args.models.index("sparcode_warm")):
         p.error("--models: sparcode_warm starts from this run's two_tower; list two_tower before it")
@@ -290,11 +294,13 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     curve_model = "sparcode_warm" if "sparcode_warm" in args.models else "sparcode"
     for kind in args.models:
         torch.manual_seed(args.seed)
-        if kind in ("item_codes", "graph_filter", "graph_filter_tower"):
+        if kind in ("item_codes", "graph_filter", "graph_filter_tower", "graph_filter_features"):
             if kind == "item_codes":
                 entry = item_codes_entry(args, data, device)
             elif kind == "graph_filter":
                 entry, graph_filter = graph_filter_entry(args, data, headline)
+            elif kind == "graph_filter_features":
+                entry = graph_filter_features_entry(args, data, headline, graph_filter, report["models"]["graph_filter"])
             else:
                 entry = graph_filter_tower_entry(args, data, headline, graph_filter, report["models"]["graph_filter"],
                                                  two_tower, cfg_two_tower)
@@ -378,25 +384,47 @@ def graph_filter_entry(args: argparse.Namespace, data, headline: str) -> tuple[d
 def graph_filter_tower_entry(args: argparse.Namespace, data, headline: str, graph_filter: CodeIndex, chosen: dict,
                              two_tower, cfg: TrainConfig) -> dict:
     """Graph-filter codes and this run's TwoTower as tower codes (``training/tower_codes.py``)
-    in one index, every user's bag holding both (``training/ensemble.py``): the tower
-    codes' cap (the graph filter's caps), the graph-filter codes' power and the tower
-    codes' relative weight chosen on the validation split, the best read on test once."""
+    in one index (``joined_entry``)."""
     started = time.perf_counter()
-    caps = chosen["caps_screened"] if args.screen_caps else [chosen["cap"]]
-    added = tower_family(two_tower, data, cfg, caps, levels=args.tower_levels, size=args.tower_size, seed=args.seed)
+    added = tower_family(two_tower, data, cfg, joined_caps(args, chosen), levels=args.tower_levels, size=args.tower_size,
+                         seed=args.seed)
+    entry = joined_entry(args, data, headline, graph_filter, chosen, added, "graph_filter_tower", started)
+    entry.update(levels=args.tower_levels, size=min(args.tower_size, data.n_users))
+    return entry
+
+
+def graph_filter_features_entry(args: argparse.Namespace, data, headline: str, graph_filter: CodeIndex,
+                                chosen: dict) -> dict:
+    """Graph-filter codes and the users' feature codes (``training/feature_codes.py``) in
+    one index (``joined_entry``)."""
+    started = time.perf_counter()
+    added = feature_family(data, joined_caps(args, chosen))
+    return joined_entry(args, data, headline, graph_filter, chosen, added, "graph_filter_features", started)
+
+
+def joined_caps(args: argparse.Namespace, chosen: dict) -> list[int]:
+    """The added family's caps screened: the graph filter's."""
+    return chosen["caps_screened"] if args.screen_caps else [chosen["cap"]]
+
+
+def joined_entry(args: argparse.Namespace, data, headline: str, graph_filter: CodeIndex, chosen: dict, added: dict,
+                 kind: str, started: float) -> dict:
+    """Graph-filter codes and an ``added`` family in one index, every user's bag holding
+    both (``training/ensemble.py``): the added family's cap, the graph-filter codes' power
+    and the added codes' relative weight chosen on the validation split, the best read on
+    test once (the graph filter alone where weight 0 wins)."""
     index, joined, best, grid = fit_weights(data, (graph_filter, history_bags(data.train)), added,
                                             powers=args.ensemble_powers, weights=args.ensemble_weights, metric=headline,
                                             seed=args.seed)
     seconds = time.perf_counter() - started
-    if best["weight"] == 0:  # the tower codes do not help on validation: the graph filter alone
+    if best["weight"] == 0:
         index, joined = graph_filter, history_bags(data.train)
     for point in grid:
-        print(f"[accuracy] graph_filter_tower {point}", flush=True)
+        print(f"[accuracy] {kind} {point}", flush=True)
     metrics = evaluate_engine(Engine(index), joined, data)
-    return {"train_seconds": chosen["train_seconds"] + seconds, "tower_seconds": seconds, "graph_filter_cap": chosen["cap"],
-            "tower_cap": best["added"], "power": best["power"], "weight": best["weight"], "scale": best["scale"],
-            "levels": args.tower_levels, "size": min(args.tower_size, data.n_users), "grid": grid,
-            "selected_on": f"valid_{headline}",
+    return {"train_seconds": chosen["train_seconds"] + seconds, "added_seconds": seconds, "graph_filter_cap": chosen["cap"],
+            "added_cap": best["added"], "power": best["power"], "weight": best["weight"], "scale": best["scale"],
+            "grid": grid, "selected_on": f"valid_{headline}", "rule": "cap",
             "density": metrics["density"], "index_bytes": metrics["index_bytes"], "nnz": index.nnz,
             **{k: metrics[k] for k in METRICS}, "queries_per_s": metrics["queries_per_s"]}
 
@@ -504,14 +532,14 @@ def write(out: Path, report: dict, started: float) -> None:
 
 def table(report: dict) -> str:
     lines = [f"{report['dataset']} on {report['device']}",
-             f"{'model':<12}{'Recall@20':>10}{'NDCG@20':>9}{'Recall@50':>10}{'NDCG@50':>9}  note"]
+             f"{'model':<22}{'Recall@20':>10}{'NDCG@20':>9}{'Recall@50':>10}{'NDCG@50':>9}  note"]
     for name, m in report["models"].items():
         note = f"{m['epochs']} epochs" if "epochs" in m else "closed form"
         if "density" in m:
             note += f", {m.get('rule', 'bias')} density {m['density']:.2%}, {m['index_bytes'] / 2**20:.0f} MB"
         if "sample_users" in m:
             note += f", {m['sample_users']} users sampled"
-        lines.append(f"{name:<12}{m['recall@20']:>10.4f}{m['ndcg@20']:>9.4f}{m['recall@50']:>10.4f}{m['ndcg@50']:>9.4f}  {note}")
+        lines.append(f"{name:<22}{m['recall@20']:>10.4f}{m['ndcg@20']:>9.4f}{m['recall@50']:>10.4f}{m['ndcg@50']:>9.4f}  {note}")
     for point in report.get("sparsity_curve", []):
         rule = point.get("rule", "bias")
         if "error" in point:

@@ -375,7 +375,12 @@ def test_export_in_small_blocks_equals_one_block(monkeypatch):
 
 @pytest.mark.slow
 def test_demo_end_to_end_tiny(tmp_path, capsys):
+    import pyarrow.parquet as pq
+
     from sparcode.cli import main
+    from sparcode.engine import Engine
+    from sparcode.training.data import synthetic
+    from sparcode.training.feature_codes import feature_codes
 
     assert main(["demo", "--size", "tiny", "--out", str(tmp_path / "demo"), "--no-progress"]) == 0
     out = capsys.readouterr().out
@@ -383,9 +388,15 @@ def test_demo_end_to_end_tiny(tmp_path, capsys):
     assert (tmp_path / "demo" / "recommendations" / "manifest.json").is_file()
     report = json.loads((tmp_path / "demo" / "demo.json").read_text())
     sparcode, two_tower = report["models"]
-    assert sparcode["codes"] == "graph filter" and sparcode["recall@20"] > 0 and two_tower["model"] == "two_tower"
+    assert sparcode["recall@20"] > 0 and two_tower["model"] == "two_tower"
     assert sparcode["cap"] in (3, 9, 30, 90)  # 1%, 3%, 10% or 30% of the 300 items, chosen on validation
-    assert (tmp_path / "demo" / "queries.parquet").is_file() and (tmp_path / "demo" / "index" / "manifest.json").is_file()
+    joined = sparcode["features"]["weight"] > 0  # the synthetic users' features join on validation's word
+    assert sparcode["codes"] == ("graph filter + features" if joined else "graph filter")
+    assert sparcode["features"]["added"] in (3, 9, 30, 90)
+    n_codes = Engine.load(tmp_path / "demo" / "index").index.n_codes
+    assert n_codes == 300 + joined * feature_codes(synthetic(600, 300).user_features)[1]
+    bags = pq.read_table(tmp_path / "demo" / "queries.parquet")
+    assert ("weights" in bags.column_names) == joined
 
 
 @pytest.mark.skipif(not (DATA / "gowalla_m1").is_dir(), reason="no Gowalla dataset (SPARCODE_DATA)")

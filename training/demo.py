@@ -1,9 +1,11 @@
 """``sparcode demo``: the recommended pipeline beside a two-tower, in a few minutes on CPU.
 
 Synthetic data (or a real dataset) -> graph-filter codes (each history item a code, the
-filter's settings chosen on the validation split) -> the index and every user's bag of
-codes -> ``recommend`` for every user (Parquet parts) -> evaluate what was written; a
-TwoTower trained on the same data is scored exactly over all items beside it.
+filter's settings chosen on held-out training items), joined by feature codes where the
+users have categorical features (their weight chosen on the validation split) -> the
+index and every user's bag of codes -> ``recommend`` for every user (Parquet parts) ->
+evaluate what was written; a TwoTower trained on the same data is scored exactly over all
+items beside it.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ from sparcode.engine.recommend import run_job
 
 from . import defaults
 from .checkpoint import load_data
+from .ensemble import join_family
 from .evaluate import evaluate_exact, seen_items
+from .feature_codes import feature_family
 from .graph_filter import fit_on_validation, grid_point, screened_caps
 from .item_codes import history_bags
 from .metrics import ranking_metrics
@@ -51,11 +55,14 @@ def run_demo(out: Path, *, data_name: str = "synthetic", path: Path | None = Non
     # SparCode with graph-filter codes: fit, index, recommend through the engine, evaluate what was written
     fit_started = time.perf_counter()
     grid = [grid_point(text) for text in defaults.GRAPH_FILTER_GRID]
-    index, chosen, _ = fit_on_validation(data, screened_caps(data.n_items), grid, seed=seed)
+    caps = screened_caps(data.n_items)
+    index, chosen, _ = fit_on_validation(data, caps, grid, seed=seed)
+    bags, joined = history_bags(data.train), None
+    if data.user_features is not None:
+        index, bags, _, joined = join_family(data, index, bags, bags, feature_family(data, caps), seed=seed)
     fit_seconds = time.perf_counter() - fit_started
     index.save(out / "index", overwrite=True)
-    codes, offsets = history_bags(data.train)
-    write_bags(out / "queries.parquet", np.arange(data.n_users), codes, offsets)
+    write_bags(out / "queries.parquet", np.arange(data.n_users), *bags)
     seen = pa.table({"user_id": np.arange(data.n_users), "item_ids": seen_items(data)})
     atomic_write(out / "seen.parquet", lambda tmp: pq.write_table(seen, tmp))
     shutil.rmtree(out / "recommendations", ignore_errors=True)  # a rerun of the demo replaces its own results
@@ -65,9 +72,12 @@ def run_demo(out: Path, *, data_name: str = "synthetic", path: Path | None = Non
     ranked = np.array(table["item_ids"], dtype=np.int64)
     users = np.array(table["user_id"], dtype=np.int64)
     metrics = ranking_metrics(ranked, data.test, users)
-    rows.append({"model": "sparcode", "codes": "graph filter", **_pick(metrics), "queries_per_s": summary.queries_per_s,
+    features = None if joined is None else {key: joined[key] for key in ("added", "power", "weight")}
+    rows.append({"model": "sparcode", "codes": "graph filter" if not features or not features["weight"] else
+                 "graph filter + features", **_pick(metrics), "queries_per_s": summary.queries_per_s,
                  "index_bytes": index.nbytes, "density": index.nnz / (index.n_codes * index.n_items),
-                 "fit_seconds": fit_seconds, "alpha": chosen["alpha"], "vectors": chosen["vectors"], "cap": chosen["cap"]})
+                 "fit_seconds": fit_seconds, "alpha": chosen["alpha"], "vectors": chosen["vectors"], "cap": chosen["cap"],
+                 "features": features})
 
     # TwoTower: exact maximum inner product over all items
     tower = make_model("two_tower", data).to(device)
