@@ -229,3 +229,58 @@ def test_graph_filter_codes_without_a_holdout_serve_every_interaction(tmp_path):
     got = Engine.load(out / "index").index
     assert torch.equal(got.indptr, want.indptr) and torch.equal(got.items, want.items)
     torch.testing.assert_close(got.scores, want.scores)
+
+
+def test_user_features_join_the_interactions_users_by_id(tmp_path):
+    from sparcode.training.interactions import with_user_features
+
+    events = tmp_path / "events.csv"
+    events.write_text("user_id,item_id\n" + "".join(f"u{u},i{i}\n" for u in range(4) for i in range(u, u + 3)))
+    data = load_interactions(events)  # users u0 u1 u2 u3
+    feats = tmp_path / "users.csv"
+    feats.write_text("user_id,age,city\nu2,30, Oslo\nu0,20,\nu9,40,Rome\nu1,20,Bergen\n")
+    got = with_user_features(data, feats)
+    # age: 20 -> 1, 30 -> 2, 40 -> 3 (0: absent); city: Bergen 1, Oslo 2, Rome 3 (0: empty or absent)
+    assert got.user_features.tolist() == [[1, 0], [1, 1], [2, 2], [0, 0]] and got.user_cardinalities == (4, 4)
+    table = pa.table({"uid": ["u1", "u3"], "segment": [7, None]})
+    pq.write_table(table, tmp_path / "users.parquet")
+    got = with_user_features(data, tmp_path / "users.parquet", "uid")
+    assert got.user_features.tolist() == [[0], [1], [0], [0]] and got.user_cardinalities == (2,)
+    for text, message in (("user_id,age\nu1,3\nu1,4\n", "line 3: column 'user_id': user 'u1' has a second row"),
+                          ("user_id\nu1\n", "no feature columns besides the user column 'user_id'"),
+                          ("user_id,age\nx1,3\n", "none of its 1 users is in the interactions"),
+                          ("id,age\nu1,3\n", "no column 'user_id'")):
+        feats.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            with_user_features(data, feats)
+
+
+def test_item_codes_serve_feature_codes_of_an_interactions_files_users(tmp_path, capsys, monkeypatch):
+    from sparcode.training import defaults
+
+    monkeypatch.setattr(defaults, "ENSEMBLE_WEIGHTS", (1.0,))  # the feature codes join whatever validation says
+    rng = np.random.default_rng(0)
+    segment = rng.integers(0, 4, size=200)  # each segment likes 10 of 40 items; users draw 3 of them and 5 at random
+    lists = [np.concatenate([rng.choice(np.arange(10) + 10 * s, 3, replace=False),
+                             rng.choice(np.setdiff1d(np.arange(40), np.arange(10) + 10 * s), 5, replace=False)])
+             for s in segment]
+    events = tmp_path / "events.csv"
+    events.write_text("user_id,item_id\n" + "".join(f"{u},{i}\n" for u, items in enumerate(lists) for i in items))
+    feats = tmp_path / "users.csv"
+    feats.write_text("user_id,segment\n" + "".join(f"{u},s{segment[u]}\n" for u in range(200)))
+    out = tmp_path / "out"
+    base = ["item-codes", "--data", "interactions", "--path", str(events), "--holdout", "0.2", "--scores",
+            "graph-filter", "--graph-filter-grid", "0.3:4", "--cap", "5"]
+    assert main([*base, "--features", "--user-features", str(feats), "--out", str(out)]) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["features"]["added"] == 5 and len(report["features"]["grid"]) == 3
+    assert Engine.load(out / "index").index.n_codes == 40 + 4  # one feature code per segment value
+    bags = pq.read_table(out / "queries.parquet").to_pydict()
+    user = bags["user_id"].index(7)
+    assert bags["codes"][user][-1] == 40 + segment[7]  # segments s0..s3 take codes 40..43 in order
+    for argv, message in (([*base, "--user-features", str(feats)], "--user-features: the users' features of an "),
+                          ([*base, "--features"], "--features: events has no user features .*--user-features"),
+                          ([*base, "--features", "--user-features", str(tmp_path / "none.csv")],
+                           "--user-features: path: .*none.csv is not a file")):
+        assert main([*argv, "--out", str(tmp_path / "bad")]) != 0
+        assert __import__("re").search(message, capsys.readouterr().err)

@@ -158,6 +158,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                        help="also serve the users' categorical features as feature codes (each value and each pair of "
                             "values a code listing its items' lift among the users holding it); each user's bag holds "
                             "both kinds, their weights (and the feature codes' cap) chosen on the validation split")
+    items.add_argument("--user-features", type=Path, default=None, metavar="FILE",
+                       help="--features with --data interactions: a Parquet or CSV file of the users' categorical "
+                            "features, one row per user: the --user-column and one column per feature (values as text)")
     items.add_argument("--device", default=None)
     items.add_argument("--no-progress", action="store_true")
     items.add_argument("--shard-items", action="store_true",
@@ -303,6 +306,9 @@ def cmd_item_codes(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise ValueError(f"--graph-filter-grid: {exc}") from None
     device = _device(args.device)
+    if args.user_features is not None and (not args.features or args.data != "interactions"):
+        raise ValueError("--user-features: the users' features of an interactions file, for --features with --data "
+                         "interactions")
     if args.features and args.tower is not None:
         raise ValueError("--features: one added family per index; not with --tower")
     for flag, given in (("--tower", args.tower is not None), ("--features", args.features)):
@@ -335,10 +341,16 @@ def _item_codes(args: argparse.Namespace, grid: list, device: str, write: bool =
     from .data import CSR
     from .evaluate import evaluate_engine, seen_items
     from .graph_filter import fit_on_validation, screened_caps
+    from .interactions import with_user_features
     from .item_codes import ease_rows, history_bags, ridge, rows_index
 
     columns, split = data_source(args)
     data = load_data(args.data, args.path, args.seed, columns=columns, split=split)
+    if args.user_features is not None:
+        try:
+            data = with_user_features(data, args.user_features, args.user_column)
+        except ValueError as exc:
+            raise ValueError(f"--user-features: {exc}") from None
     cap = code_cap(data.n_items, args.cap[0] if args.cap else None, args.cap_density)
     tested = data.test.items.size > 0
     known = CSR.from_lists(seen_items(data))  # every user's train and validation items: their served bag
@@ -426,7 +438,8 @@ def join_features(args: argparse.Namespace, data, index, served: tuple, evaluate
     from .feature_codes import feature_family
 
     if data.user_features is None:
-        raise ValueError(f"--features: {data.name} has no user features (the ml-1m, ml-100k and synthetic data have)")
+        raise ValueError(f"--features: {data.name} has no user features (ml-1m, ml-100k and synthetic have; an "
+                         "interactions file takes them from --user-features)")
     if data.valid.items.size == 0:
         raise ValueError("--features: needs validation items to choose the two kinds' weights")
     return join_family(data, index, served, evaluated, feature_family(data, caps), seed=args.seed)

@@ -14,7 +14,7 @@ from 1) and the column.
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -64,11 +64,7 @@ class Interactions:
 def read_interactions(path: Path | str, columns: Columns = Columns()) -> Interactions:
     """The interactions in ``path`` (``.csv``, ``.tsv``, ``.parquet`` or ``.pq``)."""
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"path: {path} is not a file")
-    kind = SUFFIXES.get(path.suffix.lower())
-    if kind is None:
-        raise ValueError(f"path: {path}: expected a .csv, .tsv or .parquet file of interactions")
+    kind = _kind(path, "interactions")
     wanted = [c for c in (columns.user, columns.item, columns.time) if c is not None]
     if len(set(wanted)) != len(wanted):
         raise ValueError(f"columns: the user, item and timestamp columns must differ, got {wanted}")
@@ -114,6 +110,67 @@ def load_interactions(path: Path | str, *, columns: Columns = Columns(), split: 
                    user_ids=data.user_ids, item_ids=data.item_ids, test_by="time" if timed else "random")
 
 
+def with_user_features(data: InteractionData, path: Path | str, user_column: str = "user_id") -> InteractionData:
+    """``data`` with the users' categorical features from ``path`` (``.csv``, ``.tsv`` or
+    ``.parquet``): one row per user, ``user_column`` and every other column a feature,
+    its values read as text. Feature j's ids: 0 for a user absent from the file or with
+    an empty value, 1 + the rank of the value among the file's otherwise. Rows of users
+    with no interactions are ignored."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    path = Path(path)
+    if data.user_ids is None:
+        raise ValueError("data: user features join on the interactions' user ids, and this data has none")
+    kind = _kind(path, "user features")
+    names = _header(path) if kind == "csv" else _parquet_names(path)
+    _check_columns(path, [user_column], names)
+    columns = [c for c in names if c != user_column]
+    if not columns:
+        raise ValueError(f"{path}: no feature columns besides the user column {user_column!r}")
+    table = _read_csv(path, names) if kind == "csv" else _read_parquet(path, names)
+    first_row = 2 if kind == "csv" else 1
+    where = (lambda row: f"{path}: line {row + first_row}") if kind == "csv" else (lambda row: f"{path}: row {row + 1}")
+    file_ids, rows = _ids(table.column(user_column).combine_chunks(), kind == "csv",
+                          lambda row: f"{where(row)}: column '{user_column}'")
+    seen = np.zeros(file_ids.size, dtype=bool)
+    for row, user in enumerate(rows):  # the first repeated user names its row
+        if seen[user]:
+            raise ValueError(f"{where(row)}: column '{user_column}': user {file_ids[user]!r} has a second row")
+        seen[user] = True
+    same = file_ids.dtype.kind == data.user_ids.dtype.kind
+    index = {(u if same else str(u)): i for i, u in enumerate(data.user_ids.tolist())}
+    target = np.array([index.get(u if same else str(u), -1) for u in file_ids.tolist()], dtype=np.int64)[rows]
+    held = target >= 0
+    if not held.any():
+        raise ValueError(f"{path}: none of its {file_ids.size} users is in the interactions (column '{user_column}')")
+    features = np.zeros((data.n_users, len(columns)), dtype=np.int64)
+    cards = []
+    for j, name in enumerate(columns):
+        text = pc.utf8_trim_whitespace(pc.cast(table.column(name).combine_chunks(), pa.string()))
+        values = pc.fill_null(text, "").to_numpy(zero_copy_only=False).astype(str)
+        labels = np.unique(values[values != ""])
+        features[target[held], j] = np.where(values != "", np.searchsorted(labels, values) + 1, 0)[held]
+        cards.append(labels.size + 1)
+    return replace(data, user_features=features, user_cardinalities=tuple(cards))
+
+
+def _kind(path: Path, what: str) -> str:
+    """"csv" or "parquet" by ``path``'s suffix; an error naming the path otherwise."""
+    if not path.is_file():
+        raise ValueError(f"path: {path} is not a file")
+    kind = SUFFIXES.get(path.suffix.lower())
+    if kind is None:
+        raise ValueError(f"path: {path}: expected a .csv, .tsv or .parquet file of {what}")
+    return kind
+
+
+def _header(path: Path) -> list[str]:
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    with open(path, newline="", encoding="utf-8", errors="replace") as fh:
+        return next(csv.reader(fh, delimiter=delimiter), [])
+
+
 def _lists(users: np.ndarray, items: np.ndarray, n_users: int) -> list[np.ndarray]:
     """Per-user item lists of rows grouped by user (in their order)."""
     return np.split(items, np.cumsum(np.bincount(users, minlength=n_users))[:-1])
@@ -131,9 +188,7 @@ def _read_csv(path: Path, wanted: list[str]):
 
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     parse = pcsv.ParseOptions(delimiter=delimiter, invalid_row_handler=bad_row)
-    with open(path, newline="", encoding="utf-8", errors="replace") as fh:
-        header = next(csv.reader(fh, delimiter=delimiter), [])
-    _check_columns(path, wanted, header)
+    _check_columns(path, wanted, _header(path))
     try:
         return pcsv.read_csv(path, read_options=pcsv.ReadOptions(use_threads=False), parse_options=parse,
                              convert_options=pcsv.ConvertOptions(include_columns=wanted,
@@ -150,12 +205,21 @@ def _read_parquet(path: Path, wanted: list[str]):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    _check_columns(path, wanted, _parquet_names(path))
     try:
-        names = pq.ParquetFile(path).schema_arrow.names
+        return pq.read_table(path, columns=wanted)
     except (pa.ArrowInvalid, OSError) as exc:
         raise ValueError(f"{path}: {exc}") from None
-    _check_columns(path, wanted, names)
-    return pq.read_table(path, columns=wanted)
+
+
+def _parquet_names(path: Path) -> list[str]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path).schema_arrow.names
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise ValueError(f"{path}: {exc}") from None
 
 
 def _check_columns(path: Path, wanted: list[str], present: list[str]) -> None:
