@@ -98,6 +98,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--two-tower-temperature", type=float, default=defaults.TEMPERATURE,
                    help="TwoTower: its scores are cosine similarities over this temperature")
     p.add_argument("--two-tower-dim", type=int, default=defaults.TWO_TOWER_DIM, help="TwoTower's embedding size")
+    p.add_argument("--two-tower-hidden", type=int, nargs="*", default=list(defaults.TWO_TOWER_TOKENIZER_HIDDEN),
+                   help="TwoTower's user-side MLP widths over the pooled history and features (default none: one "
+                        "linear map)")
     p.add_argument("--two-tower-lr", type=float, default=defaults.TWO_TOWER_LR, help="TwoTower's learning rate")
     p.add_argument("--lr", type=float, default=defaults.LR, help="SparCode's and AllToAll's learning rate")
     p.add_argument("--l2", type=float, default=defaults.L2,
@@ -170,6 +173,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         ("--codewords", args.codewords), ("--all-to-all-sample", args.all_to_all_sample),
                         ("--tower-levels", args.tower_levels), ("--tower-size", args.tower_size),
                         *(("--hidden", width) for width in args.hidden or ()),
+                        *(("--two-tower-hidden", width) for width in args.two_tower_hidden),
                         *(("--synthetic-size", size) for size in args.synthetic_size)):
         if value is not None and value < 1:
             p.error(f"{flag}: expected a positive integer, got {value}")
@@ -252,6 +256,7 @@ def model_config(args: argparse.Namespace, device: str) -> dict:
             "quantizer": args.quantizer, "per_token": args.per_token_codebooks, "feedback": args.error_feedback,
             "temperature": args.two_tower_temperature,
             "codes": codewords**2 * (args.tokens if args.per_token_codebooks else 1), "two_tower_dim": args.two_tower_dim,
+            "two_tower_hidden": list(args.two_tower_hidden),
             "item_codes_l2": args.item_codes_l2, "item_codes_keep": args.item_codes_keep,
             "graph_filter_grid": [list(point) for point in args.graph_filter_grid],
             "graph_filter_keeps": list(args.graph_filter_keeps), "graph_filter_split": args.graph_filter_split,
@@ -271,10 +276,10 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     cfg, cfg_two_tower, cfg_warm = train_configs(args, device)
     models = model_config(args, device)
     model_kwargs = {k: v for k, v in models.items()
-                    if k not in ("codes", "two_tower_dim", "item_codes_l2", "item_codes_keep", "graph_filter_grid",
-                                 "graph_filter_keeps", "graph_filter_split", "graph_filter_folds", "tower_levels", "tower_size",
-                                 "ensemble_powers", "ensemble_weights")}
-    two_tower_kwargs = {**model_kwargs, "dim": models["two_tower_dim"]}
+                    if k not in ("codes", "two_tower_dim", "two_tower_hidden", "item_codes_l2", "item_codes_keep",
+                                 "graph_filter_grid", "graph_filter_keeps", "graph_filter_split", "graph_filter_folds",
+                                 "tower_levels", "tower_size", "ensemble_powers", "ensemble_weights")}
+    two_tower_kwargs = {**model_kwargs, "dim": models["two_tower_dim"], "tokenizer_hidden": tuple(models["two_tower_hidden"])}
     validate = validator(data, cfg)
     t = tensors(data, cfg)
     item_features = t["item_features"]
@@ -321,7 +326,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
                    measure_start=warm)
         model.eval()
         tokenizer = model.tokenizer if kind == "two_tower" else model.encoder.tokenizer
-        entry = {"dim": tokenizer.dim, "epochs": info["epochs"], "train_seconds": info["train_seconds"],
+        entry = {"dim": tokenizer.dim, "tokenizer_hidden": list(tokenizer.hidden), "epochs": info["epochs"],
+                 "train_seconds": info["train_seconds"],
                  "best_valid_recall@20": info["best_valid_recall@20"], "valid_history": info["history"]}
         if warm:
             entry["warm_start_seconds"] = warm_seconds

@@ -159,9 +159,10 @@ def test_accuracy_bench_joins_graph_filter_and_tower_codes_on_validation(tmp_pat
     argv = ["--dataset", "synthetic", "--synthetic-size", "300", "100", "--out", str(tmp_path), "--models",
             "two_tower", "graph_filter", "graph_filter_tower", "--epochs", "2", "--cap-density", "0.1",
             "--graph-filter-grid", "0.3:8", "--tower-levels", "2", "--tower-size", "16", "--ensemble-powers", "0", "1",
-            "--ensemble-weights", "0", "1", "--no-progress"]
+            "--ensemble-weights", "0", "1", "--two-tower-hidden", "16", "--no-progress"]
     assert accuracy.main(argv) == 0
     report = json.loads((tmp_path / "accuracy-synthetic.json").read_text())
+    assert report["models"]["two_tower"]["tokenizer_hidden"] == [16] == report["config"]["model"]["two_tower_hidden"]
     entry = report["models"]["graph_filter_tower"]
     assert len(entry["grid"]) == 4 and entry["selected_on"] == "valid_recall@20"
     best = max(entry["grid"], key=lambda p: (p["valid_recall@20"], -p["weight"]))
