@@ -98,8 +98,11 @@ def _pick(metrics: dict) -> dict:
 
 
 def format_table(rows: list[dict], device: str) -> str:
-    lines = [f"{'model':<11}{'Recall@20':>10}{'NDCG@20':>9}{'queries/s':>12}{'index MB':>10}{'fit s':>8}  device"]
-    for r in rows:
-        lines.append(f"{r['model']:<11}{r['recall@20']:>10.4f}{r['ndcg@20']:>9.4f}{r['queries_per_s']:>12,.0f}"
+    """One line per model, SparCode's named with its codes (e.g. "sparcode (graph filter + features)")."""
+    names = [r["model"] + (f" ({r['codes']})" if "codes" in r else "") for r in rows]
+    width = max(len("model"), *map(len, names)) + 2
+    lines = [f"{'model':<{width}}{'Recall@20':>10}{'NDCG@20':>9}{'queries/s':>12}{'index MB':>10}{'fit s':>8}  device"]
+    for name, r in zip(names, rows, strict=True):
+        lines.append(f"{name:<{width}}{r['recall@20']:>10.4f}{r['ndcg@20']:>9.4f}{r['queries_per_s']:>12,.0f}"
                      f"{r['index_bytes'] / 2**20:>10.2f}{r['fit_seconds']:>8.0f}  {device}")
     return "\n".join(lines)
