@@ -35,7 +35,7 @@ from sparcode.engine.encoder import QUANTIZERS
 from sparcode.training import defaults
 from sparcode.training.checkpoint import load_data
 from sparcode.training.data import SYNTHETIC_PER_USER
-from sparcode.training.ensemble import fit_weights
+from sparcode.training.ensemble import join_family
 from sparcode.training.evaluate import encode_users, evaluate_engine, evaluate_exact
 from sparcode.training.export import ExportRule, export_indexes
 from sparcode.training.feature_codes import feature_family
@@ -419,12 +419,11 @@ def joined_entry(args: argparse.Namespace, data, headline: str, graph_filter: Co
     both (``training/ensemble.py``): the added family's cap, the graph-filter codes' power
     and the added codes' relative weight chosen on the validation split, the best read on
     test once (the graph filter alone where weight 0 wins)."""
-    index, joined, best, grid = fit_weights(data, (graph_filter, history_bags(data.train)), added,
-                                            powers=args.ensemble_powers, weights=args.ensemble_weights, metric=headline,
-                                            seed=args.seed)
+    bags = history_bags(data.train)
+    index, _, joined, best = join_family(data, graph_filter, bags, bags, added, powers=args.ensemble_powers,
+                                         weights=args.ensemble_weights, metric=headline, seed=args.seed)
     seconds = time.perf_counter() - started
-    if best["weight"] == 0:
-        index, joined = graph_filter, history_bags(data.train)
+    grid = best.pop("grid")
     for point in grid:
         print(f"[accuracy] {kind} {point}", flush=True)
     metrics = evaluate_engine(Engine(index), joined, data)

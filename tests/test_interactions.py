@@ -246,7 +246,7 @@ def test_user_features_join_the_interactions_users_by_id(tmp_path):
     pq.write_table(table, tmp_path / "users.parquet")
     got = with_user_features(data, tmp_path / "users.parquet", "uid")
     assert got.user_features.tolist() == [[0], [1], [0], [0]] and got.user_cardinalities == (2,)
-    for text, message in (("user_id,age\nu1,3\nu1,4\n", "line 3: column 'user_id': user 'u1' has a second row"),
+    for text, message in (("user_id,age\nu1,3\nu2,5\nu2,6\nu1,4\n", "line 4: column 'user_id': user 'u2' has a second row"),
                           ("user_id\nu1\n", "no feature columns besides the user column 'user_id'"),
                           ("user_id,age\nx1,3\n", "none of its 1 users is in the interactions"),
                           ("id,age\nu1,3\n", "no column 'user_id'")):

@@ -69,8 +69,7 @@ def read_interactions(path: Path | str, columns: Columns = Columns()) -> Interac
     if len(set(wanted)) != len(wanted):
         raise ValueError(f"columns: the user, item and timestamp columns must differ, got {wanted}")
     table = _read_csv(path, wanted) if kind == "csv" else _read_parquet(path, wanted)
-    first_row = 2 if kind == "csv" else 1  # a CSV's header is line 1
-    where = (lambda row: f"{path}: line {row + first_row}") if kind == "csv" else (lambda row: f"{path}: row {row + 1}")
+    where = _where(path, kind)
     ids = {}
     for name in (columns.user, columns.item):
         values = table.column(name).combine_chunks()
@@ -129,15 +128,14 @@ def with_user_features(data: InteractionData, path: Path | str, user_column: str
     if not columns:
         raise ValueError(f"{path}: no feature columns besides the user column {user_column!r}")
     table = _read_csv(path, names) if kind == "csv" else _read_parquet(path, names)
-    first_row = 2 if kind == "csv" else 1
-    where = (lambda row: f"{path}: line {row + first_row}") if kind == "csv" else (lambda row: f"{path}: row {row + 1}")
+    where = _where(path, kind)
     file_ids, rows = _ids(table.column(user_column).combine_chunks(), kind == "csv",
                           lambda row: f"{where(row)}: column '{user_column}'")
-    seen = np.zeros(file_ids.size, dtype=bool)
-    for row, user in enumerate(rows):  # the first repeated user names its row
-        if seen[user]:
-            raise ValueError(f"{where(row)}: column '{user_column}': user {file_ids[user]!r} has a second row")
-        seen[user] = True
+    order = np.argsort(rows, kind="stable")
+    repeats = order[1:][rows[order][1:] == rows[order][:-1]]  # the rows after each user's first
+    if repeats.size:
+        row = int(repeats.min())
+        raise ValueError(f"{where(row)}: column '{user_column}': user {file_ids[rows[row]]!r} has a second row")
     same = file_ids.dtype.kind == data.user_ids.dtype.kind
     index = {(u if same else str(u)): i for i, u in enumerate(data.user_ids.tolist())}
     target = np.array([index.get(u if same else str(u), -1) for u in file_ids.tolist()], dtype=np.int64)[rows]
@@ -165,10 +163,20 @@ def _kind(path: Path, what: str) -> str:
     return kind
 
 
+def _where(path: Path, kind: str):
+    """Row number (from 0) -> where it is in the file: a CSV's line (its header is line 1), a Parquet file's row from 1."""
+    if kind == "csv":
+        return lambda row: f"{path}: line {row + 2}"
+    return lambda row: f"{path}: row {row + 1}"
+
+
+def _delimiter(path: Path) -> str:
+    return "\t" if path.suffix.lower() == ".tsv" else ","
+
+
 def _header(path: Path) -> list[str]:
-    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     with open(path, newline="", encoding="utf-8", errors="replace") as fh:
-        return next(csv.reader(fh, delimiter=delimiter), [])
+        return next(csv.reader(fh, delimiter=_delimiter(path)), [])
 
 
 def _lists(users: np.ndarray, items: np.ndarray, n_users: int) -> list[np.ndarray]:
@@ -186,8 +194,7 @@ def _read_csv(path: Path, wanted: list[str]):
         bad.append(row)
         return "error"
 
-    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    parse = pcsv.ParseOptions(delimiter=delimiter, invalid_row_handler=bad_row)
+    parse = pcsv.ParseOptions(delimiter=_delimiter(path), invalid_row_handler=bad_row)
     _check_columns(path, wanted, _header(path))
     try:
         return pcsv.read_csv(path, read_options=pcsv.ReadOptions(use_threads=False), parse_options=parse,
